@@ -1,0 +1,116 @@
+"""Validation sweep behind the digits demo's settings (examples/digits_alignment.py): reward model and DPO strength.
+
+For each pipeline seed it builds the demo's base model, reward model and judge (the seed picks the data split), then
+for each setting and each DPO seed trains the demo's LoRA and lets the judge compare it with the base model on
+VALIDATION sampling seeds (2e9 + s): disjoint from the pair-sampling seeds and from the held-out seeds the demo reports
+(1e9 + ...). Tune on pipeline seeds the demo does not report (docs/alignment-demo.md used 3 and 4; it reports 0-2).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/digits_sweep.py --seeds 3 4 --dpo-seeds 0 1 \\
+        "reward=logistic,beta=5000,dpo_learning_rate=1e-3,dpo_steps=150" reward=svm
+
+A setting is comma-separated overrides of the demo's `Settings` fields, plus `reward=svm` (the demo's calibrated
+RBF-SVM) or `reward=logistic` (a logistic regression, C=0.5). Prints one JSON line per run, then a Markdown table;
+"judge agrees with pair labels" is the share of AI-feedback pairs whose chosen image the judge also scores higher.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from diffusion_dpo_trainer import evaluate_win_rate
+
+_spec = importlib.util.spec_from_file_location(
+    "digits_alignment", Path(__file__).resolve().parents[1] / "examples" / "digits_alignment.py"
+)
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+
+VALIDATION_SEED_OFFSET = 2 * 10**9
+
+
+def parse_setting(text: str) -> tuple[str, demo.Settings]:
+    fields = {f.name: f.type for f in dataclasses.fields(demo.Settings)}
+    reward, overrides = "svm", {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key == "reward" and value in ("svm", "logistic"):
+            reward = value
+        elif key in fields:
+            overrides[key] = (int if fields[key] in (int, "int") else float)(value)
+        else:
+            raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic or {sorted(fields)}")
+    return reward, dataclasses.replace(demo.FULL, **overrides)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("settings", nargs="+", help='e.g. "reward=svm,beta=2500,dpo_steps=300"')
+    parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4], help="pipeline seeds (data split, models)")
+    parser.add_argument("--dpo-seeds", type=int, nargs="+", default=[0], help="offsets added to the DPO seed")
+    parser.add_argument("--validation-seeds", type=int, default=30, help="sampling seeds per digit for the judge")
+    parser.add_argument("--work-dir", default=None, help="keeps the base pipelines (base-S) for later sweeps")
+    args = parser.parse_args(argv)
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="digits-sweep-")
+    seeds = [VALIDATION_SEED_OFFSET + s for s in range(args.validation_seeds)]
+    rows = []
+    for seed in args.seeds:
+        (pixels_a, labels_a), (pixels_b, labels_b) = demo.load_halves(seed)
+        base_path = os.path.join(work_dir, f"base-{seed}")
+        if not os.path.exists(os.path.join(base_path, "model_index.json")):
+            demo.build_base_pipeline(base_path, pixels_a, labels_a, demo.FULL, seed, lambda *_: None)
+        judge = demo.digit_classifier(pixels_b, labels_b)
+        rewards = {
+            "svm": demo.digit_classifier(pixels_a, labels_a),
+            "logistic": demo.DigitProbability(
+                LogisticRegression(C=0.5, max_iter=2000).fit(demo.features(pixels_a), labels_a)
+            ),
+        }
+        pairs, agreement = {}, {}  # agreement: share of pairs whose chosen image the judge also scores higher
+        for text in args.settings:
+            reward, settings = parse_setting(text)
+            key = (reward, settings.groups_per_digit, settings.images_per_group)
+            if key not in pairs:
+                pairs[key] = demo.ai_feedback_pairs(base_path, rewards[reward], settings, seed)
+                chosen = judge(pairs[key]["chosen"], pairs[key]["prompt"])
+                rejected = judge(pairs[key]["rejected"], pairs[key]["prompt"])
+                agreement[key] = float(np.mean(np.array(chosen) > np.array(rejected)))
+            for dpo_seed in args.dpo_seeds:
+                trainer = demo.dpo_trainer(base_path, pairs[key], settings, seed + dpo_seed,
+                                           os.path.join(work_dir, "lora"), disable_tqdm=True)
+                trainer.train()
+                result = evaluate_win_rate(trainer.pipeline, None, demo.PROMPTS, judge, seeds, return_images=True,
+                                           batch_size=settings.batch_size, **demo.sampling_kwargs(settings))
+                prompts = [c["prompt"] for c in result["comparisons"]]
+                base = demo.judged_statistics(judge, result["reference_images"], prompts)
+                dpo = demo.judged_statistics(judge, result["images"], prompts)
+                reward_win_rate = demo.reward_win_rate(
+                    rewards[reward], result["images"], result["reference_images"], prompts
+                )
+                row = {"setting": text, "seed": seed, "dpo_seed": dpo_seed, "win_rate": result["win_rate"],
+                       "accuracy": [base["accuracy"], dpo["accuracy"]],
+                       "diversity": [base["diversity"], dpo["diversity"]], "reward_model_win_rate": reward_win_rate,
+                       "pair_judge_agreement": agreement[key]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    print("\n| setting | judged win rates (validation) | mean | min | judge accuracy base -> DPO | diversity "
+          "| judge agrees with pair labels |")
+    print("|---|---|---|---|---|---|---|")
+    for text in args.settings:
+        runs = [r for r in rows if r["setting"] == text]
+        wins = [r["win_rate"] for r in runs]
+        acc, div = np.mean([r["accuracy"] for r in runs], 0), np.mean([r["diversity"] for r in runs], 0)
+        agree = sorted({r["pair_judge_agreement"] for r in runs})
+        print(f"| `{text}` | {', '.join(f'{w:.1%}' for w in wins)} | {np.mean(wins):.1%} | {min(wins):.1%} | "
+              f"{acc[0]:.1%} -> {acc[1]:.1%} | {div[0]:.2f} -> {div[1]:.2f} | {', '.join(f'{a:.1%}' for a in agree)} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
