@@ -9,14 +9,13 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import LORA_TARGETS
+from conftest import LN2, lora, make_args
 from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from peft import LoraConfig
 from PIL import Image
 
-from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer, to_preference_pairs
+from diffusion_dpo_trainer import DiffusionDPOTrainer, to_preference_pairs
 from diffusion_dpo_trainer.caching import module_fingerprint, precompute_latents
 from diffusion_dpo_trainer.data import (
     PreferenceCollator,
@@ -25,20 +24,6 @@ from diffusion_dpo_trainer.data import (
     prepare_preference_dataset,
 )
 from diffusion_dpo_trainer.families import StableDiffusionFamily, load_family
-
-LN2 = math.log(2.0)
-
-
-def make_args(tmp_path, **overrides):
-    values = {"output_dir": str(tmp_path / "out"), "resolution": 32, "per_device_train_batch_size": 2, "max_steps": 2,
-              "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none", "save_strategy": "no", "seed": 0,
-              "dataloader_pin_memory": False}
-    values.update(overrides)
-    return DiffusionDPOConfig(**values)
-
-
-def lora():
-    return LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
 
 
 def losses_of(trainer):

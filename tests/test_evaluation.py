@@ -5,12 +5,11 @@ import glob
 import numpy as np
 import pytest
 import torch
-from conftest import LORA_TARGETS
+from conftest import LORA_TARGETS, lora, make_args
 from diffusers import DiffusionPipeline
-from peft import LoraConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from diffusion_dpo_trainer import DiffusionDPOTrainer
 from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, compare_rewards, evaluate_win_rate
 
 SAMPLING = dict(num_inference_steps=2, height=32, width=32)
@@ -22,17 +21,7 @@ def brightness(images, prompts):
 
 
 def args_for(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"), beta=5000, resolution=32, per_device_train_batch_size=2, max_steps=4,
-        learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no", seed=0,
-        dataloader_pin_memory=False,
-    )
-    values.update(overrides)
-    return DiffusionDPOConfig(**values)
-
-
-def lora():
-    return LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    return make_args(tmp_path, **{"beta": 5000, "max_steps": 4, "learning_rate": 1e-2, **overrides})
 
 
 def test_ties_count_half_a_win():
@@ -139,8 +128,7 @@ def test_callback_on_a_full_finetune_uses_the_frozen_copy_and_runs_on_evaluate(t
 
 def test_saved_lora_with_conv_targets_reproduces_the_trained_samples(tmp_path, sd_path, pairs):
     """What the win rate of a reloaded LoRA measures is what was trained, whatever the adapter targets."""
-    targets = LORA_TARGETS + ["conv1", "conv2", "proj_in", "proj_out"]
-    peft_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets)
+    peft_config = lora(target_modules=LORA_TARGETS + ["conv1", "conv2", "proj_in", "proj_out"])
     trainer = DiffusionDPOTrainer(model=sd_path, args=args_for(tmp_path, max_steps=2), train_dataset=pairs,
                                   peft_config=peft_config)
     trainer.train()

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import LN2, lora, make_args
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
@@ -14,13 +15,12 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import get_peft_model_state_dict
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 from diffusion_dpo_trainer.families import FluxFamily, StableDiffusion3Family, load_family
 from diffusion_dpo_trainer.testing import make_flux_pipeline
 
-LN2 = math.log(2.0)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FAMILIES = {"sd3_path": StableDiffusion3Pipeline, "flux_path": FluxPipeline}
 
@@ -31,26 +31,9 @@ def flux_guidance_path(tmp_path_factory):
     return make_flux_pipeline(tmp_path_factory.mktemp("flux_dev") / "pipe", guidance_embeds=True)
 
 
-def make_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        resolution=32,
-        per_device_train_batch_size=2,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        dataloader_pin_memory=False,
-    )
-    values.update(overrides)
-    return DiffusionDPOConfig(**values)
-
-
-def lora(**overrides):
+def family_lora(**overrides):
     # No target_modules: the family's documented defaults apply.
-    return LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", **overrides)
+    return lora(target_modules=None, **overrides)
 
 
 def losses_of(trainer):
@@ -67,7 +50,7 @@ def render(pipe):
 def test_lora_trains_and_loads_into_its_pipeline(tmp_path, fixture, pairs, request):
     path, pipeline_cls = request.getfixturevalue(fixture), FAMILIES[fixture]
     args = make_args(tmp_path, max_steps=3)
-    trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=pairs, peft_config=lora())
+    trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=pairs, peft_config=family_lora())
     assert type(trainer.family.pipeline) is pipeline_cls
     trainer.train()
     # The adapter starts as a no-op and the reference is the adapter switched off: loss is exactly ln 2.
@@ -94,7 +77,7 @@ def test_lora_trains_and_loads_into_its_pipeline(tmp_path, fixture, pairs, reque
 def test_noise_and_sigma_shared_by_winner_loser_policy_reference(tmp_path, fixture, pairs, request):
     args = make_args(tmp_path)
     trainer = DiffusionDPOTrainer(model=request.getfixturevalue(fixture), args=args, train_dataset=pairs,
-                                  peft_config=lora())
+                                  peft_config=family_lora())
     family, calls, draws = trainer.family, [], []
 
     def record(module, args_, kwargs):
@@ -194,7 +177,7 @@ def test_guidance_distilled_flux_lora_bf16_8bit_checkpointing(tmp_path, flux_gui
 
     args = make_args(tmp_path, guidance_scale=2.0, bf16=True, use_cpu=True, optim="adamw_bnb_8bit",
                      gradient_checkpointing=True)
-    trainer = DiffusionDPOTrainer(model=flux_guidance_path, args=args, train_dataset=pairs, peft_config=lora())
+    trainer = DiffusionDPOTrainer(model=flux_guidance_path, args=args, train_dataset=pairs, peft_config=family_lora())
     transformer = trainer.family.denoiser
     assert transformer.config.guidance_embeds and transformer.is_gradient_checkpointing
     guidance = []
@@ -218,7 +201,7 @@ def test_guidance_distilled_flux_lora_bf16_8bit_checkpointing(tmp_path, flux_gui
 
 def test_flux_without_guidance_embeds_gets_no_guidance(tmp_path, flux_path, pairs):
     trainer = DiffusionDPOTrainer(model=flux_path, args=make_args(tmp_path, max_steps=1), train_dataset=pairs,
-                                  peft_config=lora())
+                                  peft_config=family_lora())
     seen = []
     trainer.family.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["guidance"]), with_kwargs=True)
     trainer.train()
@@ -273,7 +256,7 @@ def test_the_loss_receives_the_resolved_beta(tmp_path, sd3_path, pairs, monkeypa
 
     monkeypatch.setattr(trainer_module.losses, "compute_paired_loss", spy)
     trainer = DiffusionDPOTrainer(model=sd3_path, args=make_args(tmp_path, max_steps=1), train_dataset=pairs,
-                                  peft_config=lora())
+                                  peft_config=family_lora())
     trainer.train()
     assert seen == [StableDiffusion3Family.default_beta]
 
