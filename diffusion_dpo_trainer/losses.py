@@ -114,20 +114,33 @@ class LossSpec:
     needs_reference: bool
     paired: bool
     summary: str
+    params: tuple[str, ...] = ()  # the LossParams fields it reads: what a model card must record to reproduce it
 
 
 LOSSES: dict[str, LossSpec] = {
     "sigmoid": LossSpec(sigmoid_loss, needs_reference=True, paired=True,
-                        summary="Diffusion-DPO (arXiv 2311.12908), optional label smoothing"),
-    "hinge": LossSpec(hinge_loss, needs_reference=True, paired=True, summary="SLiC-HF hinge (arXiv 2305.10425)"),
-    "ipo": LossSpec(ipo_loss, needs_reference=True, paired=True, summary="IPO (arXiv 2310.12036)"),
+                        summary="Diffusion-DPO (arXiv 2311.12908), optional label smoothing",
+                        params=("beta", "label_smoothing")),
+    "hinge": LossSpec(hinge_loss, needs_reference=True, paired=True, summary="SLiC-HF hinge (arXiv 2305.10425)",
+                      params=("beta",)),
+    "ipo": LossSpec(ipo_loss, needs_reference=True, paired=True, summary="IPO (arXiv 2310.12036)", params=("beta",)),
     "sft": LossSpec(sft_loss, needs_reference=False, paired=True,
                     summary="denoising loss on the preferred image (Diffusion-DPO's SFT baseline)"),
     "mapo": LossSpec(mapo_loss, needs_reference=False, paired=True,
-                     summary="MaPO, reference-free (arXiv 2406.06424)"),
+                     summary="MaPO, reference-free (arXiv 2406.06424)",
+                     params=("mapo_beta", "mapo_gamma", "mapo_temperature")),
     "kto": LossSpec(kto_loss, needs_reference=True, paired=False,
-                    summary="Diffusion-KTO on unpaired data (arXiv 2404.04465)"),
+                    summary="Diffusion-KTO on unpaired data (arXiv 2404.04465)",
+                    params=("beta", "kto_desirable_weight", "kto_undesirable_weight")),
 }
+
+
+def loss_hyperparameters(loss_types: list[tuple[str, float]], params: LossParams) -> dict:
+    """The values the selected losses read (and their weights when several are mixed), in a stable order."""
+    values = {name: getattr(params, name) for loss, _ in loss_types for name in LOSSES[loss].params}
+    if len(loss_types) > 1:
+        values["loss_weights"] = [weight for _, weight in loss_types]
+    return values
 
 
 def resolve_loss_types(loss_type, loss_weights=None) -> list[tuple[str, float]]:

@@ -1,6 +1,9 @@
-"""The README.md written beside every saved model: what was trained, from what, with which loss, and how to load it."""
+"""The README.md written beside every saved model: what was trained, from what, how to reproduce it and load it."""
+
+import os
 
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 CITATION = """@inproceedings{wallace2024diffusion,
   title     = {Diffusion Model Alignment Using Direct Preference Optimization},
@@ -21,19 +24,21 @@ def render_model_card(
     denoiser_class: str,
     is_lora: bool,
     loss_type,
-    beta: float,
+    hyperparameters: dict,
     dataset: str | None = None,
     extra_tags: list[str] | None = None,
 ) -> str:
     tags = ["diffusion-dpo", "diffusers", "text-to-image", *(["lora"] if is_lora else []), *(extra_tags or [])]
+    hub_id = _hub_id(base_model)
     data = ModelCardData(
-        base_model=base_model,
+        base_model=hub_id,
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=list(dict.fromkeys(tags)),
         datasets=[dataset] if dataset else None,
     )
     base = base_model or "<base model>"
+    base_link = f"[{base}](https://huggingface.co/{base})" if hub_id else f"`{base}`"
     if is_lora:
         usage = (
             f"pipe = {pipeline_class}.from_pretrained({base!r})\n"
@@ -47,18 +52,26 @@ def render_model_card(
         )
         kind = f"a fully fine-tuned {denoiser_name} of"
     losses = loss_type if isinstance(loss_type, str) else " + ".join(loss_type)
+    loss_line = f"`{losses}`"
+    if "beta" in hyperparameters:
+        loss_line += f", beta = {hyperparameters['beta']:g} (mean-reduced denoising error, logit factor -beta/2)"
+    settings = "\n".join(f"- `{name}`: {_format(value)}" for name, value in hyperparameters.items())
     content = f"""---
 {data.to_yaml()}
 ---
 
 # Diffusion-DPO fine-tune
 
-This model is {kind} [{base}](https://huggingface.co/{base}), aligned to preference pairs with
+This model is {kind} {base_link}, aligned to preference pairs with
 Diffusion-DPO using [diffusion-dpo-trainer](https://pypi.org/project/diffusion-dpo-trainer/).
 
 - Base model: `{base}`
 - Dataset: `{dataset or "unspecified"}`
-- Loss: `{losses}`, beta = {beta:g} (mean-reduced denoising error, factor -beta/2)
+- Loss: {loss_line}
+
+## Training hyper-parameters
+
+{settings}
 
 ## Usage
 
@@ -76,3 +89,22 @@ image = pipe("a photo of an astronaut riding a horse").images[0]
 ```
 """
     return str(ModelCard(content))
+
+
+def _hub_id(model: str | None) -> str | None:
+    """`model` if it names a Hub repository; a local folder must become neither card metadata nor a Hub link."""
+    if not model or os.path.exists(model):
+        return None
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return None
+    return model
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_format(v) for v in value)
+    return str(value)

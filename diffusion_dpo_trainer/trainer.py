@@ -431,11 +431,33 @@ class DiffusionDPOTrainer(Trainer):
             denoiser_class=type(self.family.denoiser).__name__,
             is_lora=self.is_lora,
             loss_type=self.args.loss_type,
-            beta=self.beta,
+            hyperparameters=self._card_hyperparameters(),
             dataset=dataset,
         )
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
+
+    def _card_hyperparameters(self) -> dict:
+        """What it takes to reproduce the run: the selected losses' own values, then the optimisation settings."""
+        args = self.args
+        values = losses.loss_hyperparameters(self.loss_types, self.loss_params)
+        values.update({
+            "learning_rate": args.learning_rate,
+            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+            "optim": getattr(args.optim, "value", args.optim),
+            # pairs (images for kto) per optimizer step, over all processes
+            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+            * args.world_size,
+            "steps": self.state.global_step,
+            "resolution": self.resolution,
+            "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+            "seed": args.seed,
+        })
+        if self.is_lora:
+            lora = self.accelerator.unwrap_model(self.model).peft_config["default"]
+            values.update({"lora_rank": lora.r, "lora_alpha": lora.lora_alpha,
+                           "lora_target_modules": sorted(lora.target_modules)})
+        return values
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Called by `push_to_hub`: the card is the one every save writes."""

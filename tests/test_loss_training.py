@@ -2,6 +2,7 @@
 unpaired data."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -74,6 +75,10 @@ def test_reference_free_full_finetune_makes_no_frozen_copy(tmp_path, sd_path, pa
     trainer.train()
     assert len(calls) == args.max_steps
     assert changed(before, trainer.family.denoiser)
+    trainer.save_model()
+    card = open(os.path.join(args.output_dir, "README.md"), encoding="utf-8").read()
+    assert "`mapo`" in card and "- `mapo_gamma`: 0.5\n" in card and "- `mapo_temperature`: 1000\n" in card
+    assert "beta =" not in card and "`beta`" not in card and "lora_rank" not in card  # MaPO reads no beta
 
 
 def test_an_explicit_reference_is_ignored_with_a_warning_when_not_needed(tmp_path, sd_path, pairs):

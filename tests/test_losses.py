@@ -1,5 +1,6 @@
 """The loss family against numbers computed by hand with `math`, gradients, and properties that must always hold."""
 
+import dataclasses
 import math
 
 import pytest
@@ -142,6 +143,26 @@ def kto(params, policy=None, global_mean=torch.mean, m=KTO_M):
         [("kto", 1.0)], policy, torch.tensor(KTO_R, dtype=torch.float64), torch.tensor(KTO_DESIRABLE), params,
         global_mean,
     )
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_each_loss_declares_exactly_the_hyper_parameters_it_reads(name):
+    """The model card records LOSSES[name].params: a value the loss reads but does not declare would go unrecorded."""
+    base = LossParams(beta=50.0, label_smoothing=0.1, mapo_beta=0.1, mapo_gamma=0.5, mapo_temperature=10.0)
+
+    def loss_with(params):
+        return kto(params)[0].item() if name == "kto" else paired(name, params)[0]
+
+    for field in dataclasses.fields(LossParams):
+        perturbed = dataclasses.replace(base, **{field.name: getattr(base, field.name) * 1.5})
+        assert (loss_with(perturbed) != loss_with(base)) == (field.name in losses.LOSSES[name].params), field.name
+
+
+def test_loss_hyperparameters_lists_the_selected_losses_values_and_their_weights():
+    params = LossParams(beta=2500.0, label_smoothing=0.1, mapo_gamma=2.0)
+    assert losses.loss_hyperparameters([("sigmoid", 1.0)], params) == {"beta": 2500.0, "label_smoothing": 0.1}
+    assert losses.loss_hyperparameters([("mapo", 1.0), ("sft", 0.5)], params) == {
+        "mapo_beta": 0.1, "mapo_gamma": 2.0, "mapo_temperature": 1000.0, "loss_weights": [1.0, 0.5]}
 
 
 def test_kto_by_hand():

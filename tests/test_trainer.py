@@ -7,37 +7,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import LN2, lora
+from conftest import make_args as small_args
 from datasets import Dataset
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from peft import LoraConfig
 from PIL import Image
 
-from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
-from conftest import LORA_TARGETS
-
-LN2 = math.log(2.0)
+from diffusion_dpo_trainer import DiffusionDPOTrainer
+from diffusion_dpo_trainer.model_card import render_model_card
 
 
 def make_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        beta=5000,
-        resolution=32,
-        per_device_train_batch_size=2,
-        max_steps=3,
-        learning_rate=1e-4,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        dataloader_pin_memory=False,
-    )
-    values.update(overrides)
-    return DiffusionDPOConfig(**values)
-
-
-def lora():
-    return LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    return small_args(tmp_path, **{"beta": 5000, "max_steps": 3, "learning_rate": 1e-4, **overrides})
 
 
 def snapshot(module):
@@ -291,9 +272,26 @@ def test_push_to_hub_uploads_the_adapter_and_card(tmp_path, sd_path, pairs, monk
     )
     assert files == ["README.md", "pytorch_lora_weights.safetensors"]
     card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
-    for needle in ("diffusion-dpo", "lora", "diffusers", "base_model:", "beta = 5000", "2311.12908",
-                   "load_lora_weights", "sigmoid"):
+    for needle in ("diffusion-dpo", "lora", "diffusers", "beta = 5000", "2311.12908", "load_lora_weights", "sigmoid"):
         assert needle in card, needle
+    # Trained from a local folder: no Hub metadata or link that would point nowhere.
+    assert "base_model:" not in card and "huggingface.co//" not in card and f"`{sd_path}`" in card
+    # What it takes to reproduce the run (make_args: 2 pairs per step on one process, lr 1e-4, 2 steps).
+    for line in ("`beta`: 5000", "`label_smoothing`: 0", "`learning_rate`: 0.0001", "`effective_batch_size`: 2",
+                 "`steps`: 2", "`resolution`: 32", "`lora_rank`: 4",
+                 "`lora_target_modules`: to_k, to_out.0, to_q, to_v"):
+        assert f"- {line}\n" in card, line
+
+
+def test_model_card_links_a_hub_base_model():
+    card = render_model_card(base_model="stabilityai/stable-diffusion-xl-base-1.0",
+                             pipeline_class="StableDiffusionXLPipeline", denoiser_name="unet",
+                             denoiser_class="UNet2DConditionModel", is_lora=True, loss_type="sigmoid",
+                             hyperparameters={"beta": 5000.0}, dataset="yuvalkirstain/pickapic_v2")
+    assert "base_model: stabilityai/stable-diffusion-xl-base-1.0\n" in card
+    repo = "stabilityai/stable-diffusion-xl-base-1.0"
+    assert f"[{repo}](https://huggingface.co/{repo})" in card
+    assert "- yuvalkirstain/pickapic_v2\n" in card  # datasets metadata
 
 
 def test_8bit_adamw_and_bf16(tmp_path, sd_path, pairs):
