@@ -2,8 +2,8 @@
 
 Latents: the VAE's latent distribution (mean and std) of every image is stored, and the trainer samples from it at
 every step exactly as it does from a fresh encode, so caching does not change the training distribution. Flips are
-applied before encoding: with `random_flip` both orientations are cached and the collator draws the flip per pair at
-train time (the same draw, from the same generator, as without caching). A random crop cannot be cached for every
+applied before encoding: with `random_flip` both orientations are cached and the collator draws the flip per pair (per
+image for unpaired rows) at train time (the same draw, from the same generator, as without caching). A random crop cannot be cached for every
 position: with `random_crop` each pair's crop is drawn ONCE at cache time (seeded by the training seed and the row) and
 kept for every epoch.
 
@@ -61,23 +61,26 @@ def precompute_latents(
     random_flip: bool = False,
     seed: int = 0,
     batch_size: int = 8,
+    image_columns: tuple[str, ...] = IMAGE_COLUMNS,
 ) -> datasets.Dataset:
-    """Replace the image columns of canonical pairs by their VAE latent mean/std (and SDXL size/crop columns).
+    """Replace the image columns by their VAE latent mean/std (and SDXL size/crop columns).
 
-    Adds per side `{side}_latent_mean`, `{side}_latent_std`, `{side}_original_size`, `{side}_crop_top_left`, and with
-    `random_flip` the same latents and crop for the flipped pair (`*_flipped`). Returns the dataset in torch format.
+    `image_columns` are transformed together, with one crop and flip per row: a canonical pair's `chosen`/`rejected`
+    (the default), or an unpaired row's single `image`. Adds per column `{side}_latent_mean`, `{side}_latent_std`,
+    `{side}_original_size`, `{side}_crop_top_left`, and with `random_flip` the same latents and crop for the flipped
+    row (`*_flipped`). Returns the dataset in torch format.
     """
     orientations = ("", FLIPPED) if random_flip else ("",)
     latent_shape = (family.vae.config.latent_channels,) + (resolution // family.vae_scale_factor,) * 2
     size = datasets.List(datasets.Value("int64"), length=2)
     new_features = {}
-    for side in IMAGE_COLUMNS:
+    for side in image_columns:
         new_features[f"{side}_original_size"] = size
         for suffix in orientations:
             new_features.update({f"{side}_{stat}{suffix}": _array_feature(latent_shape) for stat in LATENT_STATS})
             new_features[f"{side}_crop_top_left{suffix}"] = size
     features = datasets.Features(
-        {**{k: v for k, v in dataset.features.items() if k not in IMAGE_COLUMNS}, **new_features}
+        {**{k: v for k, v in dataset.features.items() if k not in image_columns}, **new_features}
     )
     fingerprint = Hasher.hash(
         [CACHE_VERSION, "latents", dataset._fingerprint, module_fingerprint(family.vae), resolution, random_flip,
@@ -86,24 +89,24 @@ def precompute_latents(
 
     def encode(batch):
         out = {key: [] for key in new_features if "latent" not in key}
-        pixels = {side: [] for side in IMAGE_COLUMNS}
+        pixels = {side: [] for side in image_columns}
         for position, row in enumerate(batch[ROW_COLUMN]):
-            images = [load_image(batch[side][position], row, side) for side in IMAGE_COLUMNS]
+            images = [load_image(batch[side][position], row, side) for side in image_columns]
             generator = _crop_generator(seed, row) if random_crop else None
             pair_pixels, sizes, crops = paired_transform(images, resolution, random_crop, False, generator)
-            for side, px, original, crop in zip(IMAGE_COLUMNS, pair_pixels, sizes, crops):
+            for side, px, original, crop in zip(image_columns, pair_pixels, sizes, crops):
                 pixels[side].append(px)
                 out[f"{side}_original_size"].append(original)
                 out[f"{side}_crop_top_left"].append(crop)
                 if random_flip:
                     out[f"{side}_crop_top_left{FLIPPED}"].append(flipped_crop_top_left(original, crop, resolution))
-        upright = torch.cat([torch.stack(pixels[side]) for side in IMAGE_COLUMNS])
+        upright = torch.cat([torch.stack(pixels[side]) for side in image_columns])
         # Flipping the cropped pixels equals cropping the flipped image at the mirrored position.
         stacked = torch.cat([upright, upright.flip(-1)]) if random_flip else upright
         stats = [s.cpu().numpy() for s in family.encode_pixels(stacked)]
-        chunks = iter(np.split(np.stack(stats, axis=1), len(orientations) * len(IMAGE_COLUMNS)))
+        chunks = iter(np.split(np.stack(stats, axis=1), len(orientations) * len(image_columns)))
         for suffix in orientations:
-            for side in IMAGE_COLUMNS:
+            for side in image_columns:
                 chunk = next(chunks)
                 for index, stat in enumerate(LATENT_STATS):
                     out[f"{side}_{stat}{suffix}"] = chunk[:, index]
@@ -113,7 +116,7 @@ def precompute_latents(
         encode,
         batched=True,
         batch_size=batch_size,
-        remove_columns=list(IMAGE_COLUMNS),
+        remove_columns=list(image_columns),
         features=features,
         new_fingerprint=fingerprint,
         desc="Encoding images with the VAE",

@@ -96,8 +96,9 @@ class DiffusionDPOConfig(TrainingArguments):
         metadata={
             "help": "Encode every image once with the VAE before training and train from the cache: no VAE forward "
             "in a training step. The latent distribution (mean and std) is stored and sampled at every step; with "
-            "`random_flip` both orientations are stored; with `random_crop` each pair's crop is drawn once, at cache "
-            "time. Stored with `datasets`, reused across runs for datasets on disk. See docs/datasets.md."
+            "`random_flip` both orientations are stored; with `random_crop` each pair's (for kto, each image's) "
+            "crop is drawn once, at cache time. Stored with `datasets`, reused across runs for datasets on disk. "
+            "See docs/datasets.md."
         },
     )
     precompute_text_embeddings: bool = field(

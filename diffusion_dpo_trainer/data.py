@@ -253,8 +253,10 @@ class PreferenceCollator:
         per_side = {side: {} for side in IMAGE_COLUMNS}
         for position, row in enumerate(rows):
             index = row.get(ROW_COLUMN, position)
-            cached = f"chosen_{LATENT_STATS[0]}" in row
-            pair = self._cached_pair(row, index) if cached else self._decoded_pair(row, index)
+            if f"chosen_{LATENT_STATS[0]}" in row:
+                pair = cached_images(row, index, IMAGE_COLUMNS, self.random_flip)
+            else:
+                pair = self._decoded_pair(row, index)
             for side, values in pair.items():
                 for key, value in values.items():
                     per_side[side].setdefault(key, []).append(torch.as_tensor(value))
@@ -273,23 +275,26 @@ class PreferenceCollator:
             for side, px, size, crop in zip(IMAGE_COLUMNS, pixels, sizes, crops)
         }
 
-    def _cached_pair(self, row: dict, index: int) -> dict:
-        # The same single draw as `paired_transform` makes without random crops (crops are fixed in the cache).
-        flip = bool(self.random_flip and torch.rand(()).item() < 0.5)
-        suffix = FLIPPED if flip else ""
-        if flip and f"chosen_{LATENT_STATS[0]}{FLIPPED}" not in row:
-            raise ValueError(
-                f"Row {index}: random_flip is on but the cached latents have no flipped orientation; precompute them "
-                "with random_flip=True."
-            )
-        return {
-            side: {
-                **{stat: row[f"{side}_{stat}{suffix}"] for stat in LATENT_STATS},
-                "original_size": row[f"{side}_original_size"],
-                "crop_top_left": row[f"{side}_crop_top_left{suffix}"],
-            }
-            for side in IMAGE_COLUMNS
+
+def cached_images(row: dict, index: int, columns: tuple[str, ...], random_flip: bool) -> dict:
+    """A cached row's latents per image column, with the row's flip drawn here: the same single draw as
+    `paired_transform` makes without random crops (crops are fixed in the cache)."""
+    flip = bool(random_flip and torch.rand(()).item() < 0.5)
+    suffix = FLIPPED if flip else ""
+    if flip and f"{columns[0]}_{LATENT_STATS[0]}{FLIPPED}" not in row:
+        raise ValueError(
+            f"Row {index}: random_flip is on but the cached latents have no flipped orientation; precompute them "
+            "with random_flip=True."
+        )
+    return {
+        side: {
+            **{stat: row[f"{side}_{stat}{suffix}"] for stat in LATENT_STATS},
+            "original_size": row[f"{side}_original_size"],
+            "crop_top_left": row[f"{side}_crop_top_left{suffix}"],
         }
+        for side in columns
+    }
+
 
 # ----- unpaired data (KTO) ------------------------------------------------------------------------------------------
 UNPAIRED_COLUMNS = ("prompt", "image", "label")
@@ -326,25 +331,36 @@ def prepare_unpaired_dataset(dataset: datasets.Dataset, name: str = "train_datas
 
 
 class UnpairedCollator:
-    """Turns unpaired rows into tensors; each image gets its own crop and flip, as the images are independent."""
+    """Turns unpaired rows into tensors; each image gets its own crop and flip, as the images are independent.
 
-    def __init__(self, resolution: int, random_crop: bool = False, random_flip: bool = False):
+    Rows with cached latents (`caching.precompute_latents(..., image_columns=("image",))`) and `prompt_embeddings`
+    are handled as in `PreferenceCollator`.
+    """
+
+    def __init__(self, resolution: int, random_crop: bool = False, random_flip: bool = False, prompt_embeddings=None):
         self.resolution = resolution
         self.random_crop = random_crop
         self.random_flip = random_flip
+        self.prompt_embeddings = prompt_embeddings
 
     def __call__(self, rows: list[dict]) -> dict:
-        pixels, sizes, crops = [], [], []
+        per_image = {}
         for position, row in enumerate(rows):
-            image = load_image(row["image"], row.get(ROW_COLUMN, position), "image")
-            (px,), (size,), (crop,) = paired_transform([image], self.resolution, self.random_crop, self.random_flip)
-            pixels.append(px)
-            sizes.append(size)
-            crops.append(crop)
-        return {
+            index = row.get(ROW_COLUMN, position)
+            if f"image_{LATENT_STATS[0]}" in row:
+                values = cached_images(row, index, ("image",), self.random_flip)["image"]
+            else:
+                image = load_image(row["image"], index, "image")
+                (px,), (size,), (crop,) = paired_transform([image], self.resolution, self.random_crop,
+                                                           self.random_flip)
+                values = {"pixel_values": px, "original_size": size, "crop_top_left": crop}
+            for key, value in values.items():
+                per_image.setdefault(key, []).append(torch.as_tensor(value))
+        batch = {
             "prompt": [row["prompt"] for row in rows],
             "label": torch.tensor([bool(row["label"]) for row in rows], dtype=torch.bool),
-            "pixel_values": torch.stack(pixels),
-            "original_size": torch.tensor(sizes, dtype=torch.long),
-            "crop_top_left": torch.tensor(crops, dtype=torch.long),
+            **{key: torch.stack(values) for key, values in per_image.items()},
         }
+        if self.prompt_embeddings is not None:
+            batch["prompt_embeds"] = self.prompt_embeddings(batch["prompt"])
+        return batch

@@ -28,7 +28,13 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from . import losses
 from .caching import precompute_latents, precompute_prompt_embeddings
 from .config import DiffusionDPOConfig
-from .data import PreferenceCollator, UnpairedCollator, prepare_preference_dataset, prepare_unpaired_dataset
+from .data import (
+    IMAGE_COLUMNS,
+    PreferenceCollator,
+    UnpairedCollator,
+    prepare_preference_dataset,
+    prepare_unpaired_dataset,
+)
 from .families import load_family
 from .model_card import render_model_card
 
@@ -217,13 +223,15 @@ class DiffusionDPOTrainer(Trainer):
         args = self.args
         if not (args.precompute_latents or args.precompute_text_embeddings):
             return
-        if not isinstance(self.data_collator, PreferenceCollator):
-            raise TypeError("precompute_latents/precompute_text_embeddings need the default PreferenceCollator.")
+        if not isinstance(self.data_collator, (PreferenceCollator, UnpairedCollator)):
+            raise TypeError("precompute_latents/precompute_text_embeddings need the default collator "
+                            "(PreferenceCollator, or UnpairedCollator for kto).")
         with args.main_process_first(desc="precomputing latents and prompt embeddings"):
             if args.precompute_latents:
                 def encode(dataset):
                     return precompute_latents(dataset, self.family, self.resolution, args.random_crop,
-                                              args.random_flip, args.seed, args.per_device_train_batch_size)
+                                              args.random_flip, args.seed, args.per_device_train_batch_size,
+                                              image_columns=IMAGE_COLUMNS if self.paired else ("image",))
                 if self.train_dataset is not None:
                     self.train_dataset = encode(self.train_dataset)
                 if isinstance(self.eval_dataset, dict):
@@ -271,14 +279,14 @@ class DiffusionDPOTrainer(Trainer):
         # Contiguous latents: a channels-last VAE output (CPU) would otherwise send the denoiser down other kernels.
         return self.family.scale_latents(mean.contiguous() + std.contiguous() * eps)
 
-    def _conditioning(self, inputs) -> dict[str, torch.Tensor]:
-        device = self.accelerator.device
+    def _prompt_embeddings(self, inputs) -> dict[str, torch.Tensor]:
         if "prompt_embeds" in inputs:  # precomputed, stored in float32: back to the text encoders' dtype
-            per_prompt = {key: value.to(self.weight_dtype) for key, value in inputs["prompt_embeds"].items()}
-        else:
-            per_prompt = self.family.encode_prompt(inputs["prompt"], device)
-        conditioning = {key: torch.cat([value, value]) for key, value in per_prompt.items()}
-        conditioning.update(self.family.time_conditioning(inputs, self.resolution, device))
+            return {key: value.to(self.weight_dtype) for key, value in inputs["prompt_embeds"].items()}
+        return self.family.encode_prompt(inputs["prompt"], self.accelerator.device)
+
+    def _conditioning(self, inputs) -> dict[str, torch.Tensor]:
+        conditioning = {key: torch.cat([value, value]) for key, value in self._prompt_embeddings(inputs).items()}
+        conditioning.update(self.family.time_conditioning(inputs, self.resolution, self.accelerator.device))
         return conditioning
 
     def _denoising_errors(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -296,10 +304,13 @@ class DiffusionDPOTrainer(Trainer):
     def _unpaired_denoising_errors(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image mse of policy and reference, shape (N,): unpaired images are independent, so each gets its own
         noise and timestep (still shared by policy and reference)."""
-        x0 = self._sample_latents(*self.family.encode_pixels(inputs["pixel_values"]), groups=1)
-        device = self.accelerator.device
-        conditioning = dict(self.family.encode_prompt(inputs["prompt"], device))
-        conditioning.update(self.family.time_conditioning(inputs, self.resolution, device))
+        if "latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
+            mean, std = inputs["latent_mean"], inputs["latent_std"]
+        else:
+            mean, std = self.family.encode_pixels(inputs["pixel_values"])
+        x0 = self._sample_latents(mean, std, groups=1)
+        conditioning = dict(self._prompt_embeddings(inputs))
+        conditioning.update(self.family.time_conditioning(inputs, self.resolution, self.accelerator.device))
         world = self.accelerator.num_processes
         noise = self._own_share(torch.randn((world * x0.shape[0], *x0.shape[1:]), device=x0.device, dtype=x0.dtype))
         timesteps = self._own_share(self.family.sample_timesteps(world * x0.shape[0], x0.device))

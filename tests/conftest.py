@@ -32,6 +32,16 @@ def make_args(tmp_path, **overrides):
     return DiffusionDPOConfig(**values)
 
 
+def forbid(module, name):
+    """Make `module` raise if it runs: proves a cached step never calls a frozen encoder."""
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} was called during training")
+
+    module.forward = fail
+    if hasattr(module, "encode"):
+        module.encode = fail
+
+
 def lora(**overrides):
     return LoraConfig(**{"r": 4, "lora_alpha": 4, "init_lora_weights": "gaussian", "target_modules": LORA_TARGETS,
                          **overrides})

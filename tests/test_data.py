@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import LN2, lora, make_args
+from conftest import LN2, forbid, lora, make_args
 from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -358,15 +358,6 @@ def test_trl_pairs_as_bytes_and_paths_train(tmp_path, sd_path):
 
 
 # ----- caching --------------------------------------------------------------------------------------------------------
-def _forbid(module, name):
-    def fail(*args, **kwargs):
-        raise AssertionError(f"{name} was called during training")
-
-    module.forward = fail
-    if hasattr(module, "encode"):
-        module.encode = fail
-
-
 def test_cached_training_never_calls_the_vae_or_text_encoders(tmp_path, sdxl_path, pairs):
     args = make_args(tmp_path, precompute_latents=True, precompute_text_embeddings=True, random_flip=True)
     trainer = DiffusionDPOTrainer(model=sdxl_path, args=args, train_dataset=pairs, eval_dataset=pairs.select(range(2)),
@@ -374,9 +365,9 @@ def test_cached_training_never_calls_the_vae_or_text_encoders(tmp_path, sdxl_pat
     family = trainer.family
     assert "chosen" not in trainer.train_dataset.column_names  # trained from latents, images are not read
     assert all(next(m.parameters()).device.type == "cpu" for m in family.frozen_modules)
-    _forbid(family.vae, "the VAE")
+    forbid(family.vae, "the VAE")
     for i, encoder in enumerate(family.text_encoders):
-        _forbid(encoder, f"text encoder {i}")
+        forbid(encoder, f"text encoder {i}")
     trainer.train()
     assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
     assert math.isfinite(trainer.evaluate()["eval_loss"])

@@ -4,8 +4,10 @@ unpaired data."""
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
+from conftest import forbid
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from test_trainer import LN2, changed, lora, losses_of, make_args, snapshot
@@ -137,6 +139,28 @@ def test_kto_trains_on_unpaired_data(tmp_path, sd_path, labelled):
     assert changed(lora_before, trainer.family.denoiser), "LoRA weights did not train"
     metrics = trainer.evaluate()
     assert math.isfinite(metrics["eval_loss"]) and "eval_kto/reference_point" in metrics
+
+
+def test_kto_trains_from_cached_latents_and_embeddings_with_the_same_losses(tmp_path, sdxl_path, labelled):
+    """Unpaired rows cache like pairs: no VAE or text encoder runs in a step, and a full fine-tune with flips gives
+    the same loss at every step as encoding the images and prompts each step (same seed, same draws)."""
+    runs = {}
+    for cached in (False, True):
+        # beta 100: logits stay far from saturation, so every step's loss depends on the noise drawn.
+        args = make_args(tmp_path / str(cached), loss_type="kto", beta=100, max_steps=3,
+                         per_device_train_batch_size=4, learning_rate=1e-3, random_flip=True, precompute_latents=cached,
+                         precompute_text_embeddings=cached)
+        trainer = DiffusionDPOTrainer(model=sdxl_path, args=args, train_dataset=labelled, eval_dataset=labelled)
+        if cached:
+            assert "image" not in trainer.train_dataset.column_names
+            forbid(trainer.family.vae, "the VAE")
+            for i, encoder in enumerate(trainer.family.text_encoders):
+                forbid(encoder, f"text encoder {i}")
+        trainer.train()
+        runs[cached] = losses_of(trainer)
+        assert math.isfinite(trainer.evaluate()["eval_loss"])
+    assert runs[True] == pytest.approx(runs[False], abs=1e-5)
+    assert len(set(np.round(runs[False], 4))) > 1  # the model did train
 
 
 def test_kto_reference_point_is_a_mean_over_all_processes(tmp_path, sd_path, labelled, monkeypatch):
