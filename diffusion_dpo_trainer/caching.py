@@ -2,10 +2,10 @@
 
 Latents: the VAE's latent distribution (mean and std) of every image is stored, and the trainer samples from it at
 every step exactly as it does from a fresh encode, so caching does not change the training distribution. Flips are
-applied before encoding: with `random_flip` both orientations are cached and the collator draws the flip per pair (per
-image for unpaired rows) at train time (the same draw, from the same generator, as without caching). A random crop cannot be cached for every
-position: with `random_crop` each pair's crop is drawn ONCE at cache time (seeded by the training seed and the row) and
-kept for every epoch.
+applied before encoding: with `random_flip` both orientations are cached and the collator draws the flip per row (a
+pair, or one image of unpaired data) at train time, the same draw from the same generator as without caching. A
+random crop cannot be cached for every position: with `random_crop` each row's crop is drawn ONCE at cache time
+(seeded by the training seed and the row) and kept for every epoch.
 
 Prompts: every distinct prompt is encoded once (Pick-a-Pic has several pairs per prompt) and looked up by the collator.
 
