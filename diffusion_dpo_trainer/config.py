@@ -19,8 +19,11 @@ class DiffusionDPOConfig(TrainingArguments):
     velocity errors are larger than epsilon errors (see docs/flow-models.md).
 
     Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the collator needs the image
-    columns), `label_names=[]` (there are no labels), `logging_steps=10`. `activation_checkpointing`
-    (alias `gradient_checkpointing`) switches on the denoiser's own diffusers checkpointing.
+    columns), `label_names=[]` (there are no labels), `logging_steps=10`, and unless set,
+    `accelerator_config.dispatch_batches=False` (batches hold prompt strings, which accelerate cannot concatenate to
+    dispatch a streamed dataset's batches from one process; each process reads the stream and keeps its share).
+    `activation_checkpointing` (alias `gradient_checkpointing`) switches on the denoiser's own diffusers
+    checkpointing.
     """
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "ref_model_init_kwargs"]
@@ -154,6 +157,11 @@ class DiffusionDPOConfig(TrainingArguments):
             "during training; 3.5 is the FluxPipeline default at inference. Ignored by other models."
         },
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.accelerator_config.dispatch_batches is None:
+            self.accelerator_config.dispatch_batches = False
 
     # Overridden TrainingArguments defaults.
     remove_unused_columns: bool = field(

@@ -27,11 +27,15 @@ FOLDER_KEYS = ("prompt", "chosen_file_name", "rejected_file_name")
 logger = logging.getLogger(__name__)
 
 
-def prepare_preference_dataset(dataset, name: str = "train_dataset") -> datasets.Dataset:
+def prepare_preference_dataset(dataset, name: str = "train_dataset"):
     """Normalise any supported format to canonical pairs and make them ready for the collator (lazy decoding)."""
-    dataset = to_preference_pairs(dataset, name)
-    for column in IMAGE_COLUMNS:
-        if isinstance(dataset.features[column], datasets.Image):
+    return _undecoded(to_preference_pairs(dataset, name), IMAGE_COLUMNS)
+
+
+def _undecoded(dataset, columns):
+    """Image columns cast to `datasets.Image(decode=False)`: the collator decodes them (and names a bad row)."""
+    for column in columns:
+        if dataset.features is not None and isinstance(dataset.features.get(column), datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
     return dataset
 
@@ -42,14 +46,17 @@ def to_preference_pairs(dataset, name: str = "dataset") -> datasets.Dataset:
     Detected from the columns: `prompt`/`chosen`/`rejected` (TRL style; images as PIL, `datasets.Image`, bytes or file
     paths), `caption`/`jpg_0`/`jpg_1`/`label_0` (Pick-a-Pic v1/v2; ties dropped and counted), or a path to a folder
     with a `metadata.jsonl` (see `load_preference_folder`). Other columns are dropped. Rows are selected and renamed,
-    never rewritten, so nothing is decoded or copied.
+    never rewritten, so nothing is decoded or copied. A streamed `datasets.IterableDataset` is normalised row by row
+    as it streams (see `_streamed_pairs`).
     """
     if isinstance(dataset, (str, os.PathLike)):
         dataset = load_preference_folder(dataset)
+    if isinstance(dataset, datasets.IterableDataset):
+        return _streamed_pairs(dataset, name)
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(
-            f"`{name}` must be a datasets.Dataset or a path to a folder with a {FOLDER_METADATA}, "
-            f"got {type(dataset).__name__}."
+            f"`{name}` must be a datasets.Dataset, a datasets.IterableDataset or a path to a folder with a "
+            f"{FOLDER_METADATA}, got {type(dataset).__name__}."
         )
     columns = dataset.column_names
     if any(c in columns for c in PAIR_COLUMNS):
@@ -66,9 +73,59 @@ def to_preference_pairs(dataset, name: str = "dataset") -> datasets.Dataset:
     if len(pairs) == 0:
         raise ValueError(f"`{name}` is empty: there are no preference pairs to train on.")
     for row, prompt in zip(*_columns(pairs, ROW_COLUMN, "prompt")):
-        if not isinstance(prompt, str):
-            raise ValueError(f"Row {row}, column 'prompt': expected a string, got {type(prompt).__name__}.")
+        _check_text(prompt, row, "prompt")
     return pairs
+
+
+def _streamed_pairs(dataset: datasets.IterableDataset, name: str) -> datasets.IterableDataset:
+    """Canonical pairs from a streamed dataset, built lazily: nothing is read before training.
+
+    Each row is checked when it is reached, and a bad one raises the same error as for a map-style dataset; `row_index`
+    counts rows as they stream (per DataLoader worker when there are several). Checks over the whole dataset cannot
+    be made: an empty stream is reported by the Trainer, and Pick-a-Pic ties are dropped without being counted.
+    """
+    columns = dataset.column_names
+    if columns is None:
+        raise ValueError(f"`{name}` is a streamed dataset whose columns are unknown; load it with its features.")
+    if any(c in columns for c in PAIR_COLUMNS):
+        _require_columns(dataset, PAIR_COLUMNS, "prompt/chosen/rejected", name)
+
+        def canonical(row, index):
+            _check_text(row["prompt"], index, "prompt")
+            return {ROW_COLUMN: index}
+
+        return _undecoded(dataset, IMAGE_COLUMNS).map(canonical, with_indices=True).select_columns(
+            [*PAIR_COLUMNS, ROW_COLUMN]
+        )
+    if any(c in columns for c in PICKAPIC_COLUMNS):
+        _require_columns(dataset, PICKAPIC_COLUMNS, "Pick-a-Pic", name)
+
+        def canonical(row, index):
+            _check_pickapic_row(index, row["label_0"], row["caption"])
+            first, second = (row["jpg_0"], row["jpg_1"]) if row["label_0"] == 1 else (row["jpg_1"], row["jpg_0"])
+            return {"prompt": row["caption"], "chosen": first, "rejected": second, ROW_COLUMN: index,
+                    "tie": row["label_0"] == 0.5}
+
+        pairs = _undecoded(dataset, ("jpg_0", "jpg_1")).map(canonical, with_indices=True, remove_columns=columns)
+        return pairs.filter(lambda row: not row["tie"]).remove_columns("tie")
+    raise ValueError(
+        f"`{name}` has columns {columns}, which match no supported format: expected {list(PAIR_COLUMNS)} "
+        f"(TRL style) or {list(PICKAPIC_COLUMNS)} (Pick-a-Pic)."
+    )
+
+
+def _check_text(value, row: int, column: str) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"Row {row}, column {column!r}: expected a string, got {type(value).__name__}.")
+
+
+def _check_pickapic_row(row: int, label, caption) -> None:
+    _check_text(caption, row, "caption")
+    if not (isinstance(label, (int, float)) and label in (0, 0.5, 1)):
+        raise ValueError(
+            f"Row {row}, column 'label_0': expected 1 (jpg_0 preferred), 0 (jpg_1 preferred) or 0.5 (a tie), "
+            f"got {label!r}."
+        )
 
 
 def load_preference_folder(path, **load_dataset_kwargs) -> datasets.Dataset:
@@ -123,13 +180,7 @@ def _pickapic_to_pairs(dataset: datasets.Dataset, name: str) -> datasets.Dataset
     """Winner/loser by `label_0`, ties dropped; done with select + rename so the image bytes are never copied."""
     first_wins, second_wins, ties = [], [], 0
     for position, (row, label, caption) in enumerate(zip(*_columns(dataset, ROW_COLUMN, "label_0", "caption"))):
-        if not isinstance(caption, str):
-            raise ValueError(f"Row {row}, column 'caption': expected a string, got {type(caption).__name__}.")
-        if not (isinstance(label, (int, float)) and label in (0, 0.5, 1)):
-            raise ValueError(
-                f"Row {row}, column 'label_0': expected 1 (jpg_0 preferred), 0 (jpg_1 preferred) or 0.5 (a tie), "
-                f"got {label!r}."
-            )
+        _check_pickapic_row(row, label, caption)
         if label == 0.5:
             ties += 1
         else:

@@ -63,7 +63,8 @@ class DiffusionDPOTrainer(Trainer):
             `target_modules`, the family's `lora_target_modules` (the attention projections) are used.
         train_dataset, eval_dataset: for paired losses, preference pairs in any format `to_preference_pairs` reads
             (TRL-style prompt/chosen/rejected, Pick-a-Pic, or a path to an image folder), stored normalised as in
-            TRL; for `loss_type="kto"`, labelled images (`prompt`, `image`, `label` True when desirable).
+            TRL; a streamed `datasets.IterableDataset` of the first two is normalised as it streams (set `max_steps`);
+            for `loss_type="kto"`, labelled images (`prompt`, `image`, `label` True when desirable).
         Other arguments are those of `transformers.Trainer`.
     """
 
@@ -75,7 +76,7 @@ class DiffusionDPOTrainer(Trainer):
         ref_model=None,
         args: DiffusionDPOConfig | None = None,
         data_collator=None,
-        train_dataset: datasets.Dataset | str | None = None,
+        train_dataset: datasets.Dataset | datasets.IterableDataset | str | None = None,
         eval_dataset: datasets.Dataset | str | dict[str, datasets.Dataset | str] | None = None,
         processing_class=None,
         compute_metrics=None,
@@ -226,6 +227,10 @@ class DiffusionDPOTrainer(Trainer):
         if not isinstance(self.data_collator, (PreferenceCollator, UnpairedCollator)):
             raise TypeError("precompute_latents/precompute_text_embeddings need the default collator "
                             "(PreferenceCollator, or UnpairedCollator for kto).")
+        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        if any(isinstance(d, datasets.IterableDataset) for d in (self.train_dataset, *evals)):
+            raise ValueError("precompute_latents/precompute_text_embeddings need a map-style datasets.Dataset: a "
+                             "streamed dataset is read once per pass, so there is nothing to store and reuse.")
         with args.main_process_first(desc="precomputing latents and prompt embeddings"):
             if args.precompute_latents:
                 def encode(dataset):

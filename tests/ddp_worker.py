@@ -1,5 +1,6 @@
 """One rank of the 2-process DDP run in test_distributed.py (launched with torch.distributed.run), or, with
 --single, the single-process run with the same global batch. Writes what the test checks to <report_dir>/rank<N>.json.
+With --streamed the dataset is streamed (`to_iterable_dataset`, no caching) and each rank records the rows it collated.
 """
 
 import argparse
@@ -17,7 +18,8 @@ BETA = 100  # rewards are beta/2 times an mse difference: a small beta keeps flo
 CACHING = {"precompute_latents": True, "precompute_text_embeddings": True}
 
 
-def run(pipeline_path: str, data_dir: str, output_dir: str, report_dir: str, single: bool = False) -> None:
+def run(pipeline_path: str, data_dir: str, output_dir: str, report_dir: str, single: bool = False,
+        streamed: bool = False) -> None:
     """`data_dir` holds a dataset saved with `save_to_disk`: file-backed, as real datasets are, so the main process's
     latent cache is found by the other ranks instead of being recomputed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -36,10 +38,10 @@ def run(pipeline_path: str, data_dir: str, output_dir: str, report_dir: str, sin
         use_cpu=True,
         dataloader_pin_memory=False,
         disable_tqdm=True,
-        **CACHING,
+        **({} if streamed else CACHING),
     )
     lora = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"])
-    report = {"saves": 0, "cards": 0, "vae_images": 0, "local_metrics": []}
+    report = {"saves": 0, "cards": 0, "vae_images": 0, "local_metrics": [], "rows": []}
 
     def count_images(module, inputs):
         report["vae_images"] += inputs[0].shape[0]
@@ -47,8 +49,16 @@ def run(pipeline_path: str, data_dir: str, output_dir: str, report_dir: str, sin
     # Hooked before the trainer exists: the latent cache is computed in its constructor.
     pipeline = DiffusionPipeline.from_pretrained(pipeline_path)
     pipeline.vae.encoder.register_forward_pre_hook(count_images)
-    trainer = DiffusionDPOTrainer(model=pipeline, args=args, train_dataset=datasets.load_from_disk(data_dir),
-                                  peft_config=lora)
+    dataset = datasets.load_from_disk(data_dir)
+    trainer = DiffusionDPOTrainer(model=pipeline, args=args, peft_config=lora,
+                                  train_dataset=dataset.to_iterable_dataset() if streamed else dataset)
+    collate = trainer.data_collator
+
+    def recording_collate(rows):
+        report["rows"].append([row["row_index"] for row in rows])
+        return collate(rows)
+
+    trainer.data_collator = recording_collate
     rank = trainer.accelerator.process_index
     report.update(rank=rank, world=trainer.accelerator.num_processes)
 
@@ -75,7 +85,8 @@ def run(pipeline_path: str, data_dir: str, output_dir: str, report_dir: str, sin
     trainer.save_model()
     report["log_history"] = trainer.state.log_history
     report["lora"] = {k: v.tolist() for k, v in trainer.model.state_dict().items() if "lora" in k} if rank == 0 else {}
-    with open(os.path.join(report_dir, f"rank{rank}{'-single' if single else ''}.json"), "w") as f:
+    name = f"rank{rank}{'-single' if single else ''}{'-streamed' if streamed else ''}.json"
+    with open(os.path.join(report_dir, name), "w") as f:
         json.dump(report, f)
 
 
@@ -85,5 +96,6 @@ if __name__ == "__main__":
     parser.add_argument("data_dir")
     parser.add_argument("output_dir")
     parser.add_argument("report_dir")
+    parser.add_argument("--streamed", action="store_true")
     cli = parser.parse_args()
-    run(cli.pipeline, cli.data_dir, cli.output_dir, cli.report_dir)
+    run(cli.pipeline, cli.data_dir, cli.output_dir, cli.report_dir, streamed=cli.streamed)

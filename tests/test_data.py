@@ -91,6 +91,20 @@ def test_pickapic_ties_are_dropped_and_counted(caplog):
     assert [colour_of(v) for v in pairs["rejected"]] == [(0, 0, 255), (255, 0, 0), (0, 0, 255)]
 
 
+def test_streamed_pickapic_is_normalised_as_it_streams():
+    labels = [1.0, 0.5, 0.0, 0.5, 1.0]
+    pairs = to_preference_pairs(pickapic(labels).to_iterable_dataset(), "train_dataset")
+    assert isinstance(pairs, datasets.IterableDataset)  # nothing was read up front
+    rows = list(pairs)
+    assert [r["row_index"] for r in rows] == [0, 2, 4] and [r["prompt"] for r in rows] == ["prompt 0", "prompt 2",
+                                                                                             "prompt 4"]
+    assert [colour_of(r["chosen"]) for r in rows] == [(255, 0, 0), (0, 0, 255), (255, 0, 0)]
+    assert [colour_of(r["rejected"]) for r in rows] == [(0, 0, 255), (255, 0, 0), (0, 0, 255)]
+    bad = to_preference_pairs(pickapic([1.0, 0.0, 0.3]).to_iterable_dataset())
+    with pytest.raises(ValueError, match=r"Row 2, column 'label_0': expected 1 .* got 0.3"):
+        list(bad)
+
+
 def test_pickapic_on_disk_is_normalised_without_copying_images(tmp_path):
     source_path = str(tmp_path / "pickapic")
     pickapic([1.0, 0.0, 0.5, 1.0] * 5).save_to_disk(source_path)
@@ -333,6 +347,19 @@ def test_pickapic_trains_on_the_non_tied_pairs(tmp_path, sd_path):
     trainer.train()
     assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
     assert all(math.isfinite(x) for x in losses_of(trainer))
+
+
+def test_streamed_pairs_train_without_being_materialised(tmp_path, sd_path, pairs):
+    streamed = pairs.to_iterable_dataset()
+    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=3), train_dataset=streamed,
+                                  peft_config=lora())
+    assert isinstance(trainer.train_dataset, datasets.IterableDataset)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
+    with pytest.raises(ValueError, match="map-style datasets.Dataset"):
+        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, precompute_latents=True), train_dataset=streamed,
+                            peft_config=lora())
 
 
 def test_folder_path_trains_sdxl(tmp_path, sdxl_path):

@@ -16,7 +16,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 METRICS = ("mse/chosen", "ref_mse/rejected", "rewards/chosen", "rewards/margins")
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd_path):
+def run_two_processes(tmp_path, sd_path, *flags):
+    """8 pairs on disk; ddp_worker.py on 2 processes; returns (data_dir, reports dir)."""
     reports = tmp_path / "reports"
     data_dir = str(tmp_path / "pairs")
     make_preference_dataset(n=8, size=32).save_to_disk(data_dir)
@@ -24,9 +25,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(HERE, "ddp_worker.py"), sd_path, data_dir, str(tmp_path / "ddp"), str(reports)]
+               os.path.join(HERE, "ddp_worker.py"), sd_path, data_dir, str(tmp_path / "ddp"), str(reports), *flags]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
+    return data_dir, reports
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd_path):
+    data_dir, reports = run_two_processes(tmp_path, sd_path)
     ddp_worker.run(sd_path, data_dir, str(tmp_path / "single"), str(reports), single=True)
 
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -64,3 +70,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd
     # With latent caching, the VAE encodes each image once over all ranks (the main process), not once per rank, and
     # training never calls it.
     assert (ranks[0]["vae_images"], ranks[1]["vae_images"]) == (2 * 8, 0)
+
+
+def test_a_streamed_dataset_is_shared_between_processes(tmp_path, sd_path):
+    """Each rank reads the stream and keeps its own share of every global batch, so 2 processes see what one
+    process sees with the same global batch, and log the same losses."""
+    data_dir, reports = run_two_processes(tmp_path, sd_path, "--streamed")
+    ddp_worker.run(sd_path, data_dir, str(tmp_path / "single"), str(reports), single=True, streamed=True)
+    ranks = [json.loads((reports / f"rank{r}-streamed.json").read_text()) for r in (0, 1)]
+    single = json.loads((reports / "rank0-single-streamed.json").read_text())
+    for step in range(3):
+        own = [ranks[0]["rows"][step], ranks[1]["rows"][step]]
+        assert len(own[0]) == len(own[1]) == 1 and own[0] != own[1]
+        assert sorted(own[0] + own[1]) == sorted(single["rows"][step])
+    losses = [[h["loss"] for h in run["log_history"] if "loss" in h] for run in (ranks[0], single)]
+    assert losses[0] == pytest.approx(losses[1], abs=ddp_worker.BETA / 2 * 1e-6)
