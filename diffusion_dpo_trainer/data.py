@@ -58,18 +58,10 @@ def to_preference_pairs(dataset, name: str = "dataset") -> datasets.Dataset:
             f"`{name}` must be a datasets.Dataset, a datasets.IterableDataset or a path to a folder with a "
             f"{FOLDER_METADATA}, got {type(dataset).__name__}."
         )
-    columns = dataset.column_names
-    if any(c in columns for c in PAIR_COLUMNS):
-        _require_columns(dataset, PAIR_COLUMNS, "prompt/chosen/rejected", name)
+    if _format_of(dataset, name) == "trl":
         pairs = _with_row_index(dataset).select_columns([*PAIR_COLUMNS, ROW_COLUMN])
-    elif any(c in columns for c in PICKAPIC_COLUMNS):
-        _require_columns(dataset, PICKAPIC_COLUMNS, "Pick-a-Pic", name)
-        pairs = _pickapic_to_pairs(_with_row_index(dataset), name)
     else:
-        raise ValueError(
-            f"`{name}` has columns {columns}, which match no supported format: expected {list(PAIR_COLUMNS)} "
-            f"(TRL style), {list(PICKAPIC_COLUMNS)} (Pick-a-Pic), or a folder with a {FOLDER_METADATA}."
-        )
+        pairs = _pickapic_to_pairs(_with_row_index(dataset), name)
     if len(pairs) == 0:
         raise ValueError(f"`{name}` is empty: there are no preference pairs to train on.")
     for row, prompt in zip(*_columns(pairs, ROW_COLUMN, "prompt")):
@@ -87,30 +79,35 @@ def _streamed_pairs(dataset: datasets.IterableDataset, name: str) -> datasets.It
     columns = dataset.column_names
     if columns is None:
         raise ValueError(f"`{name}` is a streamed dataset whose columns are unknown; load it with its features.")
+    def trl_pair(row, index):
+        _check_text(row["prompt"], index, "prompt")
+        return {ROW_COLUMN: index}
+
+    def pickapic_pair(row, index):
+        _check_pickapic_row(index, row["label_0"], row["caption"])
+        first, second = (row["jpg_0"], row["jpg_1"]) if row["label_0"] == 1 else (row["jpg_1"], row["jpg_0"])
+        return {"prompt": row["caption"], "chosen": first, "rejected": second, ROW_COLUMN: index,
+                "tie": row["label_0"] == 0.5}
+
+    if _format_of(dataset, name) == "trl":
+        pairs = _undecoded(dataset, IMAGE_COLUMNS).map(trl_pair, with_indices=True)
+        return pairs.select_columns([*PAIR_COLUMNS, ROW_COLUMN])
+    pairs = _undecoded(dataset, ("jpg_0", "jpg_1")).map(pickapic_pair, with_indices=True, remove_columns=columns)
+    return pairs.filter(lambda row: not row["tie"]).remove_columns("tie")
+
+
+def _format_of(dataset, name: str) -> str:
+    """'trl' or 'pickapic', detected from the columns; the missing columns of the detected format are named."""
+    columns = dataset.column_names
     if any(c in columns for c in PAIR_COLUMNS):
         _require_columns(dataset, PAIR_COLUMNS, "prompt/chosen/rejected", name)
-
-        def canonical(row, index):
-            _check_text(row["prompt"], index, "prompt")
-            return {ROW_COLUMN: index}
-
-        return _undecoded(dataset, IMAGE_COLUMNS).map(canonical, with_indices=True).select_columns(
-            [*PAIR_COLUMNS, ROW_COLUMN]
-        )
+        return "trl"
     if any(c in columns for c in PICKAPIC_COLUMNS):
         _require_columns(dataset, PICKAPIC_COLUMNS, "Pick-a-Pic", name)
-
-        def canonical(row, index):
-            _check_pickapic_row(index, row["label_0"], row["caption"])
-            first, second = (row["jpg_0"], row["jpg_1"]) if row["label_0"] == 1 else (row["jpg_1"], row["jpg_0"])
-            return {"prompt": row["caption"], "chosen": first, "rejected": second, ROW_COLUMN: index,
-                    "tie": row["label_0"] == 0.5}
-
-        pairs = _undecoded(dataset, ("jpg_0", "jpg_1")).map(canonical, with_indices=True, remove_columns=columns)
-        return pairs.filter(lambda row: not row["tie"]).remove_columns("tie")
+        return "pickapic"
     raise ValueError(
         f"`{name}` has columns {columns}, which match no supported format: expected {list(PAIR_COLUMNS)} "
-        f"(TRL style) or {list(PICKAPIC_COLUMNS)} (Pick-a-Pic)."
+        f"(TRL style), {list(PICKAPIC_COLUMNS)} (Pick-a-Pic), or a folder with a {FOLDER_METADATA}."
     )
 
 
