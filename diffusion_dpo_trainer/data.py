@@ -290,6 +290,9 @@ class PreferenceCollator:
     embeddings as `batch["prompt_embeds"]`.
     """
 
+    #: The image columns of a row, transformed together with one crop and flip.
+    image_columns = IMAGE_COLUMNS
+
     def __init__(self, resolution: int, random_crop: bool = False, random_flip: bool = False, prompt_embeddings=None):
         self.resolution = resolution
         self.random_crop = random_crop
@@ -298,30 +301,31 @@ class PreferenceCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = {"prompt": [row["prompt"] for row in rows]}
-        per_side = {side: {} for side in IMAGE_COLUMNS}
+        stacked = {}
         for position, row in enumerate(rows):
             index = row.get(ROW_COLUMN, position)
-            if f"chosen_{LATENT_STATS[0]}" in row:
-                pair = cached_images(row, index, IMAGE_COLUMNS, self.random_flip)
+            if f"{self.image_columns[0]}_{LATENT_STATS[0]}" in row:
+                images = cached_images(row, index, self.image_columns, self.random_flip)
             else:
-                pair = self._decoded_pair(row, index)
-            for side, values in pair.items():
+                images = self._decoded_images(row, index)
+            for side, values in images.items():
                 for key, value in values.items():
-                    per_side[side].setdefault(key, []).append(torch.as_tensor(value))
-        for side, values in per_side.items():
-            for key, tensors in values.items():
-                batch[f"{side}_{key}"] = torch.stack(tensors)
+                    stacked.setdefault(self._batch_key(side, key), []).append(torch.as_tensor(value))
+        batch.update({key: torch.stack(tensors) for key, tensors in stacked.items()})
         if self.prompt_embeddings is not None:
             batch["prompt_embeds"] = self.prompt_embeddings(batch["prompt"])
         return batch
 
-    def _decoded_pair(self, row: dict, index: int) -> dict:
-        images = [load_image(row[side], index, side) for side in IMAGE_COLUMNS]
+    def _decoded_images(self, row: dict, index: int) -> dict:
+        images = [load_image(row[side], index, side) for side in self.image_columns]
         pixels, sizes, crops = paired_transform(images, self.resolution, self.random_crop, self.random_flip)
         return {
             side: {"pixel_values": px, "original_size": size, "crop_top_left": crop}
-            for side, px, size, crop in zip(IMAGE_COLUMNS, pixels, sizes, crops)
+            for side, px, size, crop in zip(self.image_columns, pixels, sizes, crops)
         }
+
+    def _batch_key(self, side: str, key: str) -> str:
+        return f"{side}_{key}"
 
 
 def cached_images(row: dict, index: int, columns: tuple[str, ...], random_flip: bool) -> dict:
@@ -378,37 +382,20 @@ def prepare_unpaired_dataset(dataset: datasets.Dataset, name: str = "train_datas
     return dataset
 
 
-class UnpairedCollator:
-    """Turns unpaired rows into tensors; each image gets its own crop and flip, as the images are independent.
+class UnpairedCollator(PreferenceCollator):
+    """Turns unpaired rows into tensors: one image per row, so each image gets its own crop and flip (the images are
+    independent), and the batch keys carry no side prefix (`pixel_values`, `latent_mean`, ...) plus `label`.
 
-    Rows with cached latents (`caching.precompute_latents(..., image_columns=("image",))`) and `prompt_embeddings`
-    are handled as in `PreferenceCollator`.
+    Cached rows (`caching.precompute_latents(..., image_columns=("image",))`) and `prompt_embeddings` are handled
+    as in `PreferenceCollator`.
     """
 
-    def __init__(self, resolution: int, random_crop: bool = False, random_flip: bool = False, prompt_embeddings=None):
-        self.resolution = resolution
-        self.random_crop = random_crop
-        self.random_flip = random_flip
-        self.prompt_embeddings = prompt_embeddings
+    image_columns = ("image",)
 
     def __call__(self, rows: list[dict]) -> dict:
-        per_image = {}
-        for position, row in enumerate(rows):
-            index = row.get(ROW_COLUMN, position)
-            if f"image_{LATENT_STATS[0]}" in row:
-                values = cached_images(row, index, ("image",), self.random_flip)["image"]
-            else:
-                image = load_image(row["image"], index, "image")
-                (px,), (size,), (crop,) = paired_transform([image], self.resolution, self.random_crop,
-                                                           self.random_flip)
-                values = {"pixel_values": px, "original_size": size, "crop_top_left": crop}
-            for key, value in values.items():
-                per_image.setdefault(key, []).append(torch.as_tensor(value))
-        batch = {
-            "prompt": [row["prompt"] for row in rows],
-            "label": torch.tensor([bool(row["label"]) for row in rows], dtype=torch.bool),
-            **{key: torch.stack(values) for key, values in per_image.items()},
-        }
-        if self.prompt_embeddings is not None:
-            batch["prompt_embeds"] = self.prompt_embeddings(batch["prompt"])
+        batch = super().__call__(rows)
+        batch["label"] = torch.tensor([bool(row["label"]) for row in rows], dtype=torch.bool)
         return batch
+
+    def _batch_key(self, side: str, key: str) -> str:
+        return key

@@ -224,7 +224,7 @@ class DiffusionDPOTrainer(Trainer):
         args = self.args
         if not (args.precompute_latents or args.precompute_text_embeddings):
             return
-        if not isinstance(self.data_collator, (PreferenceCollator, UnpairedCollator)):
+        if not isinstance(self.data_collator, PreferenceCollator):  # UnpairedCollator is one too
             raise TypeError("precompute_latents/precompute_text_embeddings need the default collator "
                             "(PreferenceCollator, or UnpairedCollator for kto).")
         evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
