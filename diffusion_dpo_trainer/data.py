@@ -79,6 +79,7 @@ def _streamed_pairs(dataset: datasets.IterableDataset, name: str) -> datasets.It
     columns = dataset.column_names
     if columns is None:
         raise ValueError(f"`{name}` is a streamed dataset whose columns are unknown; load it with its features.")
+
     def trl_pair(row, index):
         _check_text(row["prompt"], index, "prompt")
         return {ROW_COLUMN: index}
@@ -305,7 +306,7 @@ class PreferenceCollator:
         for position, row in enumerate(rows):
             index = row.get(ROW_COLUMN, position)
             if f"{self.image_columns[0]}_{LATENT_STATS[0]}" in row:
-                images = cached_images(row, index, self.image_columns, self.random_flip)
+                images = _cached_images(row, index, self.image_columns, self.random_flip)
             else:
                 images = self._decoded_images(row, index)
             for side, values in images.items():
@@ -328,7 +329,7 @@ class PreferenceCollator:
         return f"{side}_{key}"
 
 
-def cached_images(row: dict, index: int, columns: tuple[str, ...], random_flip: bool) -> dict:
+def _cached_images(row: dict, index: int, columns: tuple[str, ...], random_flip: bool) -> dict:
     """A cached row's latents per image column, with the row's flip drawn here: the same single draw as
     `paired_transform` makes without random crops (crops are fixed in the cache)."""
     flip = bool(random_flip and torch.rand(()).item() < 0.5)

@@ -29,7 +29,6 @@ from . import losses
 from .caching import precompute_latents, precompute_prompt_embeddings
 from .config import DiffusionDPOConfig
 from .data import (
-    IMAGE_COLUMNS,
     PreferenceCollator,
     UnpairedCollator,
     prepare_preference_dataset,
@@ -236,7 +235,7 @@ class DiffusionDPOTrainer(Trainer):
                 def encode(dataset):
                     return precompute_latents(dataset, self.family, self.resolution, args.random_crop,
                                               args.random_flip, args.seed, args.per_device_train_batch_size,
-                                              image_columns=IMAGE_COLUMNS if self.paired else ("image",))
+                                              image_columns=self.data_collator.image_columns)
                 if self.train_dataset is not None:
                     self.train_dataset = encode(self.train_dataset)
                 if isinstance(self.eval_dataset, dict):
