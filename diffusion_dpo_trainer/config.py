@@ -94,6 +94,15 @@ class DiffusionDPOConfig(TrainingArguments):
         default=False,
         metadata={"help": "Flip both images of a pair horizontally together with probability 0.5."},
     )
+    proportion_empty_prompts: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability in [0, 1] that a pair's prompt is replaced by the empty prompt \"\" (both images keep "
+            "the same prompt; for kto, per labelled image). Trains the unconditional prediction that classifier-free "
+            "guidance uses at inference. The draw depends only on `seed` and the row, so it is the same in every epoch "
+            "and after a resume. The reference Diffusion-DPO code uses 0.2; 0 (the default) keeps every prompt."
+        },
+    )
     precompute_latents: bool = field(
         default=False,
         metadata={
@@ -160,6 +169,8 @@ class DiffusionDPOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if self.accelerator_config.dispatch_batches is None:
             self.accelerator_config.dispatch_batches = False
 

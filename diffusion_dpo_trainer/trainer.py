@@ -124,7 +124,8 @@ class DiffusionDPOTrainer(Trainer):
         collator_class = PreferenceCollator if self.paired else UnpairedCollator
         prepare_dataset = prepare_preference_dataset if self.paired else prepare_unpaired_dataset
         if data_collator is None:
-            data_collator = collator_class(self.resolution, args.random_crop, args.random_flip)
+            data_collator = collator_class(self.resolution, args.random_crop, args.random_flip,
+                                           proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed)
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, "train_dataset")
         eval_dataset = map_eval_datasets(eval_dataset, prepare_dataset)
