@@ -150,11 +150,11 @@ class DiffusionDPOTrainer(Trainer):
         device = self.accelerator.device
         # A half-precision VAE overflows in fp16 (the known SDXL VAE NaNs); bf16 is safe.
         vae_dtype = torch.bfloat16 if args.bf16 else torch.float32
-        self.family.vae.to(device, dtype=vae_dtype)
+        _move(self.family.vae, device, vae_dtype)
         for encoder in self.family.text_encoders:
-            encoder.to(device, dtype=self.weight_dtype)
+            _move(encoder, device, self.weight_dtype)
         if self.ref_model is not None:
-            self.ref_model.to(device, dtype=self.weight_dtype)
+            _move(self.ref_model, device, self.weight_dtype)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if args.precompute_latents or args.precompute_text_embeddings:
             self.train_dataset, self.eval_dataset = precompute_for_training(
@@ -398,6 +398,15 @@ class DiffusionDPOTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """`module.to(device, dtype)`, casting only when the dtype changes: diffusers warns on every dtype cast of a
+    model (even to its own dtype), so an unneeded cast would print a warning on every run."""
+    if {p.dtype for p in module.parameters()} == {dtype}:
+        module.to(device)
+    else:
+        module.to(device, dtype=dtype)
 
 
 def _check_safetensors(path: str) -> None:

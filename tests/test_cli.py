@@ -173,22 +173,6 @@ def test_vae_name_or_path_replaces_the_pipeline_vae(tmp_path, sdxl_path):
 
 
 # ----- end to end --------------------------------------------------------------------------------------------------
-@pytest.fixture
-def trainers(monkeypatch):
-    """The trainers the CLI builds, to look at their log history."""
-    import diffusion_dpo_trainer.trainer as trainer_module
-
-    created = []
-
-    class Recording(trainer_module.DiffusionDPOTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    monkeypatch.setattr(trainer_module, "DiffusionDPOTrainer", Recording)
-    return created
-
-
 def test_sd_cli_run_writes_a_loadable_lora_and_evaluates(tmp_path, sd_path, pairs, trainers):
     data = tmp_path / "data"
     DatasetDict({"train": pairs, "test": pairs.select(range(2))}).save_to_disk(str(data))
