@@ -126,6 +126,9 @@ class DiffusionDPOTrainer(Trainer):
         if data_collator is None:
             data_collator = collator_class(self.resolution, args.random_crop, args.random_flip,
                                            proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed)
+        elif args.proportion_empty_prompts and not isinstance(data_collator, PreferenceCollator):
+            warnings.warn("proportion_empty_prompts is applied by the default collator; the data_collator passed in "
+                          "decides the prompts itself, so no prompt is dropped unless it does so.")
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, "train_dataset")
         eval_dataset = map_eval_datasets(eval_dataset, prepare_dataset)

@@ -151,3 +151,9 @@ def test_model_card_records_the_proportion(tmp_path, sd_path, pairs):
     trainer.save_model()
     assert "proportion_empty_prompts" in (tmp_path / "out" / "README.md").read_text()
 
+
+
+def test_a_custom_collator_is_warned_that_it_decides_the_prompts(tmp_path, sd_path, pairs):
+    with pytest.warns(UserWarning, match="proportion_empty_prompts is applied by the default collator"):
+        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, proportion_empty_prompts=0.2),
+                            train_dataset=pairs, peft_config=lora(), data_collator=lambda rows: rows)
