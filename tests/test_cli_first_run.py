@@ -1,6 +1,5 @@
 """What a new user meets first: the CLI's LoRA targets, its error messages and exit codes, streaming, and a quiet run."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import datasets
 import pytest
 from datasets import Dataset
-from helpers import lora
+from helpers import lora, write_jsonl_pairs
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import safe_open
 
@@ -111,18 +110,6 @@ def test_error_exit_status_of_the_installed_command(tmp_path):
 
 
 # ----- streaming ---------------------------------------------------------------------------------------------------
-def write_jsonl_pairs(tmp_path, pairs) -> Path:
-    rows = []
-    for i, row in enumerate(pairs):
-        for side in ("chosen", "rejected"):
-            row[side].save(tmp_path / f"{side}{i}.png")
-        rows.append({"prompt": row["prompt"], "chosen": str(tmp_path / f"chosen{i}.png"),
-                     "rejected": str(tmp_path / f"rejected{i}.png")})
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
 def test_cli_streams_a_local_dataset(tmp_path, sd_path, pairs, trainers):
     data = write_jsonl_pairs(tmp_path, pairs)
     out = tmp_path / "out"
