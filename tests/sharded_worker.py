@@ -2,9 +2,8 @@
 shipped configs in examples/accelerate/ (FSDP2 or DeepSpeed ZeRO); `run(..., single=True)` is the one-process run
 with the same global batch. Each run writes what the test checks to <report_dir>/<name>-rank<N>.json.
 
-accelerate enables FSDP only for GPU-type process groups: on CPU it silently trains plain DDP. For an FSDP launch the
-worker presents the CPU (gloo) process group as a GPU one while the Accelerator reads its launch config, so the real
-FSDP2 code path runs here, and it records how much of each model a process holds, so the test can check that the
+accelerate enables FSDP only for GPU-type process groups: on CPU it silently trains plain DDP, so the worker lifts that
+gate (`allow_fsdp_on_cpu`) and records how much of each model a process holds, so the test can check that the
 parameters really are sharded.
 """
 
@@ -14,12 +13,11 @@ import os
 
 import datasets
 import torch
-from accelerate.state import PartialState
-from accelerate.utils import DistributedType
 from peft import LoraConfig
 from torch.distributed.tensor import DTensor
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from diffusion_dpo_trainer.testing import allow_fsdp_on_cpu
 
 GLOBAL_BATCH = 2
 BETA = 100  # rewards are beta/2 times an mse difference: a small beta keeps float noise from dominating them
@@ -50,10 +48,7 @@ def run(pipeline_path: str, data_dir: str, output_dir: str, report_dir: str, nam
         beta=BETA, learning_rate=1e-3 if lora else 1e-4, logging_steps=1, save_strategy="steps", save_steps=2,
         report_to="none", seed=0, use_cpu=True, dataloader_pin_memory=False, disable_tqdm=True,
     )
-    args.device  # sets up the CPU process group (gloo)
-    state = PartialState()
-    if state.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
-        state.distributed_type = DistributedType.MULTI_GPU  # the Accelerator's state then turns it into FSDP
+    allow_fsdp_on_cpu(args)
     peft_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                              target_modules=["to_q", "to_k", "to_v"]) if lora else None
     trainer = DiffusionDPOTrainer(model=pipeline_path, args=args, peft_config=peft_config,
