@@ -182,7 +182,7 @@ def load_model(script_args: ScriptArguments, training_args: DiffusionDPOConfig):
 
     vae = AutoencoderKL.from_pretrained(script_args.vae_name_or_path, use_safetensors=True)
     kwargs = {**(training_args.model_init_kwargs or {}), "vae": vae}
-    return load_family(script_args.model_name_or_path, kwargs, training_args.max_prompt_length).pipeline
+    return load_family(script_args.model_name_or_path, kwargs, training_args.max_prompt_length, training_args).pipeline
 
 
 def train(argv: list[str]) -> int:

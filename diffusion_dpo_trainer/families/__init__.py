@@ -1,4 +1,4 @@
-"""Model families: everything that differs between SD1.x/2.x, SDXL, SD3 and FLUX lives here."""
+"""Model families: everything that differs between SD1.x/2.x, SDXL, SD3, FLUX.1 and FLUX.2 lives here."""
 
 import os
 
@@ -8,6 +8,7 @@ from diffusers import DiffusionPipeline
 from .base import DiffusionFamily
 from .flow import FlowMatchingFamily
 from .flux import FluxFamily
+from .flux2 import Flux2Family
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
@@ -17,6 +18,7 @@ FAMILIES: tuple[type[DiffusionFamily], ...] = (
     StableDiffusionXLFamily,
     StableDiffusion3Family,
     FluxFamily,
+    Flux2Family,
 )
 
 
@@ -75,6 +77,7 @@ __all__ = [
     "FAMILIES",
     "DiffusionFamily",
     "FlowMatchingFamily",
+    "Flux2Family",
     "FluxFamily",
     "StableDiffusion3Family",
     "StableDiffusionFamily",

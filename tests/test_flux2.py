@@ -1,0 +1,204 @@
+"""FLUX.2 [dev] (Flux2Pipeline) and [klein] (Flux2KleinPipeline) on tiny offline pipelines: the family conformance
+checks (ln 2, shared inputs, LoRA round trip, full fine-tune, cache), the latent normalisation and packing against the
+pipeline's own code, guidance, resolution errors and the recipe."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import LN2, lora, make_args
+from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
+from peft import get_peft_model_state_dict
+
+from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from diffusion_dpo_trainer.families import Flux2Family, load_family
+from diffusion_dpo_trainer.testing_flux2 import build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline
+
+PIPELINES = {"Flux2Pipeline": (Flux2Pipeline, build_tiny_flux2_pipeline),
+             "Flux2KleinPipeline": (Flux2KleinPipeline, build_tiny_flux2_klein_pipeline)}
+
+
+@pytest.fixture(scope="module", params=sorted(PIPELINES))
+def flux2(request, tmp_path_factory):
+    """(pipeline class, saved tiny pipeline path) for each FLUX.2 variant."""
+    pipeline_class, build = PIPELINES[request.param]
+    return pipeline_class, build(tmp_path_factory.mktemp(request.param) / "pipe")
+
+
+def losses_of(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def render(pipe):
+    return pipe(prompt="a solid red square", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def test_lora_first_loss_is_ln2_and_the_saved_lora_loads_into_the_pipeline(tmp_path, flux2, pairs):
+    pipeline_class, path = flux2
+    args = make_args(tmp_path, max_steps=3)
+    trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=pairs, peft_config=lora(target_modules=None))
+    assert type(trainer.family.pipeline) is pipeline_class and isinstance(trainer.family, Flux2Family)
+    trainer.train()
+    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
+    assert all(math.isfinite(x) for x in losses_of(trainer))
+    trainer.save_model()
+
+    trained = get_peft_model_state_dict(trainer.family.denoiser)
+    # Default targets: both streams of the double blocks, the single blocks' fused input and their output projection.
+    for layer in ("transformer_blocks.0.attn.to_q.", "transformer_blocks.0.attn.add_q_proj.",
+                  "single_transformer_blocks.0.attn.to_qkv_mlp_proj.", "single_transformer_blocks.0.attn.to_out."):
+        assert any(k.startswith(layer) for k in trained), layer
+    fresh = pipeline_class.from_pretrained(path)
+    without = render(fresh)
+    fresh.load_lora_weights(args.output_dir, adapter_name="dpo")
+    loaded = get_peft_model_state_dict(fresh.transformer, adapter_name="dpo")
+    assert loaded.keys() == trained.keys()
+    for key, value in trained.items():
+        torch.testing.assert_close(loaded[key], value)
+    assert not np.allclose(without, render(fresh)), "the loaded LoRA does not change the output"
+
+
+def test_policy_and_reference_see_identical_inputs_and_one_draw_per_pair(tmp_path, flux2, pairs):
+    args = make_args(tmp_path)
+    trainer = DiffusionDPOTrainer(model=flux2[1], args=args, train_dataset=pairs, peft_config=lora(target_modules=None))
+    family, calls, draws = trainer.family, [], []
+    handle = family.denoiser.register_forward_pre_hook(
+        lambda m, a, kw: calls.append({k: v.detach().clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}),
+        with_kwargs=True,
+    )
+    original = family.noisy_latents_and_target
+
+    def spy(x0, noise, timesteps):
+        draws.append((noise.clone(), timesteps.clone()))
+        return original(x0, noise, timesteps)
+
+    family.noisy_latents_and_target = spy
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * args.max_steps
+    n = args.per_device_train_batch_size
+    for step in range(args.max_steps):
+        policy, reference = calls[2 * step], calls[2 * step + 1]
+        assert policy.keys() == reference.keys() >= {"hidden_states", "encoder_hidden_states", "img_ids", "txt_ids"}
+        for key in policy:
+            assert torch.equal(policy[key], reference[key]), key
+        noise, timesteps = draws[step]
+        assert torch.equal(noise[:n], noise[n:]) and torch.equal(timesteps[:n], timesteps[n:])
+
+
+def test_latents_are_normalised_as_the_pipeline_encodes_images(tmp_path, flux2):
+    """Patchify + batch-norm statistics, checked against Flux2Pipeline's own `_encode_vae_image` (which takes the
+    distribution's mode, i.e. our mean); the tiny VAE has non-trivial statistics, so a missing step changes values."""
+    family = load_family(flux2[1], args=make_args(tmp_path))
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean, _ = family.encode_pixels(pixels)
+    ours = family.scale_latents(mean)
+    theirs = family.pipeline._encode_vae_image(pixels, generator=None)
+    assert ours.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(ours, type(family.pipeline)._patchify_latents(mean), atol=1e-2)
+
+
+def test_predict_packs_and_unpacks_like_the_pipeline(tmp_path, flux2):
+    """One transformer call as Flux2Pipeline makes it (packed tokens, 4-axis ids, t/1000, guidance for [dev]),
+    unpacked with the pipeline's `_unpack_latents_with_ids`, equals `predict` on the (B, C, H, W) latents."""
+    pipeline_class, path = flux2
+    family = load_family(path, args=make_args(tmp_path, guidance_scale=2.5))
+    pipe = family.pipeline
+    torch.manual_seed(0)
+    latents, timesteps = torch.randn(2, 16, 4, 6), torch.tensor([500.0, 250.0])
+    text = family.encode_prompt(["a red cat", "a blue dog"], torch.device("cpu"))["encoder_hidden_states"]
+    with torch.no_grad():
+        ours = family.predict(family.denoiser, latents, timesteps, {"encoder_hidden_states": text})
+        packed, latent_ids = pipe.prepare_latents(2, 4, 8, 12, latents.dtype, "cpu", None, latents=latents)
+        guidance = torch.full([2], 2.5) if pipeline_class is Flux2Pipeline else None
+        tokens = family.denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                                 encoder_hidden_states=text, txt_ids=pipe._prepare_text_ids(text),
+                                 img_ids=latent_ids, return_dict=False)[0]
+    torch.testing.assert_close(ours, pipeline_class._unpack_latents_with_ids(tokens, latent_ids))
+
+
+def test_guidance_reaches_the_transformer_only_where_the_checkpoint_embeds_it(tmp_path, flux2, pairs):
+    pipeline_class, path = flux2
+    args = make_args(tmp_path, max_steps=1, guidance_scale=2.0)
+    trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=pairs, peft_config=lora(target_modules=None))
+    seen = []
+    trainer.family.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["guidance"]), with_kwargs=True)
+    trainer.train()
+    assert len(seen) == 2
+    if pipeline_class is Flux2Pipeline:  # [dev]: guidance-distilled
+        assert trainer.family.denoiser.config.guidance_embeds
+        for value in seen:
+            torch.testing.assert_close(value, torch.full((2 * args.per_device_train_batch_size,), 2.0))
+    else:
+        assert not trainer.family.denoiser.config.guidance_embeds and all(g is None for g in seen)
+
+
+def test_full_finetune_saves_a_transformer_the_pipeline_loads(tmp_path, flux2, pairs):
+    pipeline_class, path = flux2
+    args = make_args(tmp_path)
+    trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=pairs)
+    before = {k: v.clone() for k, v in trainer.family.denoiser.state_dict().items()}
+    trainer.train()
+    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
+    trainer.save_model()
+    trained = trainer.family.denoiser.state_dict()
+    assert any(not torch.equal(before[k], trained[k]) for k in before), "the transformer did not train"
+    reloaded = Flux2Transformer2DModel.from_pretrained(args.output_dir, subfolder="transformer")
+    for key, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, trained[key])
+    assert np.isfinite(render(pipeline_class.from_pretrained(path, transformer=reloaded))).all()
+
+
+def test_cached_latents_and_embeddings_give_the_uncached_losses(tmp_path, flux2, pairs):
+    runs = {}
+    for cached in (False, True):
+        args = make_args(tmp_path / str(cached), max_steps=3, precompute_latents=cached,
+                         precompute_text_embeddings=cached)
+        trainer = DiffusionDPOTrainer(model=flux2[1], args=args, train_dataset=pairs)
+        trainer.train()
+        runs[cached] = losses_of(trainer)
+    assert runs[True] == pytest.approx(runs[False], abs=1e-5)
+    assert len(set(np.round(runs[False], 4))) > 1  # the model did train
+
+
+def test_a_resolution_the_packing_cannot_take_names_the_multiple(tmp_path, flux2, pairs):
+    with pytest.raises(ValueError, match=rf"resolution=34 must be a multiple of 4 for {flux2[0].__name__}"):
+        DiffusionDPOTrainer(model=flux2[1], args=make_args(tmp_path, resolution=34), train_dataset=pairs)
+
+
+def test_default_beta_and_native_resolution(tmp_path, flux2, pairs):
+    trainer = DiffusionDPOTrainer(model=flux2[1], args=make_args(tmp_path, resolution=None), train_dataset=pairs)
+    assert trainer.beta == Flux2Family.default_beta == 1000.0
+    # FLUX.2's pipelines default to 128 latent pixels x the VAE factor (1024 px with the real 8x VAE).
+    assert trainer.resolution == 128 * trainer.family.vae_scale_factor
+
+
+# ----- the recipe --------------------------------------------------------------------------------------------------
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant, model_id", [("dev", "black-forest-labs/FLUX.2-dev"),
+                                               ("klein", "black-forest-labs/FLUX.2-klein-base-4B")])
+def test_recipe_defaults(variant, model_id):
+    example = load_example("train_flux2_dpo")
+    options, config = example.parse_args(["--variant", variant, "--use_cpu", "True"])
+    assert example.model_id(options) == model_id and isinstance(config, DiffusionDPOConfig)
+    assert config.beta == Flux2Family.default_beta and config.bf16 and config.gradient_checkpointing
+    assert config.precompute_text_embeddings and config.release_cached_encoders
+    quantization = config.model_init_kwargs.get("quantization_config")
+    if variant == "dev":  # the 32B transformer only fits a 24 GB GPU in 4-bit
+        assert quantization["quant_kwargs"]["load_in_4bit"] and quantization["quant_backend"] == "bitsandbytes_4bit"
+    else:
+        assert quantization is None
+    assert example.make_lora_config(options).target_modules is None  # the family's defaults
