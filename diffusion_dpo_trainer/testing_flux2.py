@@ -123,11 +123,12 @@ def _flux2_transformer(seed, guidance_embeds):
             in_channels=4 * _LATENT_CHANNELS,
             num_layers=1,
             num_single_layers=1,
-            attention_head_dim=16,
+            # 2 x 32 = 64 wide: bitsandbytes' CPU 4-bit kernels need input widths that are multiples of 64.
+            attention_head_dim=32,
             num_attention_heads=2,
             joint_attention_dim=3 * _TEXT_WIDTH,  # three stacked hidden-state layers
             timestep_guidance_channels=256,
-            axes_dims_rope=(4, 4, 4, 4),  # (T, H, W, L) position axes; must sum to attention_head_dim
+            axes_dims_rope=(8, 8, 8, 8),  # (T, H, W, L) position axes; must sum to attention_head_dim
             guidance_embeds=guidance_embeds,
         )
 

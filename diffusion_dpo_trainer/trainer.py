@@ -36,6 +36,7 @@ from .data import (
 )
 from .families import load_family
 from .model_card import render_model_card
+from .quantization import is_quantized
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 # The per-sample errors that make up the loss, named in the non-finite-loss error.
@@ -99,6 +100,13 @@ class DiffusionDPOTrainer(Trainer):
         for module in self.family.frozen_modules:
             module.requires_grad_(False)
             module.eval()
+        quantized = is_quantized(denoiser)
+        if quantized and peft_config is None:
+            raise ValueError(
+                f"The {self.family.denoiser_name} was loaded quantized (model_init_kwargs['quantization_config']), so "
+                "it cannot be fully fine-tuned: its 4/8-bit weights take no gradient updates. Pass a peft_config to "
+                "train a LoRA adapter on the quantized base (QLoRA), or load it without quantization_config."
+            )
         if peft_config is not None:
             if hasattr(peft_config, "target_modules") and peft_config.target_modules is None:
                 # The family's documented default targets (attention projections).
@@ -121,8 +129,10 @@ class DiffusionDPOTrainer(Trainer):
 
         self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         if self.is_lora and self.weight_dtype != torch.float32:
-            # Frozen base weights in half precision; the adapter stays in float32 for stable updates.
-            denoiser.to(dtype=self.weight_dtype)
+            # Frozen base weights in half precision; the adapter stays in float32 for stable updates. A quantized base
+            # keeps the dtypes it was loaded with (`torch_dtype` for its unquantized layers): it cannot be cast.
+            if not quantized:
+                denoiser.to(dtype=self.weight_dtype)
             cast_training_params(denoiser, dtype=torch.float32)
 
         if args.activation_checkpointing:

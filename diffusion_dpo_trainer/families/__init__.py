@@ -5,6 +5,7 @@ import os
 import torch
 from diffusers import DiffusionPipeline
 
+from ..quantization import pipeline_quantization_config
 from .base import DiffusionFamily
 from .flow import FlowMatchingFamily
 from .flux import FluxFamily
@@ -64,6 +65,10 @@ def load_family(
                 f"Could not read a diffusers pipeline (model_index.json) from {str(model)!r}: {exc}"
             ) from exc
         family_class = family_class_for(config.get("_class_name", "<missing _class_name>"))
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = pipeline_quantization_config(
+                kwargs["quantization_config"], family_class.denoiser_name
+            )
         kwargs = {**family_class.load_kwargs, "use_safetensors": True, **kwargs}
         pipeline = DiffusionPipeline.from_pretrained(model, **kwargs)
     else:
