@@ -111,6 +111,16 @@ class DiffusionDPOConfig(TrainingArguments):
             "cache: no text encoder forward in a training step. Stored with `datasets`, reused across runs."
         },
     )
+    release_cached_encoders: bool = field(
+        default=False,
+        metadata={
+            "help": "Once the caches exist, drop the encoders they replace instead of keeping them on the CPU: the "
+            "text encoders after `precompute_text_embeddings`, the VAE after `precompute_latents` (set to None in "
+            "the pipeline, so their memory, CPU RAM included, is freed). Training, evaluation on the cached datasets "
+            "and saving work as before; sampling from `trainer.pipeline`, or data that was not cached, needs them "
+            "back (reload the pipeline). See docs/memory.md."
+        },
+    )
     max_prompt_length: int | None = field(
         default=None,
         metadata={

@@ -176,10 +176,11 @@ class DiffusionDPOTrainer(Trainer):
 
         device = self.accelerator.device
         # A half-precision VAE overflows in fp16 (the known SDXL VAE NaNs); bf16 is safe.
-        vae_dtype = torch.bfloat16 if args.bf16 else torch.float32
-        self.family.vae.to(device, dtype=vae_dtype)
+        self.vae_dtype = torch.bfloat16 if args.bf16 else torch.float32
+        # Encoders whose outputs get cached wait on the CPU: `_precompute` runs them while the denoiser steps aside.
+        _place(self.family.vae, "cpu" if args.precompute_latents else device, self.vae_dtype)
         for encoder in self.family.text_encoders:
-            encoder.to(device, dtype=self.weight_dtype)
+            _place(encoder, "cpu" if args.precompute_text_embeddings else device, self.weight_dtype)
         if self.ref_model is not None:
             self.ref_model.to(device, dtype=self.weight_dtype)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -229,7 +230,9 @@ class DiffusionDPOTrainer(Trainer):
 
     def _precompute(self) -> None:
         """Encode images and/or prompts once (main process first; `datasets` caches the result), then train from the
-        cache with the encoders moved off the accelerator. See `caching.py` for what is stored."""
+        cache. Each encoder is on the accelerator only while it encodes, and the denoiser (with a frozen reference
+        copy) waits on the CPU meanwhile; afterwards the encoder goes back to the CPU, or with
+        `release_cached_encoders` is dropped altogether. See `caching.py` for what is stored."""
         args = self.args
         if not (args.precompute_latents or args.precompute_text_embeddings):
             return
@@ -240,27 +243,51 @@ class DiffusionDPOTrainer(Trainer):
         if any(isinstance(d, datasets.IterableDataset) for d in (self.train_dataset, *evals)):
             raise ValueError("precompute_latents/precompute_text_embeddings need a map-style datasets.Dataset: a "
                              "streamed dataset is read once per pass, so there is nothing to store and reuse.")
-        with args.main_process_first(desc="precomputing latents and prompt embeddings"):
+        device = self.accelerator.device
+        with args.main_process_first(desc="precomputing latents and prompt embeddings"), self._denoisers_aside():
             if args.precompute_latents:
                 def encode(dataset):
                     return precompute_latents(dataset, self.family, self.resolution, args.random_crop,
                                               args.random_flip, args.seed, args.per_device_train_batch_size,
                                               image_columns=self.data_collator.image_columns)
+                _place(self.family.vae, device, self.vae_dtype)
                 if self.train_dataset is not None:
                     self.train_dataset = encode(self.train_dataset)
                 if isinstance(self.eval_dataset, dict):
                     self.eval_dataset = {k: encode(v) for k, v in self.eval_dataset.items()}
                 elif self.eval_dataset is not None:
                     self.eval_dataset = encode(self.eval_dataset)
-                self.family.vae.to("cpu")
+                if args.release_cached_encoders:
+                    self.family.release(vae=True)
+                else:
+                    self.family.vae.to("cpu")
             if args.precompute_text_embeddings:
                 evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
                 every = [d for d in (self.train_dataset, *evals) if d is not None]
-                self.data_collator.prompt_embeddings = precompute_prompt_embeddings(
-                    every, self.family, self.accelerator.device, args.per_device_train_batch_size
-                )
                 for encoder in self.family.text_encoders:
-                    encoder.to("cpu")
+                    _place(encoder, device, self.weight_dtype)
+                self.data_collator.prompt_embeddings = precompute_prompt_embeddings(
+                    every, self.family, device, args.per_device_train_batch_size
+                )
+                if args.release_cached_encoders:
+                    self.family.release(text_encoders=True)
+                else:
+                    for encoder in self.family.text_encoders:
+                        encoder.to("cpu")
+
+    @contextmanager
+    def _denoisers_aside(self):
+        """The denoiser and a frozen reference copy wait on the CPU, so an encoder never shares the accelerator
+        with them (FLUX.2 [dev]: a 24B text encoder next to a 32B transformer)."""
+        modules = [m for m in (self.model, self.ref_model) if m is not None]
+        devices = [next(m.parameters()).device for m in modules]
+        for module in modules:
+            module.to("cpu")
+        try:
+            yield
+        finally:
+            for module, device in zip(modules, devices):
+                module.to(device)
 
     # ----- the loss -----------------------------------------------------------------------------------------------
     def _own_share(self, global_draw: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -519,6 +546,11 @@ class DiffusionDPOTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """Move a frozen module, and cast it unless it was loaded quantized (a quantized model cannot be cast)."""
+    module.to(device) if is_quantized(module) else module.to(device, dtype=dtype)
 
 
 def _check_safetensors(path: str) -> None:

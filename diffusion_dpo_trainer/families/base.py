@@ -7,6 +7,9 @@ latents, how noise and timesteps are drawn, what the training target is, and how
 import torch
 from diffusers import DiffusionPipeline
 
+#: Pipeline attributes that may hold a text encoder.
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
 
 class DiffusionFamily:
     """Base class. Subclasses set the class attributes and implement the abstract methods."""
@@ -28,7 +31,9 @@ class DiffusionFamily:
         self.max_prompt_length = max_prompt_length
         self.args = args
         self.vae = pipeline.vae
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # Kept apart from the VAE: cached latents are scaled with it after the VAE itself may have been released.
+        self.vae_config = self.vae.config
+        self.vae_scale_factor = 2 ** (len(self.vae_config.block_out_channels) - 1)
 
     # ----- components ---------------------------------------------------------------------------------------------
     @property
@@ -37,13 +42,22 @@ class DiffusionFamily:
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None]
+        return [getattr(self.pipeline, n) for n in TEXT_ENCODER_NAMES if getattr(self.pipeline, n, None) is not None]
 
     @property
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Everything but the denoiser: never trained, moved and cast by the trainer."""
-        return [self.vae, *self.text_encoders]
+        return [m for m in (self.vae, *self.text_encoders) if m is not None]
+
+    def release(self, vae: bool = False, text_encoders: bool = False) -> None:
+        """Drop the VAE and/or the text encoders (their outputs are cached) from the pipeline and this family, so
+        nothing here keeps them alive and their memory is freed; the pipeline can then no longer encode or decode."""
+        if vae:
+            self.pipeline.vae = self.vae = None
+        if text_encoders:
+            for name in TEXT_ENCODER_NAMES:
+                if getattr(self.pipeline, name, None) is not None:
+                    setattr(self.pipeline, name, None)
 
     def native_resolution(self) -> int:
         sample_size = self.denoiser.config.sample_size
@@ -68,8 +82,8 @@ class DiffusionFamily:
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents to the denoiser's latent space (shift, then scale)."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        shift = getattr(self.vae_config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae_config.scaling_factor
 
     def time_conditioning(self, batch: dict, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-image conditioning other than the prompt (SDXL's micro-conditioning); rows: winners, then losers."""

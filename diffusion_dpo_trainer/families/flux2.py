@@ -34,6 +34,11 @@ class Flux2Family(FlowMatchingFamily):
         self.lora_target_modules = type(self).lora_target_modules + tuple(
             f"single_transformer_blocks.{i}.attn.to_out" for i in range(single_blocks)
         )
+        # The VAE's batch-norm statistics of patchified latents, copied so that cached latents can be normalised after
+        # the VAE is released.
+        bn = self.vae.bn
+        self.latent_mean = bn.running_mean.detach().clone().view(1, -1, 1, 1)
+        self.latent_std = torch.sqrt(bn.running_var.detach().view(1, -1, 1, 1) + self.vae_config.batch_norm_eps)
         # [dev] is guidance-distilled and takes the guidance scale as an input; [klein] has no guidance embedding.
         self.guidance_scale = args.guidance_scale if self.denoiser.config.guidance_embeds else None
 
@@ -50,10 +55,7 @@ class Flux2Family(FlowMatchingFamily):
     def scale_latents(self, latents):
         """(B, C, H, W) VAE latents -> (B, 4C, H/2, W/2) patches normalised by the VAE's batch-norm statistics."""
         patches = type(self.pipeline)._patchify_latents(latents)
-        bn = self.vae.bn
-        mean = bn.running_mean.view(1, -1, 1, 1).to(patches.device, patches.dtype)
-        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(patches)
-        return (patches - mean) / std
+        return (patches - self.latent_mean.to(patches)) / self.latent_std.to(patches)
 
     def predict(self, denoiser, noisy_latents, timesteps, conditioning):
         """Pack (B, C, H, W) patch latents into H*W tokens, run the transformer, unpack to (B, C, H, W)."""
