@@ -121,3 +121,18 @@ def test_the_command_line_takes_a_quantization_config_as_json(tmp_path):
     config = pipeline_quantization_config(args.model_init_kwargs["quantization_config"], "transformer")
     assert config.quant_backend == "bitsandbytes_4bit" and config.quant_kwargs["load_in_4bit"] is True
     assert config.quant_kwargs["bnb_4bit_compute_dtype"] is torch.bfloat16
+
+
+def test_a_quantized_text_encoder_encodes_the_cache_uncast(tmp_path, flux2_dev_path, pairs, bnb_on_cpu):
+    """`components_to_quantize` may include the text encoder (the 24B Mistral of FLUX.2 [dev] is ~13 GB in 4-bit):
+    the trainer moves it for the cache without casting it, and training runs from the cached embeddings."""
+    quantization = {**EIGHT_BIT, "components_to_quantize": ["transformer", "text_encoder"]}
+    args = make_args(tmp_path, max_steps=1, bf16=True, use_cpu=True, precompute_text_embeddings=True,
+                     model_init_kwargs={"quantization_config": quantization, "torch_dtype": "bfloat16"})
+    trainer = DiffusionDPOTrainer(model=flux2_dev_path, args=args, train_dataset=pairs,
+                                  peft_config=lora(target_modules=None))
+    encoder = trainer.family.text_encoders[0]
+    assert is_quantized(encoder) and is_quantized(trainer.family.denoiser)
+    assert len(trainer.data_collator.prompt_embeddings) == len(set(pairs["prompt"]))
+    trainer.train()
+    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
