@@ -15,6 +15,7 @@ from peft import get_peft_model_state_dict
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 from diffusion_dpo_trainer.families import Flux2Family, load_family
+from diffusion_dpo_trainer.quantization import pipeline_quantization_config
 from diffusion_dpo_trainer.testing_flux2 import build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline
 
 PIPELINES = {"Flux2Pipeline": (Flux2Pipeline, build_tiny_flux2_pipeline),
@@ -195,10 +196,24 @@ def test_recipe_defaults(variant, model_id):
     options, config = example.parse_args(["--variant", variant, "--use_cpu", "True"])
     assert example.model_id(options) == model_id and isinstance(config, DiffusionDPOConfig)
     assert config.beta == Flux2Family.default_beta and config.bf16 and config.gradient_checkpointing
-    assert config.precompute_text_embeddings and config.release_cached_encoders
+    assert config.resolution == 1024 and config.optim == "adamw_bnb_8bit"
+    assert config.output_dir == f"flux2-{variant}-dpo-lora"
+    assert example.make_lora_config(options).target_modules is None  # the family's defaults
     quantization = config.model_init_kwargs.get("quantization_config")
-    if variant == "dev":  # the 32B transformer only fits a 24 GB GPU in 4-bit
-        assert quantization["quant_kwargs"]["load_in_4bit"] and quantization["quant_backend"] == "bitsandbytes_4bit"
+    if variant == "dev":  # the 32B transformer and the 24B text encoder in 4-bit; trained at the sampling guidance
+        config_ = pipeline_quantization_config(quantization, "transformer")
+        assert config_.quant_kwargs["load_in_4bit"] and config_.components_to_quantize == ["transformer", "text_encoder"]
+        assert config.guidance_scale == 4.0
     else:
         assert quantization is None
-    assert example.make_lora_config(options).target_modules is None  # the family's defaults
+
+
+def test_recipe_flags_override_the_variant():
+    example = load_example("train_flux2_dpo")
+    options, config = example.parse_args(["--variant", "dev", "--use_cpu", "True", "--model_init_kwargs", "{}",
+                                          "--precompute_text_embeddings", "True", "--release_cached_encoders", "True",
+                                          "--model", "local/flux2", "--rank", "8"])
+    assert config.model_init_kwargs == {} and config.precompute_text_embeddings and config.release_cached_encoders
+    assert example.model_id(options) == "local/flux2" and example.make_lora_config(options).r == 8
+    with pytest.raises(SystemExit):
+        example.parse_args(["--variant", "schnell"])
