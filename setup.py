@@ -20,14 +20,18 @@ setup(
         "peft>=0.21",
         "datasets>=5.0",
         "trl>=1.16",
-        "bitsandbytes>=0.44",
+        # 0.48+: quantized models move between devices (the denoiser steps aside while caches are encoded).
+        "bitsandbytes>=0.48",
         "safetensors>=0.4",
         "pillow>=10",
         "tqdm",
     ],
     entry_points={"console_scripts": ["diffusion-dpo=diffusion_dpo_trainer.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15"],
+        # QLoRA on a torchao-quantized base (int8 / float8 weight-only): quant_backend "torchao".
+        "torchao": ["torchao>=0.18"],
+        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15",
+                 "torchao>=0.18"],
         "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15", "ruff"],
     },
     classifiers=[

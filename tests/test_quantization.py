@@ -44,16 +44,27 @@ def bnb_on_cpu(monkeypatch):
         monkeypatch.setattr(quantizer, "update_device_map", lambda self, device_map: device_map or {"": "cpu"})
 
 
+def frozen_value(weight):
+    """A comparable copy of a quantized weight: torchao's tensor subclasses compare only once dequantized."""
+    return weight.dequantize() if type(weight).__module__.startswith("torchao") else weight.detach().clone()
+
+
 def losses_of(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-@pytest.mark.parametrize("quantization, base_layer, lora_layer", [
-    (EIGHT_BIT, bnb.nn.Linear8bitLt, lora_bnb.Linear8bitLt),
-    (FOUR_BIT, bnb.nn.Linear4bit, lora_bnb.Linear4bit),
-])
+@pytest.mark.parametrize("quantization, lora_layer", [
+    (EIGHT_BIT, lora_bnb.Linear8bitLt),
+    (FOUR_BIT, lora_bnb.Linear4bit),
+    # torchao weight-only on CPU; the config class named as text, as YAML and JSON give it.
+    ({"quant_backend": "torchao", "quant_kwargs": {"quant_type": "Int8WeightOnlyConfig"}}, "TorchaoLoraLinear"),
+    ({"quant_backend": "torchao", "quant_kwargs": {"quant_type": "Float8WeightOnlyConfig"}}, "TorchaoLoraLinear"),
+], ids=["bnb-8bit", "bnb-4bit", "torchao-int8", "torchao-float8"])
 def test_qlora_trains_an_adapter_on_the_quantized_base_which_is_also_the_reference(
-        tmp_path, flux2_dev_path, pairs, bnb_on_cpu, quantization, base_layer, lora_layer):
+        tmp_path, flux2_dev_path, pairs, bnb_on_cpu, quantization, lora_layer):
+    if quantization["quant_backend"] == "torchao":
+        pytest.importorskip("torchao")
+        from peft.tuners.lora.torchao import TorchaoLoraLinear as lora_layer
     args = make_args(tmp_path, max_steps=3, bf16=True, use_cpu=True,
                      model_init_kwargs={"quantization_config": quantization, "torch_dtype": "bfloat16"})
     trainer = DiffusionDPOTrainer(model=flux2_dev_path, args=args, train_dataset=pairs,
@@ -61,9 +72,10 @@ def test_qlora_trains_an_adapter_on_the_quantized_base_which_is_also_the_referen
     transformer = trainer.family.denoiser
     assert is_quantized(transformer) and not is_quantized(trainer.family.text_encoders[0])  # the denoiser only
     to_q = transformer.transformer_blocks[0].attn.to_q
-    assert isinstance(to_q, lora_layer) and isinstance(to_q.base_layer, base_layer)
+    # PEFT's LoRA layer for the quantized linear, around a weight that is not a plain parameter any more.
+    assert isinstance(to_q, lora_layer) and type(to_q.base_layer.weight) is not torch.nn.Parameter
     assert trainer.ref_model is None  # no second copy: the reference is the adapter switched off
-    quantized_before = to_q.base_layer.weight.detach().clone()
+    quantized_before = frozen_value(to_q.base_layer.weight)
 
     # Both forwards of a step run the same quantized module: the policy with the adapter on, the reference with it off.
     adapter_off = []
@@ -74,7 +86,7 @@ def test_qlora_trains_an_adapter_on_the_quantized_base_which_is_also_the_referen
     assert adapter_off == [False, True] * args.max_steps
     losses = losses_of(trainer)
     assert losses[0] == pytest.approx(LN2, abs=1e-6) and all(math.isfinite(x) for x in losses)
-    assert torch.equal(to_q.base_layer.weight, quantized_before)  # the quantized base never changes
+    assert torch.equal(frozen_value(to_q.base_layer.weight), quantized_before)  # the quantized base never changes
     lora_params = {n: p for n, p in transformer.named_parameters() if "lora" in n}
     assert lora_params and all(p.dtype == torch.float32 and p.requires_grad for p in lora_params.values())
     assert any(p.abs().sum() > 0 for n, p in lora_params.items() if "lora_B" in n)  # B starts at zero: it trained
@@ -110,6 +122,21 @@ def test_quantization_config_forms():
     assert pipeline_quantization_config(given, "transformer") is given
     with pytest.raises(TypeError, match="quantization_config.*got str"):
         pipeline_quantization_config("nf4", "transformer")
+
+
+def test_torchao_is_mapped_per_component_with_its_library_config():
+    torchao = pytest.importorskip("torchao.quantization")
+    import diffusers
+    import transformers
+
+    config = pipeline_quantization_config(
+        {"quant_backend": "torchao", "quant_kwargs": {"quant_type": "Int8WeightOnlyConfig"},
+         "components_to_quantize": ["transformer", "text_encoder"]}, "transformer")
+    assert type(config.quant_mapping["transformer"]) is diffusers.TorchAoConfig
+    assert type(config.quant_mapping["text_encoder"]) is transformers.TorchAoConfig
+    assert isinstance(config.quant_mapping["transformer"].quant_type, torchao.Int8WeightOnlyConfig)
+    with pytest.raises(ValueError, match="'Int3Config' is not a torchao.quantization config class"):
+        pipeline_quantization_config({"quant_backend": "torchao", "quant_kwargs": {"quant_type": "Int3Config"}}, "unet")
 
 
 def test_the_command_line_takes_a_quantization_config_as_json(tmp_path):
