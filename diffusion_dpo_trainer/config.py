@@ -101,6 +101,7 @@ class DiffusionDPOConfig(TrainingArguments):
             "in a training step. The latent distribution (mean and std) is stored and sampled at every step; with "
             "`random_flip` both orientations are stored; with `random_crop` each pair's (for kto, each image's) "
             "crop is drawn once, at cache time. Stored with `datasets`, reused across runs for datasets on disk. "
+            "The VAE is on the accelerator only while it encodes (the denoiser waits on the CPU meanwhile). "
             "See docs/datasets.md."
         },
     )
@@ -108,7 +109,8 @@ class DiffusionDPOConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "Encode every distinct prompt once with the text encoders before training and train from the "
-            "cache: no text encoder forward in a training step. Stored with `datasets`, reused across runs."
+            "cache: no text encoder forward in a training step. Stored with `datasets`, reused across runs. The "
+            "text encoders are on the accelerator only while they encode (the denoiser waits on the CPU meanwhile)."
         },
     )
     release_cached_encoders: bool = field(

@@ -43,6 +43,8 @@ def test_released_encoders_are_garbage_collected_and_training_and_saving_go_on(t
     assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
     assert "eval_loss" in trainer.evaluate()
     trainer.save_model()
+    with pytest.raises(ValueError, match=r"VAE was released.*reload the pipeline"):
+        trainer.evaluate(eval_dataset=pairs.select(range(2)))  # not cached: it would need the VAE
     fresh = DiffusionPipeline.from_pretrained(path)
     fresh.load_lora_weights(args.output_dir, adapter_name="dpo")
     assert get_peft_model_state_dict(fresh.components[trainer.family.denoiser_name], adapter_name="dpo").keys() == \

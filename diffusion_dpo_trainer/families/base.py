@@ -77,6 +77,9 @@ class DiffusionFamily:
     @torch.no_grad()
     def encode_pixels(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the VAE's latent distribution (unscaled), so a cache can sample later."""
+        if self.vae is None:
+            raise ValueError("The VAE was released once the latents were cached (release_cached_encoders=True): only "
+                             "the datasets cached then can be used; reload the pipeline to encode other images.")
         dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
