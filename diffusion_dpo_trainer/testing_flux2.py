@@ -133,37 +133,28 @@ def _flux2_transformer(seed, guidance_embeds):
         )
 
 
-def _flux2_scheduler():
-    # FLUX.2's published scheduler config: a dynamic, resolution-dependent shift passed as `mu` at inference.
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+def _save_flux2(path, pipeline_class, write_tokenizer, text_encoder, guidance_embeds, sample_size, seed):
+    tokenizer = _in_scratch_dir(write_tokenizer)
+    pipe = pipeline_class(
+        # FLUX.2's published scheduler config: a dynamic, resolution-dependent shift passed as `mu` at inference.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+        ),
+        vae=_flux2_vae(seed, sample_size),
+        text_encoder=text_encoder(tokenizer, seed + 1),
+        tokenizer=tokenizer,
+        transformer=_flux2_transformer(seed + 2, guidance_embeds),
     )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return str(path)
 
 
 def build_tiny_flux2_pipeline(path, sample_size=32, seed=0):
     """Build and save a tiny guidance-distilled `Flux2Pipeline` (FLUX.2 [dev]); returns its path."""
-    tokenizer = _in_scratch_dir(write_mistral_tokenizer)
-    pipe = Flux2Pipeline(
-        scheduler=_flux2_scheduler(),
-        vae=_flux2_vae(seed, sample_size),
-        text_encoder=_mistral3_encoder(tokenizer, seed + 1),
-        tokenizer=tokenizer,
-        transformer=_flux2_transformer(seed + 2, guidance_embeds=True),
-    )
-    pipe.save_pretrained(path, safe_serialization=True)
-    return str(path)
+    return _save_flux2(path, Flux2Pipeline, write_mistral_tokenizer, _mistral3_encoder, True, sample_size, seed)
 
 
 def build_tiny_flux2_klein_pipeline(path, sample_size=32, seed=0):
     """Build and save a tiny `Flux2KleinPipeline` (FLUX.2 [klein], no guidance embedding); returns its path."""
-    tokenizer = _in_scratch_dir(write_qwen_tokenizer)
-    pipe = Flux2KleinPipeline(
-        scheduler=_flux2_scheduler(),
-        vae=_flux2_vae(seed, sample_size),
-        text_encoder=_qwen3_encoder(tokenizer, seed + 1),
-        tokenizer=tokenizer,
-        transformer=_flux2_transformer(seed + 2, guidance_embeds=False),
-    )
-    pipe.save_pretrained(path, safe_serialization=True)
-    return str(path)
+    return _save_flux2(path, Flux2KleinPipeline, write_qwen_tokenizer, _qwen3_encoder, False, sample_size, seed)
