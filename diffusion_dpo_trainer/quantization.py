@@ -12,10 +12,14 @@ from diffusers import PipelineQuantizationConfig
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 
-def pipeline_quantization_config(value, denoiser_name: str) -> PipelineQuantizationConfig:
-    """`value` as the `PipelineQuantizationConfig` that `DiffusionPipeline.from_pretrained` takes."""
+def pipeline_quantization_config(value, denoiser_name: str | None) -> PipelineQuantizationConfig:
+    """`value` as the `PipelineQuantizationConfig` that `DiffusionPipeline.from_pretrained` takes. `denoiser_name` is
+    None for a pipeline class no family trains (sampling only): then the components must be named."""
     if isinstance(value, PipelineQuantizationConfig):
         return value
+    if denoiser_name is None and not (isinstance(value, dict) and value.get("components_to_quantize")):
+        raise ValueError("This pipeline class has no family to say which component is the denoiser: pass a "
+                         "PipelineQuantizationConfig, or a dict with components_to_quantize.")
     if isinstance(value, QuantizationConfigMixin):
         return PipelineQuantizationConfig(quant_mapping={denoiser_name: value})
     if isinstance(value, dict):

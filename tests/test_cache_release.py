@@ -6,21 +6,17 @@ import weakref
 
 import pytest
 import torch
-from conftest import LN2, lora, make_args
 from diffusers import DiffusionPipeline
+from helpers import LN2, lora, losses_of, make_args
 from peft import get_peft_model_state_dict
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
-from diffusion_dpo_trainer.testing_flux2 import build_tiny_flux2_klein_pipeline
+from diffusion_dpo_trainer.testing import make_flux2_klein_pipeline
 
 
 @pytest.fixture(scope="module")
 def klein_path(tmp_path_factory):
-    return build_tiny_flux2_klein_pipeline(tmp_path_factory.mktemp("klein_release") / "pipe")
-
-
-def losses_of(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return make_flux2_klein_pipeline(tmp_path_factory.mktemp("klein_release") / "pipe")
 
 
 @pytest.mark.parametrize("fixture", ["sdxl_path", "klein_path"])

@@ -1,25 +1,23 @@
-"""FLUX.2 [dev] (Flux2Pipeline) and [klein] (Flux2KleinPipeline) on tiny offline pipelines: the family conformance
-checks (ln 2, shared inputs, LoRA round trip, full fine-tune, cache), the latent normalisation and packing against the
-pipeline's own code, guidance, resolution errors and the recipe."""
+"""FLUX.2 [dev] (Flux2Pipeline) and [klein] (Flux2KleinPipeline) on tiny offline pipelines, beyond the conformance
+suite: the latent normalisation and packing against the pipeline's own code, the default LoRA targets, guidance, the
+native resolution, and the recipe."""
 
 import importlib.util
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import LN2, lora, make_args
-from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
-from peft import get_peft_model_state_dict
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
+from helpers import lora, make_args
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
-from diffusion_dpo_trainer.families import Flux2Family, load_family
+from diffusion_dpo_trainer.families import load_family
+from diffusion_dpo_trainer.families.flux2 import Flux2Family
 from diffusion_dpo_trainer.quantization import pipeline_quantization_config
-from diffusion_dpo_trainer.testing_flux2 import build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline
+from diffusion_dpo_trainer.testing import make_flux2_klein_pipeline, make_flux2_pipeline
 
-PIPELINES = {"Flux2Pipeline": (Flux2Pipeline, build_tiny_flux2_pipeline),
-             "Flux2KleinPipeline": (Flux2KleinPipeline, build_tiny_flux2_klein_pipeline)}
+PIPELINES = {"Flux2Pipeline": (Flux2Pipeline, make_flux2_pipeline),
+             "Flux2KleinPipeline": (Flux2KleinPipeline, make_flux2_klein_pipeline)}
 
 
 @pytest.fixture(scope="module", params=sorted(PIPELINES))
@@ -27,70 +25,6 @@ def flux2(request, tmp_path_factory):
     """(pipeline class, saved tiny pipeline path) for each FLUX.2 variant."""
     pipeline_class, build = PIPELINES[request.param]
     return pipeline_class, build(tmp_path_factory.mktemp(request.param) / "pipe")
-
-
-def losses_of(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def render(pipe):
-    return pipe(prompt="a solid red square", num_inference_steps=2, height=32, width=32, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images
-
-
-def test_lora_first_loss_is_ln2_and_the_saved_lora_loads_into_the_pipeline(tmp_path, flux2, pairs):
-    pipeline_class, path = flux2
-    args = make_args(tmp_path, max_steps=3)
-    trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=pairs, peft_config=lora(target_modules=None))
-    assert type(trainer.family.pipeline) is pipeline_class and isinstance(trainer.family, Flux2Family)
-    trainer.train()
-    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
-    assert all(math.isfinite(x) for x in losses_of(trainer))
-    trainer.save_model()
-
-    trained = get_peft_model_state_dict(trainer.family.denoiser)
-    # Default targets: both streams of the double blocks, the single blocks' fused input and their output projection.
-    for layer in ("transformer_blocks.0.attn.to_q.", "transformer_blocks.0.attn.add_q_proj.",
-                  "single_transformer_blocks.0.attn.to_qkv_mlp_proj.", "single_transformer_blocks.0.attn.to_out."):
-        assert any(k.startswith(layer) for k in trained), layer
-    fresh = pipeline_class.from_pretrained(path)
-    without = render(fresh)
-    fresh.load_lora_weights(args.output_dir, adapter_name="dpo")
-    loaded = get_peft_model_state_dict(fresh.transformer, adapter_name="dpo")
-    assert loaded.keys() == trained.keys()
-    for key, value in trained.items():
-        torch.testing.assert_close(loaded[key], value)
-    assert not np.allclose(without, render(fresh)), "the loaded LoRA does not change the output"
-
-
-def test_policy_and_reference_see_identical_inputs_and_one_draw_per_pair(tmp_path, flux2, pairs):
-    args = make_args(tmp_path)
-    trainer = DiffusionDPOTrainer(model=flux2[1], args=args, train_dataset=pairs, peft_config=lora(target_modules=None))
-    family, calls, draws = trainer.family, [], []
-    handle = family.denoiser.register_forward_pre_hook(
-        lambda m, a, kw: calls.append({k: v.detach().clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}),
-        with_kwargs=True,
-    )
-    original = family.noisy_latents_and_target
-
-    def spy(x0, noise, timesteps):
-        draws.append((noise.clone(), timesteps.clone()))
-        return original(x0, noise, timesteps)
-
-    family.noisy_latents_and_target = spy
-    try:
-        trainer.train()
-    finally:
-        handle.remove()
-    assert len(calls) == 2 * args.max_steps
-    n = args.per_device_train_batch_size
-    for step in range(args.max_steps):
-        policy, reference = calls[2 * step], calls[2 * step + 1]
-        assert policy.keys() == reference.keys() >= {"hidden_states", "encoder_hidden_states", "img_ids", "txt_ids"}
-        for key in policy:
-            assert torch.equal(policy[key], reference[key]), key
-        noise, timesteps = draws[step]
-        assert torch.equal(noise[:n], noise[n:]) and torch.equal(timesteps[:n], timesteps[n:])
 
 
 def test_latents_are_normalised_as_the_pipeline_encodes_images(tmp_path, flux2):
@@ -125,6 +59,17 @@ def test_predict_packs_and_unpacks_like_the_pipeline(tmp_path, flux2):
     torch.testing.assert_close(ours, pipeline_class._unpack_latents_with_ids(tokens, latent_ids))
 
 
+def test_default_lora_targets_reach_every_single_block_output_projection(tmp_path, flux2, pairs):
+    """The single-stream blocks' `attn.to_out` is named per block (the bare name would hit the double blocks'
+    ModuleList): every one of them, and the fused input projection, gets an adapter."""
+    trainer = DiffusionDPOTrainer(model=flux2[1], args=make_args(tmp_path), train_dataset=pairs,
+                                  peft_config=lora(target_modules=None))
+    for block in trainer.family.denoiser.single_transformer_blocks:
+        assert hasattr(block.attn.to_out, "lora_A") and hasattr(block.attn.to_qkv_mlp_proj, "lora_A")
+    assert not hasattr(trainer.family.denoiser.transformer_blocks[0].attn.to_out, "lora_A")  # the ModuleList
+    assert hasattr(trainer.family.denoiser.transformer_blocks[0].attn.to_out[0], "lora_A")
+
+
 def test_guidance_reaches_the_transformer_only_where_the_checkpoint_embeds_it(tmp_path, flux2, pairs):
     pipeline_class, path = flux2
     args = make_args(tmp_path, max_steps=1, guidance_scale=2.0)
@@ -139,39 +84,6 @@ def test_guidance_reaches_the_transformer_only_where_the_checkpoint_embeds_it(tm
             torch.testing.assert_close(value, torch.full((2 * args.per_device_train_batch_size,), 2.0))
     else:
         assert not trainer.family.denoiser.config.guidance_embeds and all(g is None for g in seen)
-
-
-def test_full_finetune_saves_a_transformer_the_pipeline_loads(tmp_path, flux2, pairs):
-    pipeline_class, path = flux2
-    args = make_args(tmp_path)
-    trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=pairs)
-    before = {k: v.clone() for k, v in trainer.family.denoiser.state_dict().items()}
-    trainer.train()
-    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
-    trainer.save_model()
-    trained = trainer.family.denoiser.state_dict()
-    assert any(not torch.equal(before[k], trained[k]) for k in before), "the transformer did not train"
-    reloaded = Flux2Transformer2DModel.from_pretrained(args.output_dir, subfolder="transformer")
-    for key, value in reloaded.state_dict().items():
-        torch.testing.assert_close(value, trained[key])
-    assert np.isfinite(render(pipeline_class.from_pretrained(path, transformer=reloaded))).all()
-
-
-def test_cached_latents_and_embeddings_give_the_uncached_losses(tmp_path, flux2, pairs):
-    runs = {}
-    for cached in (False, True):
-        args = make_args(tmp_path / str(cached), max_steps=3, precompute_latents=cached,
-                         precompute_text_embeddings=cached)
-        trainer = DiffusionDPOTrainer(model=flux2[1], args=args, train_dataset=pairs)
-        trainer.train()
-        runs[cached] = losses_of(trainer)
-    assert runs[True] == pytest.approx(runs[False], abs=1e-5)
-    assert len(set(np.round(runs[False], 4))) > 1  # the model did train
-
-
-def test_a_resolution_the_packing_cannot_take_names_the_multiple(tmp_path, flux2, pairs):
-    with pytest.raises(ValueError, match=rf"resolution=34 must be a multiple of 4 for {flux2[0].__name__}"):
-        DiffusionDPOTrainer(model=flux2[1], args=make_args(tmp_path, resolution=34), train_dataset=pairs)
 
 
 def test_default_beta_and_native_resolution(tmp_path, flux2, pairs):

@@ -10,15 +10,15 @@ import math
 
 import pytest
 import torch
-from conftest import LN2, lora, make_args
 from diffusers import BitsAndBytesConfig, Flux2Pipeline, PipelineQuantizationConfig
+from helpers import LN2, lora, losses_of, make_args
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import bnb as lora_bnb
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
 from diffusion_dpo_trainer.cli import parse_train_args
 from diffusion_dpo_trainer.quantization import is_quantized, pipeline_quantization_config
-from diffusion_dpo_trainer.testing_flux2 import build_tiny_flux2_pipeline
+from diffusion_dpo_trainer.testing import make_flux2_pipeline
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -32,7 +32,7 @@ FOUR_BIT = {"quant_backend": "bitsandbytes_4bit",
 
 @pytest.fixture(scope="module")
 def flux2_dev_path(tmp_path_factory):
-    return build_tiny_flux2_pipeline(tmp_path_factory.mktemp("flux2_q") / "pipe")
+    return make_flux2_pipeline(tmp_path_factory.mktemp("flux2_q") / "pipe")
 
 
 @pytest.fixture
@@ -47,10 +47,6 @@ def bnb_on_cpu(monkeypatch):
 def frozen_value(weight):
     """A comparable copy of a quantized weight: torchao's tensor subclasses compare only once dequantized."""
     return weight.dequantize() if type(weight).__module__.startswith("torchao") else weight.detach().clone()
-
-
-def losses_of(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 @pytest.mark.parametrize("quantization, lora_layer", [

@@ -28,8 +28,8 @@ class Flux2Family(FlowMatchingFamily):
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "to_qkv_mlp_proj",
     )
 
-    def __init__(self, pipeline, max_prompt_length=None, args=None):
-        super().__init__(pipeline, max_prompt_length, args)
+    def __init__(self, pipeline, args=None):
+        super().__init__(pipeline, args)
         single_blocks = len(self.denoiser.single_transformer_blocks)
         self.lora_target_modules = type(self).lora_target_modules + tuple(
             f"single_transformer_blocks.{i}.attn.to_out" for i in range(single_blocks)
@@ -40,7 +40,7 @@ class Flux2Family(FlowMatchingFamily):
         self.latent_mean = bn.running_mean.detach().clone().view(1, -1, 1, 1)
         self.latent_std = torch.sqrt(bn.running_var.detach().view(1, -1, 1, 1) + self.vae_config.batch_norm_eps)
         # [dev] is guidance-distilled and takes the guidance scale as an input; [klein] has no guidance embedding.
-        self.guidance_scale = args.guidance_scale if self.denoiser.config.guidance_embeds else None
+        self.guidance_scale = self.args.guidance_scale if self.denoiser.config.guidance_embeds else None
 
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor

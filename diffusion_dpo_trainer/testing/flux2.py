@@ -25,7 +25,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from .testing import _byte_level_alphabet, _in_scratch_dir, _seeded
+from .common import _byte_level_alphabet, _in_scratch_dir, _seeded
+from .registry import tiny_builder
 
 _TEXT_WIDTH = 16
 _LATENT_CHANNELS = 4
@@ -150,11 +151,13 @@ def _save_flux2(path, pipeline_class, write_tokenizer, text_encoder, guidance_em
     return str(path)
 
 
-def build_tiny_flux2_pipeline(path, sample_size=32, seed=0):
+@tiny_builder("Flux2Pipeline")
+def make_flux2_pipeline(path, sample_size=32, seed=0):
     """Build and save a tiny guidance-distilled `Flux2Pipeline` (FLUX.2 [dev]); returns its path."""
     return _save_flux2(path, Flux2Pipeline, write_mistral_tokenizer, _mistral3_encoder, True, sample_size, seed)
 
 
-def build_tiny_flux2_klein_pipeline(path, sample_size=32, seed=0):
+@tiny_builder("Flux2KleinPipeline")
+def make_flux2_klein_pipeline(path, sample_size=32, seed=0):
     """Build and save a tiny `Flux2KleinPipeline` (FLUX.2 [klein], no guidance embedding); returns its path."""
     return _save_flux2(path, Flux2KleinPipeline, write_qwen_tokenizer, _qwen3_encoder, False, sample_size, seed)
