@@ -165,8 +165,9 @@ class DiffusionDPOConfig(TrainingArguments):
     guidance_scale: float = field(
         default=3.5,
         metadata={
-            "help": "Guidance value fed to guidance-distilled FLUX checkpoints (FLUX.1-dev: `guidance_embeds=True`) "
-            "during training; 3.5 is the FluxPipeline default at inference. Ignored by other models."
+            "help": "Guidance value fed to guidance-distilled FLUX checkpoints (`guidance_embeds=True`: FLUX.1-dev, "
+            "FLUX.2 [dev]) during training; 3.5 is the FluxPipeline default at inference (Flux2Pipeline's is 4.0, "
+            "diffusers' FLUX.2 script trains at 3.5). Ignored by other models (FLUX.2 [klein] has no guidance input)."
         },
     )
 
