@@ -20,7 +20,8 @@ setup(
         "peft>=0.21",
         "datasets>=5.0",
         "trl>=1.16",
-        "bitsandbytes>=0.44",
+        # 0.48+: quantized models move between devices (the denoiser steps aside while caches are encoded).
+        "bitsandbytes>=0.48",
         "safetensors>=0.4",
         "pillow>=10",
         "tqdm",
@@ -28,10 +29,12 @@ setup(
     entry_points={"console_scripts": ["diffusion-dpo=diffusion_dpo_trainer.cli:main"]},
     extras_require={
         "deepspeed": ["deepspeed>=0.19"],
+        # QLoRA on a torchao-quantized base (int8 / float8 weight-only): quant_backend "torchao".
+        "torchao": ["torchao>=0.18"],
         "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15",
-                 "deepspeed>=0.19"],
+                 "deepspeed>=0.19", "torchao>=0.18"],
         "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15",
-                "deepspeed>=0.19", "ruff"],
+                "deepspeed>=0.19", "torchao>=0.18", "ruff"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
