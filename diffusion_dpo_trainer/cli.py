@@ -301,11 +301,44 @@ def evaluate(argv: list[str]) -> int:
     return 0
 
 
+def serve_reward(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"{PROG} serve-reward", allow_abbrev=False, description="Serve a reward "
+                                     "model over HTTP (JSON prompts and base64 PNG images in, scores out), for "
+                                     "`--reward http://HOST:PORT/` on another machine.")
+    parser.add_argument("--reward", required=True, help="Any name `load_reward` takes, e.g. hpsv2.1 or imagereward.")
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on; 0.0.0.0 for every one.")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default=None, help="Device of the reward model, e.g. cuda.")
+    parser.add_argument("--batch_size", type=int, default=None, help="Images per reward forward pass.")
+    parser.add_argument("--max_batch_size", type=int, default=256, help="Refuse requests with more images.")
+    parser.add_argument("--max_requests", type=int, default=None, help="Exit after this many requests.")
+    args = parser.parse_args(argv)
+    from .rewards import load_reward
+    from .rewards.http import make_reward_server
+
+    kwargs = {k: v for k, v in (("device", args.device), ("batch_size", args.batch_size)) if v is not None}
+    server = make_reward_server(load_reward(args.reward, **kwargs), args.host, args.port, name=args.reward,
+                                max_batch_size=args.max_batch_size)
+    host, port = server.server_address[:2]
+    print(f"serving {args.reward} on http://{host}:{port}/", flush=True)
+    try:
+        if args.max_requests is None:
+            server.serve_forever()
+        for _ in range(args.max_requests or 0):
+            server.handle_request()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 COMMANDS = {
     "train": ("Fine-tune a pipeline on preference pairs with Diffusion-DPO.", train),
     "build-pairs": ("Build AI-feedback preference pairs by sampling a pipeline and scoring with a reward.",
                     build_pairs),
     "evaluate": ("Win rate of a trained model over its reference, judged by a reward.", evaluate),
+    "serve-reward": ("Serve a reward model over HTTP for another machine's training or evaluation.", serve_reward),
 }
 
 
