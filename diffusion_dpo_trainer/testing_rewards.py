@@ -107,7 +107,8 @@ def make_imagereward_model(path, seed=0) -> tuple[str, str, dict, dict]:
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # as ImageReward's BLIP init_tokenizer
     tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     tokenizer.save_pretrained(path / "tokenizer")
-    text_config = {**IMAGEREWARD_TINY_TEXT, "vocab_size": len(tokenizer)}
+    text_config = {**IMAGEREWARD_TINY_TEXT, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                   "bos_token_id": tokenizer.bos_token_id, "sep_token_id": tokenizer.sep_token_id}
     with _seeded(seed):
         vision = BlipVisionModel(BlipVisionConfig(**IMAGEREWARD_TINY_VISION, layer_norm_eps=1e-6))
         text = BlipTextModel(BlipTextConfig(**text_config), add_pooling_layer=False)

@@ -93,6 +93,14 @@ def test_resize_longest_pad_is_hpsv2s_resize_max_size():
     assert torch.count_nonzero(pixels[:, :8]) == 0 and torch.count_nonzero(pixels[:, 24:]) == 0
     assert torch.allclose(pixels[0, 8:24], torch.ones(16, 32), atol=1e-6)  # interpolation keeps a flat colour
     assert torch.count_nonzero(pixels[1:, 8:24]) == 0
+    # Golden values from HPSv2's own transform (torchvision 0.28: ToTensor, antialiased bicubic Resize, pad,
+    # Normalize), printed by scripts/check_rewards_against_references.py's `hps_transform`.
+    y, x = np.mgrid[0:40, 0:48]
+    pattern = np.stack([(x * 37 + y * 11) % 256, (x * x + 3 * y) % 256, (x * y) % 256], -1).astype(np.uint8)
+    ours = normalize(resize_longest_pad(to_tensor(Image.fromarray(pattern)), 32))
+    reference = [-1.31348, -0.62167, 0.23192, 1.20148, -1.32695, -0.44757, 0.35995, 1.35259, -0.55777, -0.12977,
+                 0.32967, 0.76517]
+    np.testing.assert_allclose(ours[:, 16, 10:14].flatten(), reference, atol=1e-4)
     square = to_tensor(images(1)[0])
     assert torch.equal(resize_longest_pad(square, 32), square)  # already the size: untouched
 
