@@ -19,6 +19,8 @@ class DiffusionFamily:
     load_kwargs: dict = {}
     #: The beta used when `DiffusionDPOConfig.beta` is None, in the mean-reduced `-beta/2` convention.
     default_beta: float
+    #: Sampler settings papers evaluate this family with (`diffusion-dpo evaluate`'s defaults); empty: the pipeline's.
+    evaluation_sampling: dict = {}
     #: LoRA `target_modules` used when a `peft_config` leaves them unset.
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 

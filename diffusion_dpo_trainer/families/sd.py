@@ -14,6 +14,8 @@ class StableDiffusionFamily(DiffusionFamily):
 
     #: The published Diffusion-DPO value for SD1.5 and SDXL (Wallace et al. 2023).
     default_beta = 5000.0
+    #: Diffusion-DPO's evaluation (its quick_samples notebook): the pipeline's scheduler, 50 steps, guidance 7.5.
+    evaluation_sampling = {"num_inference_steps": 50, "guidance_scale": 7.5}
 
     def __init__(self, pipeline, max_prompt_length=None, args=None):
         super().__init__(pipeline, max_prompt_length, args)
