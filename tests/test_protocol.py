@@ -156,13 +156,15 @@ def test_identical_models_tie_exactly(tmp_path, sd_path, prompts_file):
 
 
 def test_summary_bootstraps_over_prompts_not_images():
-    # One prompt scores 0 on both seeds, the other 10: two clusters, not four independent images.
+    # Prompts score 0, 10 and 20 on each of 4 seeds: three clusters, not twelve independent images. Resampling the 3
+    # prompts draws all-0 or all-20 with probability 1/27 > 2.5% each: the interval reaches both ends (over images,
+    # 12 draws, it could not).
     rows = [{"set": "s", "variant": v, "index": i, "seed": s, "scores": {"r": 10.0 * i + (v == "tuned")}}
-            for v in ("base", "tuned") for i in (0, 1) for s in (0, 1)]
+            for v in ("base", "tuned") for i in (0, 1, 2) for s in range(4)]
     entry = summarize(rows, ["r"])["s"]["r"]
-    assert entry["base"]["mean"] == 5.0 and entry["tuned"]["mean"] == 6.0
-    assert entry["base"]["ci95"] == [0.0, 10.0]  # resampling 2 prompts: all-0, mixed or all-10
-    assert entry["win_rate"]["value"] == 1.0 and entry["win_rate"]["win"] == 4
+    assert entry["base"]["mean"] == 10.0 and entry["tuned"]["mean"] == 11.0
+    assert entry["base"]["ci95"] == [0.0, 20.0]
+    assert entry["win_rate"]["value"] == 1.0 and entry["win_rate"]["win"] == 12
 
 
 def test_a_fine_tuned_denoiser_is_compared_with_the_pipelines_own(tmp_path, sd_path, prompts_file):
