@@ -11,6 +11,7 @@ from .data import (
 )
 from .evaluation import RewardEvaluationCallback, evaluate_win_rate
 from .feedback import build_preference_pairs
+from .protocol import evaluate_protocol
 from .rewards import CLIPScore, PickScore, load_reward
 from .trainer import DiffusionDPOTrainer
 
@@ -29,6 +30,7 @@ __all__ = [
     "PickScore",
     "RewardEvaluationCallback",
     "build_preference_pairs",
+    "evaluate_protocol",
     "evaluate_win_rate",
     "load_reward",
 ]

@@ -75,9 +75,13 @@ def sampling_settings(pipeline, scheduler: str | None = None, num_inference_step
     return {"scheduler": type(pipeline.scheduler).__name__, **kwargs}
 
 
+def _denoiser_name(pipeline) -> str:
+    return "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
+
+
 @contextmanager
 def _swapped_denoiser(pipeline, denoiser):
-    name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
+    name = _denoiser_name(pipeline)
     original = getattr(pipeline, name)
     setattr(pipeline, name, denoiser)
     try:
@@ -87,10 +91,11 @@ def _swapped_denoiser(pipeline, denoiser):
 
 
 def _load_denoiser(pipeline, path: str):
-    """A fine-tuned denoiser of the pipeline's class, from a folder (or its `unet`/`transformer` subfolder)."""
+    """A fine-tuned denoiser of the pipeline's class: a folder or hub id holding it, or its `unet`/`transformer`
+    subfolder (as `mhdang/dpo-sdxl-text2image-v1` does)."""
     original = denoiser_of(pipeline)
-    subfolders = [s for s in ("unet", "transformer") if (Path(path) / s / "config.json").is_file()]
-    denoiser = type(original).from_pretrained(path, subfolder=subfolders[0] if subfolders else None)
+    subfolder = None if (Path(path) / "config.json").is_file() else _denoiser_name(pipeline)
+    denoiser = type(original).from_pretrained(path, subfolder=subfolder)
     return denoiser.to(device=original.device, dtype=original.dtype)
 
 
