@@ -38,8 +38,8 @@ def _interval(stat: dict, digits: int) -> str:
 
 
 def _table(report: dict) -> str:
-    rows = ["<tr><th>prompt set</th><th>reward</th><th>prompts</th><th>base (95% CI)</th><th>tuned (95% CI)</th>"
-            "<th>tuned win rate (95% CI)</th></tr>"]
+    rows = [("<tr><th>prompt set</th><th>reward</th><th>prompts</th><th>base (95% CI)</th><th>tuned (95% CI)</th>"
+            "<th>tuned win rate (95% CI)</th></tr>")]
     for set_name, rewards in report["results"].items():
         for reward, entry in rewards.items():
             cells = [f"<td class=name>{html.escape(set_name)}</td>", f"<td class=name>{html.escape(reward)}</td>",
@@ -58,8 +58,8 @@ def _table(report: dict) -> str:
 def write_html(path: Path, report: dict, samples: dict) -> None:
     """`samples`: {set name: [(prompt index, prompt, {variant: image path})]} shown side by side."""
     settings = report["settings"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation report</title><style>{STYLE}"
-             "</style></head><body><h1>Evaluation report</h1>",
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation report</title><style>{STYLE}"
+             "</style></head><body><h1>Evaluation report</h1>"),
              f"<p>Model <code>{html.escape(str(settings['model']))}</code>"
              + "".join(f", {k} <code>{html.escape(str(settings[k]))}</code>" for k in ("lora", "denoiser", "reference")
                        if settings.get(k))

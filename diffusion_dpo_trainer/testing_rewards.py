@@ -15,8 +15,8 @@ from transformers import BertTokenizer, CLIPConfig
 
 from .testing import _seeded, make_clip_model, write_clip_tokenizer
 
-OPEN_CLIP_TINY = dict(width=32, layers=2, heads=2, patch_size=8, image_size=32, text_width=32, text_layers=2,
-                      text_heads=2, embed_dim=16)
+OPEN_CLIP_TINY = {"width": 32, "layers": 2, "heads": 2, "patch_size": 8, "image_size": 32, "text_width": 32, "text_layers": 2,
+                      "text_heads": 2, "embed_dim": 16}
 BERT_WORDS = ["a", "an", "the", "of", "photo", "painting", "cat", "dog", "red", "blue", "square", "circle", "on",
               "in", "with", "##s", "##ing"]
 
@@ -64,14 +64,14 @@ def make_hps_model(path, seed=0, **sizes) -> tuple[str, str]:
     state.update(_resblocks(gen, "", text_width, s["text_layers"]))
     config = CLIPConfig(
         projection_dim=s["embed_dim"],
-        vision_config=dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=s["layers"],
-                           num_attention_heads=s["heads"], image_size=s["image_size"], patch_size=s["patch_size"],
-                           hidden_act="gelu", projection_dim=s["embed_dim"]),
-        text_config=dict(vocab_size=vocab, hidden_size=text_width, intermediate_size=4 * text_width,
-                         num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
-                         max_position_embeddings=context, hidden_act="gelu", projection_dim=s["embed_dim"],
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
+        vision_config={"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": s["layers"],
+                           "num_attention_heads": s["heads"], "image_size": s["image_size"], "patch_size": s["patch_size"],
+                           "hidden_act": "gelu", "projection_dim": s["embed_dim"]},
+        text_config={"vocab_size": vocab, "hidden_size": text_width, "intermediate_size": 4 * text_width,
+                         "num_hidden_layers": s["text_layers"], "num_attention_heads": s["text_heads"],
+                         "max_position_embeddings": context, "hidden_act": "gelu", "projection_dim": s["embed_dim"],
+                         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                         "pad_token_id": tokenizer.pad_token_id},
     )
     config.save_pretrained(path / "clip")
     checkpoint = path / "HPS_v2.1_compressed.pt"
@@ -86,10 +86,10 @@ _BLIP_VISION = {"embeddings.class_embedding": "cls_token", "embeddings.position_
                 "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias"}
 _BLIP_BLOCK = (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.qkv", "attn.qkv"),
                ("self_attn.projection", "attn.proj"))
-IMAGEREWARD_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=32, patch_size=16)
-IMAGEREWARD_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             max_position_embeddings=40, encoder_hidden_size=32)
+IMAGEREWARD_TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                               "image_size": 32, "patch_size": 16}
+IMAGEREWARD_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                             "max_position_embeddings": 40, "encoder_hidden_size": 32}
 
 
 def make_imagereward_model(path, seed=0) -> tuple[str, str, dict, dict]:

@@ -27,8 +27,14 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-from diffusion_dpo_trainer.rewards.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_center_crop, \
-    resize_longest_pad, to_tensor
+from diffusion_dpo_trainer.rewards.base import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    normalize,
+    resize_center_crop,
+    resize_longest_pad,
+    to_tensor,
+)
 from diffusion_dpo_trainer.rewards.hps import HPSv2
 from diffusion_dpo_trainer.rewards.imagereward import ImageReward
 from diffusion_dpo_trainer.testing_rewards import OPEN_CLIP_TINY, make_hps_model, make_imagereward_model

@@ -18,7 +18,7 @@ from diffusion_dpo_trainer import cli, prompt_sets, protocol
 from diffusion_dpo_trainer.protocol import evaluate_protocol, sampling_settings, summarize
 from diffusion_dpo_trainer.sampling import sample_images
 
-SAMPLING = dict(num_inference_steps=2, resolution=32, batch_size=2, progress=False)
+SAMPLING = {"num_inference_steps": 2, "resolution": 32, "batch_size": 2, "progress": False}
 PROMPTS = ["a red square", "a blue circle", "a cat on a dog"]
 
 

@@ -49,7 +49,7 @@ def hps(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imagereward(tmp_path_factory):
     checkpoint, tokenizer, vision, text = make_imagereward_model(tmp_path_factory.mktemp("ir"))
-    return dict(checkpoint=checkpoint, tokenizer=tokenizer, vision_config=vision, text_config=text)
+    return {"checkpoint": checkpoint, "tokenizer": tokenizer, "vision_config": vision, "text_config": text}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def open_clip_score(state, pixels, token_ids, heads):
             x = x + F.linear(h, state[p + "mlp.c_proj.weight"], state[p + "mlp.c_proj.bias"])
         return x
 
-    ln = lambda y, n: F.layer_norm(y, y.shape[-1:], state[n + ".weight"], state[n + ".bias"])  # noqa: E731
+    ln = lambda y, n: F.layer_norm(y, y.shape[-1:], state[n + ".weight"], state[n + ".bias"])
     conv = state["visual.conv1.weight"]
     x = F.conv2d(pixels, conv, stride=conv.shape[-1]).flatten(2).transpose(1, 2)
     x = torch.cat([state["visual.class_embedding"].expand(x.shape[0], 1, -1), x], dim=1)

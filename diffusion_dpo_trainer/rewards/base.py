@@ -88,7 +88,7 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
         canvas = Image.new("RGB", (max(width, size), max(height, size)))
         canvas.paste(image, ((canvas.width - width) // 2, (canvas.height - height) // 2))
         image, (width, height) = canvas, canvas.size
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    top, left = round((height - size) / 2.0), round((width - size) / 2.0)
     return image.crop((left, top, left + size, top + size))
 
 

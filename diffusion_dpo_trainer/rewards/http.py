@@ -101,10 +101,10 @@ def make_reward_server(reward_fn, host: str = "127.0.0.1", port: int = 8000, nam
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self):  # noqa: N802 (http.server's naming)
+        def do_GET(self):
             self._send(HTTPStatus.OK, {"reward": name})
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             length = int(self.headers.get("Content-Length") or 0)
             if length > max_request_bytes:
                 return self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -121,7 +121,7 @@ def make_reward_server(reward_fn, host: str = "127.0.0.1", port: int = 8000, nam
                                                            '{"prompts": [str], "images": [base64 PNG]}.'})
             try:
                 scores = [float(s) for s in reward_fn(images, prompts)]
-            except Exception as exc:  # the client gets the reason instead of a dropped connection
+            except Exception as exc:  # noqa: BLE001 (the client gets the reason instead of a dropped connection)
                 return self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
             self._send(HTTPStatus.OK, {"scores": scores})
 

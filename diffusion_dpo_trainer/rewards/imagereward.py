@@ -30,11 +30,11 @@ REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
 MAX_PROMPT_TOKENS = 35
 IMAGE_SIZE = 224
-VISION_CONFIG = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                     image_size=IMAGE_SIZE, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu")
-TEXT_CONFIG = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                   num_attention_heads=12, max_position_embeddings=512, encoder_hidden_size=1024,
-                   layer_norm_eps=1e-12, hidden_act="gelu")
+VISION_CONFIG = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                     "image_size": IMAGE_SIZE, "patch_size": 16, "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+TEXT_CONFIG = {"vocab_size": 30524, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "max_position_embeddings": 512, "encoder_hidden_size": 1024,
+                   "layer_norm_eps": 1e-12, "hidden_act": "gelu"}
 VISION_NAMES = (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.qkv", "self_attn.qkv"),
                 ("attn.proj", "self_attn.projection"))
 
