@@ -132,9 +132,10 @@ def _reward_names(rewards) -> list[str]:
     return names
 
 
-def _bootstrap(per_prompt: np.ndarray, rng: np.random.Generator) -> list[float]:
+def _bootstrap(per_prompt: np.ndarray) -> list[float]:
     if len(per_prompt) < 2:
         return [float(per_prompt.mean())] * 2
+    rng = np.random.default_rng(0)  # per statistic: an interval never depends on which others were computed
     samples = rng.choice(per_prompt, size=(BOOTSTRAP_RESAMPLES, len(per_prompt)), replace=True).mean(axis=1)
     return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
 
@@ -151,13 +152,12 @@ def summarize(rows: list[dict], reward_names: Sequence[str]) -> dict:
             scores = {(r["variant"], r["index"], r["seed"]): r["scores"][reward] for r in set_rows}
             keys = sorted({(i, s) for v, i, s in scores if v == "base"})
             entry = {"num_prompts": len({i for i, _ in keys}), "num_images_per_variant": len(keys)}
-            rng = np.random.default_rng(0)
-            for variant in {v for v, _, _ in scores}:
+            for variant in sorted({v for v, _, _ in scores}):
                 per_prompt = defaultdict(list)
                 for i, s in keys:
                     per_prompt[i].append(scores[(variant, i, s)])
                 means = np.array([np.mean(v) for v in per_prompt.values()])
-                entry[variant] = {"mean": float(means.mean()), "ci95": _bootstrap(means, rng)}
+                entry[variant] = {"mean": float(means.mean()), "ci95": _bootstrap(means)}
             if "tuned" in entry:
                 outcomes = compare_rewards([scores[("tuned", i, s)] for i, s in keys],
                                            [scores[("base", i, s)] for i, s in keys])["outcomes"]
@@ -165,7 +165,7 @@ def summarize(rows: list[dict], reward_names: Sequence[str]) -> dict:
                 for (i, _), outcome in zip(keys, outcomes):
                     per_prompt[i].append({"win": 1.0, "tie": 0.5, "loss": 0.0}[outcome])
                 wins = np.array([np.mean(v) for v in per_prompt.values()])
-                entry["win_rate"] = {"value": float(wins.mean()), "ci95": _bootstrap(wins, rng),
+                entry["win_rate"] = {"value": float(wins.mean()), "ci95": _bootstrap(wins),
                                      **{k: outcomes.count(k) for k in ("win", "tie", "loss")}}
             results[set_name][reward] = entry
     return results
