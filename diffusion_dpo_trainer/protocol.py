@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from .evaluation import compare_rewards
 from .prompt_sets import load_prompt_sets
 from .rewards import load_reward
-from .sampling import adapters_disabled, denoiser_of, iter_sample_batches, load_pipeline
+from .families import family_class_for, load_pipeline
+from .sampling import adapters_disabled, iter_sample_batches
 
 VARIANTS = ("base", "tuned")
 BOOTSTRAP_RESAMPLES = 1000
@@ -52,8 +53,6 @@ def _versions() -> dict:
 def sampling_settings(pipeline, scheduler: str | None = None, num_inference_steps: int | None = None,
                       guidance_scale: float | None = None, resolution: int | None = None) -> dict:
     """The pipeline-call settings: what was given, else the family's published ones, else the pipeline's own."""
-    from .families import family_class_for
-
     try:
         published = family_class_for(type(pipeline).__name__).evaluation_sampling
     except ValueError:
@@ -75,34 +74,18 @@ def sampling_settings(pipeline, scheduler: str | None = None, num_inference_step
     return {"scheduler": type(pipeline.scheduler).__name__, **kwargs}
 
 
-def _denoiser_name(pipeline) -> str:
-    return "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
-
-
-@contextmanager
-def _swapped_denoiser(pipeline, denoiser):
-    name = _denoiser_name(pipeline)
-    original = getattr(pipeline, name)
-    setattr(pipeline, name, denoiser)
-    try:
-        yield pipeline
-    finally:
-        setattr(pipeline, name, original)
-
-
-def _load_denoiser(pipeline, path: str):
-    """A fine-tuned denoiser of the pipeline's class: a folder or hub id holding it, or its `unet`/`transformer`
+def _load_denoiser(family, path: str):
+    """A fine-tuned denoiser of the family's class: a folder or hub id holding it, or its `unet`/`transformer`
     subfolder (as `mhdang/dpo-sdxl-text2image-v1` does)."""
-    original = denoiser_of(pipeline)
-    subfolder = None if (Path(path) / "config.json").is_file() else _denoiser_name(pipeline)
-    denoiser = type(original).from_pretrained(path, subfolder=subfolder)
-    return denoiser.to(device=original.device, dtype=original.dtype)
+    original = family.denoiser
+    subfolder = None if (Path(path) / "config.json").is_file() else family.denoiser_name
+    denoiser = type(original).from_pretrained(path, subfolder=subfolder, use_safetensors=True)
+    return denoiser.to(device=original.device, dtype=original.dtype).requires_grad_(False)
 
 
 def _variants(pipeline, lora=None, denoiser=None, reference=None) -> dict:
     """variant name -> context manager factory yielding the pipeline that samples it."""
-    given = [x is not None for x in (lora, denoiser, reference)]
-    if sum(given) > 1:
+    if sum(x is not None for x in (lora, denoiser, reference)) > 1:
         raise ValueError("Give at most one of `lora`, `denoiser` and `reference`: they all define the tuned model.")
 
     @contextmanager
@@ -112,10 +95,13 @@ def _variants(pipeline, lora=None, denoiser=None, reference=None) -> dict:
     if lora is not None:
         pipeline.load_lora_weights(lora)
         return {"base": lambda: adapters_disabled(pipeline), "tuned": as_is}
-    if denoiser is not None:
-        tuned = _load_denoiser(pipeline, denoiser)
-        return {"base": as_is, "tuned": lambda: _swapped_denoiser(pipeline, tuned)}
-    if reference is not None:  # `pipeline` is the tuned model, `reference` the base
+    if denoiser is not None:  # the family's reference switch puts the pipeline's own denoiser back for "base"
+        family = family_class_for(type(pipeline).__name__)(pipeline)
+        tuned = _load_denoiser(family, denoiser)
+        family.set_reference(family.denoiser)
+        setattr(pipeline, family.denoiser_name, tuned)
+        return {"base": family.reference_pipeline, "tuned": as_is}
+    if reference is not None:  # `pipeline` is the tuned model, `reference` the base (as in `evaluate_win_rate`)
         base = load_pipeline(reference)
         return {"base": lambda: as_is(base), "tuned": as_is}
     return {"base": as_is}

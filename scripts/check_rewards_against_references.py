@@ -37,7 +37,7 @@ from diffusion_dpo_trainer.rewards.base import (
 )
 from diffusion_dpo_trainer.rewards.hps import HPSv2
 from diffusion_dpo_trainer.rewards.imagereward import ImageReward
-from diffusion_dpo_trainer.testing_rewards import OPEN_CLIP_TINY, make_hps_model, make_imagereward_model
+from diffusion_dpo_trainer.testing.rewards import OPEN_CLIP_TINY, make_hps_model, make_imagereward_model
 
 
 def hps_transform(size):

@@ -28,8 +28,7 @@ from diffusion_dpo_trainer.rewards.base import (
 from diffusion_dpo_trainer.rewards.hps import HPSv2
 from diffusion_dpo_trainer.rewards.http import HTTPReward, make_reward_server
 from diffusion_dpo_trainer.rewards.imagereward import REWARD_MEAN, REWARD_STD, ImageReward
-from diffusion_dpo_trainer.testing import make_clip_model
-from diffusion_dpo_trainer.testing_rewards import make_aesthetic_model, make_hps_model, make_imagereward_model
+from diffusion_dpo_trainer.testing import make_aesthetic_model, make_clip_model, make_hps_model, make_imagereward_model
 
 PROMPTS = ["a red square", "a photo of a cat", "the blue circle on a dog", "a painting"]
 

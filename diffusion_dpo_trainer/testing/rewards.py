@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import BertTokenizer, CLIPConfig
 
-from .testing import _seeded, make_clip_model, write_clip_tokenizer
+from .common import _seeded, write_clip_tokenizer
+from .fixtures import make_clip_model
 
 OPEN_CLIP_TINY = {"width": 32, "layers": 2, "heads": 2, "patch_size": 8, "image_size": 32, "text_width": 32, "text_layers": 2,
                       "text_heads": 2, "embed_dim": 16}
@@ -99,7 +100,7 @@ def make_imagereward_model(path, seed=0) -> tuple[str, str, dict, dict]:
     """
     from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-    from .rewards.aesthetic import aesthetic_head
+    from ..rewards.aesthetic import aesthetic_head
 
     path = Path(path)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]
@@ -134,7 +135,7 @@ def make_imagereward_model(path, seed=0) -> tuple[str, str, dict, dict]:
 
 def make_aesthetic_model(path, seed=0) -> tuple[str, str]:
     """A tiny CLIP model directory and a random aesthetic head `.pth`; returns `(head, clip_dir)`."""
-    from .rewards.aesthetic import AESTHETIC_FILE, aesthetic_head
+    from ..rewards.aesthetic import AESTHETIC_FILE, aesthetic_head
 
     path = Path(path)
     clip_dir = make_clip_model(path / "clip", seed=seed)
