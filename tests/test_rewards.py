@@ -372,3 +372,21 @@ def test_serve_reward_command(my_rewards, capsys):
     assert not thread.is_alive() and codes == [0]
     assert scores == pytest.approx(brightness(images(3), PROMPTS[:3]))
     assert f"serving my_rewards:brightness on http://127.0.0.1:{port}/" in capsys.readouterr().out
+
+
+def test_a_served_reward_labels_pairs_and_judges_win_rates(server, all_rewards, sd_path):
+    """The same reward, by URL, drives AI-feedback pairs and win rates (no extra arguments needed)."""
+    from diffusion_dpo_trainer.evaluation import evaluate_win_rate
+    from diffusion_dpo_trainer.feedback import build_preference_pairs
+
+    hps = all_rewards["hpsv2.1"]
+    url = server(hps)
+    sampling = {"num_inference_steps": 2, "height": 32, "width": 32, "progress": False}
+    pairs = build_preference_pairs(sd_path, PROMPTS[:2], url, num_images_per_prompt=3, **sampling)
+    assert len(pairs) == 2
+    for row in pairs:
+        chosen, rejected = hps([row["chosen"], row["rejected"]], [row["prompt"]] * 2)
+        assert (row["chosen_score"], row["rejected_score"]) == pytest.approx((chosen, rejected), abs=1e-6)
+        assert chosen > rejected
+    result = evaluate_win_rate(sd_path, sd_path, PROMPTS[:2], url, seeds=[0], **sampling)
+    assert result["win_rate"] == 0.5 and result["ties"] == 2
