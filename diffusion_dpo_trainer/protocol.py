@@ -158,13 +158,19 @@ def summarize(rows: list[dict], reward_names: Sequence[str]) -> dict:
 
 
 def _read_rows(path: Path) -> list[dict]:
+    """The scores written so far. A last line cut short by a kill is dropped (its batch is redone) and the file
+    rewritten without it, so that the rows appended next do not land on a broken line."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
     rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill: its batch is redone
-                break
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if len(rows) < len(lines) or (lines and not path.read_text(encoding="utf-8").endswith("\n")):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return rows
 
 
@@ -251,6 +257,10 @@ def evaluate_protocol(
                     for (i, s), image in zip(batch_items, images):
                         image.save(folder / f"{i:05d}_{s}.png")
                     scores = [[float(x) for x in fn(images, batch_prompts)] for fn in reward_fns]
+                    for name, values in zip(names, scores):
+                        if len(values) != len(images):
+                            raise ValueError(f"Reward {name!r} returned {len(values)} scores for {len(images)} "
+                                             "images; expected one per image.")
                     for k, ((i, s), prompt) in enumerate(zip(batch_items, batch_prompts)):
                         row = {"set": set_name, "variant": variant, "index": i, "seed": s, "prompt": prompt,
                                "scores": {name: scores[j][k] for j, name in enumerate(names)}}

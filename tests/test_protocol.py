@@ -218,6 +218,14 @@ def test_a_killed_evaluation_resumes_without_resampling(tmp_path, sd_path, lora_
     sampled.clear()
     evaluate_protocol(sd_path, [prompts_file], [brightness], tmp_path / "out", lora=lora_dir, seeds=[0, 1], **SAMPLING)
     assert sampled == []
+    # A kill in the middle of writing a line: the broken line is dropped, its item redone, the file repaired.
+    scores_file = tmp_path / "out" / "scores.jsonl"
+    text = scores_file.read_text()
+    scores_file.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 1] + text.splitlines()[-1][:20])
+    again = evaluate_protocol(sd_path, [prompts_file], [brightness], tmp_path / "out", lora=lora_dir, seeds=[0, 1],
+                              **SAMPLING)
+    assert len(sampled) == 1 and again["results"] == fresh["results"]
+    assert [json.loads(line) for line in scores_file.read_text().splitlines()]  # every line parses again
     with pytest.raises(ValueError, match=r"other settings \(seeds\)"):
         evaluate_protocol(sd_path, [prompts_file], [brightness], tmp_path / "out", lora=lora_dir, seeds=[0, 2],
                           **SAMPLING)
