@@ -9,6 +9,10 @@ torchvision that matches your torch, which the test suite does not install:
     /tmp/refvenv/bin/pip install open-clip-torch timm torchvision   # a torchvision built for your torch
     PYTHONPATH=$PWD /tmp/refvenv/bin/python scripts/check_rewards_against_references.py
 
+(With the CPU-only torch 2.13.0+cpu, the PyPI torchvision 0.28.0 wheel, built for CUDA, fails to register its C++
+ops at import; only its Python transforms are needed here, so in that throwaway venv its `_meta_registrations.py`
+and `_autograd_registrations.py` were emptied. The results below do not use those ops.)
+
 Compared: (1) HPSv2's evaluation transform (ToTensor, ResizeMaxSize: longest side, bicubic, zero pad, Normalize)
 with `resize_longest_pad`, and open_clip's `CLIP` forward with our `HPSv2` score; (2) the OpenAI-CLIP/ImageReward
 transform (Resize, CenterCrop, ToTensor, Normalize) with `resize_center_crop`, and timm's `VisionTransformer`
