@@ -29,6 +29,9 @@ from .formats import FOLDER_METADATA, load_preference_folder
 
 PROG = "diffusion-dpo"
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_REWARD = "pickscore"
+# What `evaluate --prompt_set` reports by default: the rewards papers on Diffusion-DPO and its successors quote.
+PROTOCOL_REWARDS = ["pickscore", "hpsv2.1", "imagereward", "aesthetic", "clip"]
 # Local files that `datasets` reads with a builder named after their format.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -229,11 +232,13 @@ def _sampling_parser(prog: str, description: str, prompt_sets: bool = False) -> 
     prompts.add_argument("--prompts_file", help="A text file with one prompt per line.")
     if prompt_sets:
         prompts.add_argument(
-            "--prompt_set", action="append", help="A published prompt set (parti, pickapic-test, pickapic-validation, "
-            "hpsv2, drawbench), a .txt/.json/.jsonl file or a dataset id (repeat for several). Runs the protocol.")
-    parser.add_argument("--reward", default="pickscore",
-                        help="Reward: pickscore, hpsv2, hpsv2.1, imagereward, aesthetic, clip, '<name>:<id or path>', "
-                        "'http://host:port/path', 'package.module:function' or weights 'pickscore:1,hpsv2.1:0.5'.")
+            "--prompt_set", action="append", help="A published prompt set (parti, pickapic-test, "
+            "pickapic-validation, hpsv2, drawbench), a .txt/.json/.jsonl file or a dataset id (repeat for several). "
+            "Runs the protocol.")
+    parser.add_argument("--reward", default=None,
+                        help="Reward (default pickscore): pickscore, hpsv2, hpsv2.1, imagereward, aesthetic, clip, "
+                        "'<name>:<id or path>', 'http://host:port/path', 'package.module:function' or weights "
+                        "'pickscore:1,hpsv2.1:0.5'.")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="Denoising steps; default 30 (with --prompt_set: the paper's for the model family).")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Defaults to the pipeline's own.")
@@ -270,7 +275,8 @@ def build_pairs(argv: list[str]) -> int:
 
     prompts, kwargs = _sampling_kwargs(args)
     pairs = build_preference_pairs(
-        args.model, prompts, args.reward, num_images_per_prompt=args.num_images_per_prompt, strategy=args.strategy,
+        args.model, prompts, args.reward or DEFAULT_REWARD, num_images_per_prompt=args.num_images_per_prompt,
+        strategy=args.strategy,
         min_score_gap=args.min_score_gap, seed=args.seed, batch_size=args.batch_size, output_path=args.output_dir,
         **kwargs,
     )
@@ -295,7 +301,7 @@ def evaluate(argv: list[str]) -> int:
                         help="Seeds per prompt; default 0 1 2 3 (0 with --prompt_set).")
     parser.add_argument("--output_file", help="Also write the full result (every comparison) as JSON here.")
     parser.add_argument("--rewards", nargs="+", help="Protocol: the rewards to report, each separately "
-                        "(default: pickscore hpsv2.1 imagereward aesthetic clip).")
+                        "(default: --reward if given, else pickscore hpsv2.1 imagereward aesthetic clip).")
     parser.add_argument("--output_dir", help="Protocol: where report.json, report.html, images and scores go.")
     parser.add_argument("--scheduler", help="Protocol: a diffusers scheduler class (default: the pipeline's own).")
     parser.add_argument("--max_prompts", type=int, help="Protocol: the first N prompts of each set.")
@@ -313,16 +319,13 @@ def evaluate(argv: list[str]) -> int:
     policy = load_pipeline(args.model)
     if args.lora:
         policy.load_lora_weights(args.lora)
-    result = evaluate_win_rate(policy, args.reference_model, prompts, args.reward, seeds=args.seeds or [0, 1, 2, 3],
-                               batch_size=args.batch_size, **kwargs)
+    result = evaluate_win_rate(policy, args.reference_model, prompts, args.reward or DEFAULT_REWARD,
+                               seeds=args.seeds or [0, 1, 2, 3], batch_size=args.batch_size, **kwargs)
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(result, indent=2), encoding="utf-8")
     summary = {k: result[k] for k in ("win_rate", "wins", "losses", "ties", "reward", "reward_reference")}
     print(json.dumps(summary))
     return 0
-
-
-PROTOCOL_REWARDS = ["pickscore", "hpsv2.1", "imagereward", "aesthetic", "clip"]
 
 
 def _evaluate_protocol(parser, args) -> int:
@@ -332,8 +335,9 @@ def _evaluate_protocol(parser, args) -> int:
 
     from .protocol import evaluate_protocol
 
+    rewards = args.rewards or ([args.reward] if args.reward else PROTOCOL_REWARDS)
     report = evaluate_protocol(
-        args.model, args.prompt_set, args.rewards or PROTOCOL_REWARDS, args.output_dir, lora=args.lora,
+        args.model, args.prompt_set, rewards, args.output_dir, lora=args.lora,
         denoiser=args.denoiser, reference=args.reference_model, seeds=args.seeds or [0], scheduler=args.scheduler,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
         max_prompts=args.max_prompts, batch_size=args.batch_size,

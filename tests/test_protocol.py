@@ -9,9 +9,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import lora
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
+from helpers import lora
 from peft.utils import get_peft_model_state_dict
 
 from diffusion_dpo_trainer import cli, prompt_sets, protocol
@@ -172,8 +172,8 @@ def test_a_fine_tuned_denoiser_is_compared_with_the_pipelines_own(tmp_path, sd_p
     with torch.no_grad():
         unet.conv_out.bias.add_(0.5)
     unet.save_pretrained(tmp_path / "tuned" / "unet")
-    report = evaluate_protocol(sd_path, [prompts_file], [brightness], tmp_path / "out", denoiser=str(tmp_path / "tuned"),
-                               **SAMPLING)
+    report = evaluate_protocol(sd_path, [prompts_file], [brightness], tmp_path / "out",
+                               denoiser=str(tmp_path / "tuned"), **SAMPLING)
     entry = report["results"][prompts_file]["brightness"]
     plain = evaluate_protocol(sd_path, [prompts_file], [brightness], tmp_path / "plain", **SAMPLING)
     assert entry["base"] == plain["results"][prompts_file]["brightness"]["base"]

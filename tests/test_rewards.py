@@ -116,7 +116,8 @@ def open_clip_score(state, pixels, token_ids, heads):
             p = f"{prefix}transformer.resblocks.{i}."
             ln = lambda y, n: F.layer_norm(y, y.shape[-1:], state[p + n + ".weight"], state[p + n + ".bias"])  # noqa
             attn = torch.nn.MultiheadAttention(x.shape[-1], heads, batch_first=True)
-            attn.load_state_dict({k.removeprefix(p + "attn."): v for k, v in state.items() if k.startswith(p + "attn.")})
+            attn.load_state_dict({k.removeprefix(p + "attn."): v for k, v in state.items()
+                                  if k.startswith(p + "attn.")})
             h = ln(x, "ln_1")
             x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
             h = F.gelu(F.linear(ln(x, "ln_2"), state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"]))
@@ -152,7 +153,8 @@ def test_hps_score_equals_the_open_clip_forward_of_its_checkpoint(hps):
     np.testing.assert_allclose(reward(batch, PROMPTS), expected.detach().numpy(), atol=2e-5)
     assert reward(batch, PROMPTS) != pytest.approx(reward(batch[::-1], PROMPTS), abs=1e-4)  # images matter
     # Prompts are cleaned as open_clip does: HTML entities, spaces and case do not change the score.
-    assert reward(batch[:1], ["A  RED &amp;amp; square"]) == pytest.approx(reward(batch[:1], ["a red & square"]), abs=1e-6)
+    cleaned = reward(batch[:1], ["a red & square"])
+    assert reward(batch[:1], ["A  RED &amp;amp; square"]) == pytest.approx(cleaned, abs=1e-6)
 
 
 def test_hps_rejects_a_checkpoint_of_another_architecture(hps, tmp_path):

@@ -94,8 +94,8 @@ def load_reward(name, **kwargs) -> RewardFn:
 
     - a callable is returned as is;
     - a name of the table above (`"pickscore"`, `"hpsv2.1"`, `"imagereward"`, `"aesthetic"`, `"clip"`): its
-      default model; `"<name>:<id or path>"`: that model or checkpoint instead (e.g. `"clip:openai/clip-vit-base-patch32"`,
-      `"hpsv2.1:/ckpt/HPS_v2.1_compressed.pt"`);
+      default model; `"<name>:<id or path>"`: that model or checkpoint instead (e.g.
+      `"clip:openai/clip-vit-base-patch32"`, `"hpsv2.1:/ckpt/HPS_v2.1_compressed.pt"`);
     - `"http://host:port/path"` (or https): a reward server (`rewards.http`);
     - `"package.module:function"`: any importable reward function (or class, instantiated with `kwargs`);
     - a weighted sum: `"pickscore:1.0,hpsv2.1:0.5"`, `{"pickscore": 1.0, "hpsv2.1": 0.5}` or

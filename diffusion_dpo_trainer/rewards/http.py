@@ -107,8 +107,8 @@ def make_reward_server(reward_fn, host: str = "127.0.0.1", port: int = 8000, nam
         def do_POST(self):
             length = int(self.headers.get("Content-Length") or 0)
             if length > max_request_bytes:
-                return self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                  {"error": f"request of {length} bytes; this server takes at most {max_request_bytes}"})
+                message = f"request of {length} bytes; this server takes at most {max_request_bytes}"
+                return self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": message})
             try:
                 payload = json.loads(self.rfile.read(length))
                 prompts, images = payload["prompts"], payload["images"]

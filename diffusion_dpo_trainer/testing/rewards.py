@@ -16,8 +16,8 @@ from transformers import BertTokenizer, CLIPConfig
 from .common import _seeded, write_clip_tokenizer
 from .fixtures import make_clip_model
 
-OPEN_CLIP_TINY = {"width": 32, "layers": 2, "heads": 2, "patch_size": 8, "image_size": 32, "text_width": 32, "text_layers": 2,
-                      "text_heads": 2, "embed_dim": 16}
+OPEN_CLIP_TINY = {"width": 32, "layers": 2, "heads": 2, "patch_size": 8, "image_size": 32, "text_width": 32,
+                  "text_layers": 2, "text_heads": 2, "embed_dim": 16}
 BERT_WORDS = ["a", "an", "the", "of", "photo", "painting", "cat", "dog", "red", "blue", "square", "circle", "on",
               "in", "with", "##s", "##ing"]
 
@@ -66,13 +66,13 @@ def make_hps_model(path, seed=0, **sizes) -> tuple[str, str]:
     config = CLIPConfig(
         projection_dim=s["embed_dim"],
         vision_config={"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": s["layers"],
-                           "num_attention_heads": s["heads"], "image_size": s["image_size"], "patch_size": s["patch_size"],
-                           "hidden_act": "gelu", "projection_dim": s["embed_dim"]},
+                       "num_attention_heads": s["heads"], "image_size": s["image_size"],
+                       "patch_size": s["patch_size"], "hidden_act": "gelu", "projection_dim": s["embed_dim"]},
         text_config={"vocab_size": vocab, "hidden_size": text_width, "intermediate_size": 4 * text_width,
-                         "num_hidden_layers": s["text_layers"], "num_attention_heads": s["text_heads"],
-                         "max_position_embeddings": context, "hidden_act": "gelu", "projection_dim": s["embed_dim"],
-                         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                         "pad_token_id": tokenizer.pad_token_id},
+                     "num_hidden_layers": s["text_layers"], "num_attention_heads": s["text_heads"],
+                     "max_position_embeddings": context, "hidden_act": "gelu", "projection_dim": s["embed_dim"],
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
     )
     config.save_pretrained(path / "clip")
     checkpoint = path / "HPS_v2.1_compressed.pt"
