@@ -305,6 +305,9 @@ def evaluate(argv: list[str]) -> int:
     parser.add_argument("--output_dir", help="Protocol: where report.json, report.html, images and scores go.")
     parser.add_argument("--scheduler", help="Protocol: a diffusers scheduler class (default: the pipeline's own).")
     parser.add_argument("--max_prompts", type=int, help="Protocol: the first N prompts of each set.")
+    parser.add_argument("--device", help="Protocol: where the pipeline and the rewards run, e.g. cuda.")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="Protocol: the pipeline's precision (rewards stay float32).")
     args = parser.parse_args(argv)
     import json
 
@@ -340,7 +343,7 @@ def _evaluate_protocol(parser, args) -> int:
         args.model, args.prompt_set, rewards, args.output_dir, lora=args.lora,
         denoiser=args.denoiser, reference=args.reference_model, seeds=args.seeds or [0], scheduler=args.scheduler,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
-        max_prompts=args.max_prompts, batch_size=args.batch_size,
+        max_prompts=args.max_prompts, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
     )
     for set_name, rewards in report["results"].items():
         for reward, entry in rewards.items():

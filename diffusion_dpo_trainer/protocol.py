@@ -191,6 +191,8 @@ def evaluate_protocol(
     batch_size: int = 4,
     num_html_samples: int = 8,
     progress: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
     reward_kwargs: dict | None = None,
 ) -> dict:
     """Run (or resume) the protocol and write `report.json` and `report.html` to `output_dir`; returns the report.
@@ -206,20 +208,24 @@ def evaluate_protocol(
         max_prompts: keep the first N prompts of each set (quick runs).
         batch_size: images per pipeline call.
         num_html_samples: prompts per set shown side by side in `report.html`.
-        reward_kwargs: passed to `load_reward` (`device`, `batch_size`, ...).
+        device, dtype: where and in which precision ("float16", "bfloat16") the pipeline runs; the rewards run on
+            `device` too, in their own precision (float32 unless `reward_kwargs` says otherwise).
+        reward_kwargs: passed to `load_reward` (`batch_size`, `dtype`, ...).
     """
     from .report import write_html
 
     out = Path(output_dir)
     sets = dict(prompt_sets) if isinstance(prompt_sets, dict) else load_prompt_sets(prompt_sets, max_prompts)
     names = _reward_names(rewards)
-    pipeline = load_pipeline(model)
+    pipeline = load_pipeline(model, {"torch_dtype": dtype} if dtype else None)
+    if device is not None:
+        pipeline.to(device)
     settings = {
         "model": model if isinstance(model, str) else getattr(pipeline, "name_or_path", type(pipeline).__name__),
         "lora": lora, "denoiser": denoiser, "reference": reference if reference is None or isinstance(reference, str)
         else type(reference).__name__,
         "sampling": sampling_settings(pipeline, scheduler, num_inference_steps, guidance_scale, resolution),
-        "seeds": [int(s) for s in seeds], "rewards": names,
+        "dtype": str(pipeline.dtype).removeprefix("torch."), "seeds": [int(s) for s in seeds], "rewards": names,
         "prompt_sets": {name: len(prompts) for name, prompts in sets.items()},
     }
     settings_file = out / "settings.json"
@@ -240,7 +246,8 @@ def evaluate_protocol(
                                  if (name, variant, i, s) not in done]
                for name, prompts in sets.items() for variant in variants}
     total = sum(len(items) for items in pending.values())
-    reward_fns = [load_reward(r, **(reward_kwargs or {})) if isinstance(r, str) else r for r in rewards]
+    reward_kwargs = {**({"device": device} if device is not None else {}), **(reward_kwargs or {})}
+    reward_fns = [load_reward(r, **reward_kwargs) if isinstance(r, str) else r for r in rewards]
     call_kwargs = {k: v for k, v in settings["sampling"].items() if k != "scheduler"}
     with tqdm(total=total, desc="Sampling and scoring", disable=not progress) as bar, \
             scores_file.open("a", encoding="utf-8") as log:

@@ -264,10 +264,11 @@ def test_evaluate_command_runs_the_protocol(tmp_path, sd_path, lora_dir, prompts
     monkeypatch.setitem(sys.modules, "my_rewards", module)
     code = cli.main(["evaluate", "--model", sd_path, "--lora", lora_dir, "--prompt_set", prompts_file, "--rewards",
                      "my_rewards:brightness", "--output_dir", str(tmp_path / "out"), "--num_inference_steps", "2",
-                     "--resolution", "32", "--seeds", "0", "1"])
+                     "--resolution", "32", "--seeds", "0", "1", "--device", "cpu", "--dtype", "float32"])
     assert code == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["settings"]["seeds"] == [0, 1] and report["settings"]["sampling"]["guidance_scale"] == 7.5
+    assert report["settings"]["dtype"] == "float32"
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[0])["reward"] == "my_rewards:brightness" and lines[-1].endswith("report.html")
     with pytest.raises(SystemExit) as exit_info:

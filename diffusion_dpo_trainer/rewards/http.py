@@ -47,9 +47,11 @@ class HTTPReward:
         url: the server's endpoint, e.g. `http://gpu-box:8000/score`.
         timeout: seconds to wait for one batch (connect and response) before failing.
         batch_size: images per request.
+        device, dtype: accepted and ignored (the server chooses its own), so an HTTP reward can stand wherever a
+            model reward is loaded with them.
     """
 
-    def __init__(self, url: str, timeout: float = 120.0, batch_size: int = 16):
+    def __init__(self, url: str, timeout: float = 120.0, batch_size: int = 16, device=None, dtype=None):
         self.url, self.timeout, self.batch_size = url, timeout, batch_size
 
     def _post(self, payload: dict) -> list[float]:
