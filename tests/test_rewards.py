@@ -26,7 +26,7 @@ from diffusion_dpo_trainer.rewards.base import (
     to_tensor,
 )
 from diffusion_dpo_trainer.rewards.hps import HPSv2
-from diffusion_dpo_trainer.rewards.http import HTTPReward, make_reward_server
+from diffusion_dpo_trainer.rewards.http import HTTPReward, RewardServerError, make_reward_server
 from diffusion_dpo_trainer.rewards.imagereward import REWARD_MEAN, REWARD_STD, ImageReward
 from diffusion_dpo_trainer.testing import make_aesthetic_model, make_clip_model, make_hps_model, make_imagereward_model
 
@@ -194,7 +194,7 @@ def test_imagereward_checkpoint_must_match_the_architecture(imagereward, tmp_pat
     state = torch.load(imagereward["checkpoint"], weights_only=True)
     del state["blip.visual_encoder.norm.weight"]
     torch.save(state, tmp_path / "ImageReward.pt")
-    with pytest.raises(RuntimeError, match="post_layernorm.weight"):
+    with pytest.raises(ValueError, match="(?s)not an ImageReward v1.0 checkpoint.*post_layernorm.weight"):
         ImageReward(**{**imagereward, "checkpoint": str(tmp_path / "ImageReward.pt")})
 
 
@@ -327,17 +327,19 @@ def test_http_reward_errors(server, monkeypatch):
     def boom(images, prompts):
         raise RuntimeError("CUDA out of memory")
 
-    with pytest.raises(RuntimeError, match=r"rejected the request \(500\): RuntimeError: CUDA out of memory"):
+    with pytest.raises(RewardServerError, match=r"rejected the request \(500\): RuntimeError: CUDA out of memory"):
         HTTPReward(server(boom))(images(1), PROMPTS[:1])
+    with pytest.raises(RewardServerError, match=r"answered \{'scores': \[1.0\]\}; expected.*for 2 images"):
+        HTTPReward(server(lambda images, prompts: [1.0]))(images(2), PROMPTS[:2])
     small = server(brightness, max_batch_size=2)
-    with pytest.raises(RuntimeError, match=r"\(400\).*at most 2"):
+    with pytest.raises(RewardServerError, match=r"\(400\).*at most 2"):
         HTTPReward(small, batch_size=3)(images(3), PROMPTS[:3])
     tiny = server(brightness, max_request_bytes=100)
-    with pytest.raises(RuntimeError, match=r"\(413\).*at most 100"):
+    with pytest.raises(RewardServerError, match=r"\(413\).*at most 100"):
         HTTPReward(tiny)(images(1), PROMPTS[:1])
     # A request that is not an image: the server names the position.
     monkeypatch.setattr("diffusion_dpo_trainer.rewards.http.encode_image", lambda image: "bm90IGFuIGltYWdl")
-    with pytest.raises(RuntimeError, match=r"\(400\).*images\[0\]: not a base64-encoded image"):
+    with pytest.raises(RewardServerError, match=r"\(400\).*images\[0\]: not a base64-encoded image"):
         HTTPReward(small)(images(1), PROMPTS[:1])
 
 

@@ -112,7 +112,10 @@ class HPSv2(ModelReward):
                                                                                 HPS_FILES[version])))
         with init_empty_weights():  # no random init of a 1B-parameter model that is overwritten at once
             self.model = CLIPModel(config)
-        self.model.load_state_dict(state, strict=True, assign=True)
+        try:
+            self.model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:  # shapes that do not match the `clip` config
+            raise ValueError(f"{checkpoint or HPS_REPO} does not fit the CLIP architecture of {clip!r}: {exc}") from exc
         self._place(device, dtype or torch.float32)  # the "compressed" checkpoints are half precision
         self.tokenizer = AutoTokenizer.from_pretrained(clip)
         self.image_size = config.vision_config.image_size

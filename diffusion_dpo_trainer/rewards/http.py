@@ -25,6 +25,11 @@ from PIL import Image
 from .base import check_inputs
 
 
+class RewardServerError(OSError):
+    """The reward server answered with an error or an unusable answer (an OSError, like urllib's HTTPError: the
+    command line reports it in one line)."""
+
+
 def encode_image(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")  # lossless: the server scores the very pixels the client has
@@ -65,7 +70,7 @@ class HTTPReward:
                 message = json.loads(exc.read()).get("error", exc.reason)
             except ValueError:
                 message = exc.reason
-            raise RuntimeError(f"Reward server {self.url} rejected the request ({exc.code}): {message}") from exc
+            raise RewardServerError(f"Reward server {self.url} rejected the request ({exc.code}): {message}") from exc
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ConnectionError(
@@ -74,8 +79,8 @@ class HTTPReward:
             ) from exc
         scores = answer.get("scores") if isinstance(answer, dict) else None
         if not isinstance(scores, list) or len(scores) != len(payload["images"]):
-            raise RuntimeError(f"Reward server {self.url} answered {answer!r}; expected {{'scores': [one float per "
-                               f"image]}} for {len(payload['images'])} images.")
+            raise RewardServerError(f"Reward server {self.url} answered {answer!r}; expected {{'scores': [...]}} "
+                                    f"with one float per image for {len(payload['images'])} images.")
         return [float(s) for s in scores]
 
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[float]:

@@ -98,8 +98,12 @@ class ImageReward(ModelReward):
         text = BlipTextConfig(**{**TEXT_CONFIG, **(text_config or {})})
         with init_empty_weights():
             self.model = _ImageReward(vision, text)
-        for name in ("vision", "text", "mlp"):
-            getattr(self.model, name).load_state_dict(parts[name], strict=True, assign=True)
+        try:
+            for name in ("vision", "text", "mlp"):
+                getattr(self.model, name).load_state_dict(parts[name], strict=True, assign=True)
+        except RuntimeError as exc:  # missing, unexpected or mis-shaped weights: say which file and what it is not
+            raise ValueError(f"{checkpoint or IMAGEREWARD_REPO} is not an ImageReward v1.0 checkpoint of the expected "
+                             f"architecture: {exc}") from exc
         self._place(device, dtype or torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.image_size = vision.image_size
