@@ -1,5 +1,14 @@
 from setuptools import find_packages, setup
 
+TEST = ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15"]
+OPTIONAL = {
+    "deepspeed": ["deepspeed>=0.19"],
+    # QLoRA on a torchao-quantized base (int8 / float8 weight-only): quant_backend "torchao".
+    "torchao": ["torchao>=0.18"],
+    # The reward models run on transformers; HPSv2 also needs ftfy to clean prompts as open_clip does.
+    "rewards": ["ftfy>=6"],
+}
+
 setup(
     name="diffusion-dpo-trainer",
     version="0.1.0",
@@ -28,13 +37,10 @@ setup(
     ],
     entry_points={"console_scripts": ["diffusion-dpo=diffusion_dpo_trainer.cli:main"]},
     extras_require={
-        "deepspeed": ["deepspeed>=0.19"],
-        # QLoRA on a torchao-quantized base (int8 / float8 weight-only): quant_backend "torchao".
-        "torchao": ["torchao>=0.18"],
-        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15",
-                 "deepspeed>=0.19", "torchao>=0.18"],
-        "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15",
-                "deepspeed>=0.19", "torchao>=0.18", "ruff"],
+        **OPTIONAL,
+        # The test suite runs every optional path, so CI installs them all.
+        "test": TEST + [req for reqs in OPTIONAL.values() for req in reqs],
+        "dev": TEST + [req for reqs in OPTIONAL.values() for req in reqs] + ["ruff"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -69,6 +69,8 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     denoiser_name: ClassVar[str]
     #: The beta used when `DiffusionDPOConfig.beta` is None, in the mean-reduced `-beta/2` convention.
     default_beta: ClassVar[float]
+    #: Sampler settings papers evaluate this family with (`diffusion-dpo evaluate`'s defaults); empty: the pipeline's.
+    evaluation_sampling: ClassVar[dict] = {}
     #: LoRA `target_modules` used when a `peft_config` leaves them unset.
     lora_target_modules: ClassVar[tuple[str, ...]]
     #: Extra keyword arguments for `from_pretrained`, e.g. to skip a safety checker we never run.
