@@ -11,6 +11,8 @@ from .data import (
 )
 from .evaluation import RewardEvaluationCallback, evaluate_win_rate
 from .feedback import build_preference_pairs
+from .online_config import DiffusionOnlineDPOConfig
+from .online_trainer import DiffusionOnlineDPOTrainer
 from .rewards import CLIPScore, PickScore, load_reward
 from .trainer import DiffusionDPOTrainer
 
@@ -19,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DiffusionDPOConfig",
     "DiffusionDPOTrainer",
+    "DiffusionOnlineDPOConfig",
+    "DiffusionOnlineDPOTrainer",
     "PreferenceCollator",
     "UnpairedCollator",
     "load_preference_folder",

@@ -137,15 +137,14 @@ class DiffusionDPOTrainer(Trainer):
                 f"{type(self.family.pipeline).__name__}."
             )
         collator_class = PreferenceCollator if self.paired else UnpairedCollator
-        prepare_dataset = prepare_preference_dataset if self.paired else prepare_unpaired_dataset
         if data_collator is None:
             data_collator = collator_class(self.resolution, args.random_crop, args.random_flip)
         if train_dataset is not None:
-            train_dataset = prepare_dataset(train_dataset, "train_dataset")
+            train_dataset = self._prepare_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
+            eval_dataset = {k: self._prepare_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset = prepare_dataset(eval_dataset, "eval_dataset")
+            eval_dataset = self._prepare_dataset(eval_dataset, "eval_dataset")
 
         super().__init__(
             model=denoiser,
@@ -181,6 +180,10 @@ class DiffusionDPOTrainer(Trainer):
         return self.family.pipeline
 
     # ----- construction helpers -----------------------------------------------------------------------------------
+    def _prepare_dataset(self, dataset, name: str):
+        """Validate a train/eval dataset and normalise its rows for the collator (pairs, or labelled images)."""
+        return (prepare_preference_dataset if self.paired else prepare_unpaired_dataset)(dataset, name)
+
     def _load_reference(self, ref_model, args) -> torch.nn.Module:
         name = self.family.denoiser_name
         if isinstance(ref_model, DiffusionPipeline):
@@ -265,7 +268,10 @@ class DiffusionDPOTrainer(Trainer):
         return global_draw.chunk(self.accelerator.num_processes, dim)[self.accelerator.process_index]
 
     def _latents(self, inputs) -> torch.Tensor:
-        """Denoiser-space latents of winners then losers, sampled from the VAE's latent distribution."""
+        """Denoiser-space latents of winners then losers, sampled from the VAE's latent distribution (or given as
+        they are, by a batch of generated images: `chosen_latents`/`rejected_latents`, see `online_trainer.py`)."""
+        if "chosen_latents" in inputs:
+            return torch.cat([inputs["chosen_latents"], inputs["rejected_latents"]])
         if "chosen_latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
             mean = torch.cat([inputs["chosen_latent_mean"], inputs["rejected_latent_mean"]])
             std = torch.cat([inputs["chosen_latent_std"], inputs["rejected_latent_std"]])

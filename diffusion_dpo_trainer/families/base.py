@@ -71,6 +71,11 @@ class DiffusionFamily:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
+    def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+        """The final latents of a pipeline call (as `callback_on_step_end` sees them) in the denoiser-space
+        (B, C, H, W) layout training uses; most pipelines already keep them that way."""
+        return latents
+
     def time_conditioning(self, batch: dict, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-image conditioning other than the prompt (SDXL's micro-conditioning); rows: winners, then losers."""
         return {}
