@@ -101,7 +101,7 @@ def iter_sample_batches(
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
             final = {}
             if return_latents:
-                def keep_latents(pipe, step, timestep, tensors):
+                def keep_latents(pipe, step, timestep, tensors, final=final):
                     final["latents"] = tensors["latents"]
                     return tensors
 
