@@ -385,6 +385,7 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
 
     # ----- the step -----------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()  # as Trainer.training_step does, also for a step that has no pair to train on
         step = self.state.global_step
         micro = self._window[1] + 1 if self._window[0] == step else 0
         self._window = (step, micro)
