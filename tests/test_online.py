@@ -443,3 +443,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd
             assert ours[name] == pytest.approx(theirs[name], abs=worker.BETA / 2 * 1e-6), name
     for key, value in single["lora"].items():
         np.testing.assert_allclose(ranks[0]["lora"][key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_cached_prompt_embeddings_and_small_generation_batches_train_the_same(tmp_path, sd_path):
+    """precompute_text_embeddings feeds the training step from the cache, generation_batch_size only splits the
+    pipeline calls: the run logs the same losses as the plain one."""
+    plain = trainer_for(sd_path, tmp_path / "plain", max_steps=2)
+    plain.train()
+    cached = trainer_for(sd_path, tmp_path / "cached", max_steps=2, precompute_text_embeddings=True,
+                         generation_batch_size=1)
+    assert len(cached._prompt_cache) == len(PROMPTS)
+    seen = record_batches(cached)
+    cached.train()
+    assert all("prompt_embeds" in step["inputs"] for step in seen)
+    assert losses_of(cached) == pytest.approx(losses_of(plain), abs=1e-5)
