@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 
 import datasets
 import numpy as np
@@ -26,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from . import losses
-from .caching import precompute_prompt_embeddings
 from .feedback import candidate_pairs, is_preference
 from .online_config import DiffusionOnlineDPOConfig
 from .rewards import load_reward
@@ -53,9 +51,18 @@ def prepare_prompt_dataset(dataset, name: str = "train_dataset") -> datasets.Dat
     return dataset
 
 
-def collate_prompts(rows: list[dict]) -> dict[str, list]:
-    """Rows of a prompt dataset as lists per column (the prompts, and the columns the rewards receive)."""
-    return {key: [row[key] for row in rows] for key in rows[0]}
+class PromptCollator:
+    """Rows of a prompt dataset as lists per column (the prompts, and the columns the rewards receive).
+
+    It has no image columns; `prompt_embeddings` (set by `precompute_text_embeddings`) is looked up for the generated
+    pairs' prompts, by the trainer.
+    """
+
+    image_columns = ()
+    prompt_embeddings = None
+
+    def __call__(self, rows: list[dict]) -> dict[str, list]:
+        return {key: [row[key] for row in rows] for key in rows[0]}
 
 
 def image_seed(*key: int) -> int:
@@ -126,8 +133,8 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         reward_funcs: a reward or a list of them, combined with `args.reward_weights`. A reward is a callable, or a
             name for `load_reward` ("pickscore", "clip:<id or path>", "package.module:function"). A callable that takes
             `completions` (or only `**kwargs`) is called TRL's way: `fn(prompts=..., completions=images,
-            trainer_state=..., **other dataset columns)`; any other callable as `fn(images, prompts)`. Either returns one
-            float (or None: not scored) per image; higher is better.
+            trainer_state=..., **other dataset columns)`; any other callable as `fn(images, prompts)`. Either returns
+            one float (or None: not scored) per image; higher is better.
         judge: instead of rewards, a pairwise judge with TRL's interface: `judge.judge(prompts, [[image_a, image_b],
             ...])` returns, per pair, 0 or 1 (the better image) or -1 (no decision, no pair).
         train_dataset, eval_dataset: `datasets.Dataset`s with a `prompt` column; other columns go to the rewards.
@@ -169,7 +176,7 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
                              "reward functions; give one weight per function.")
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
         self.judge = judge
-        super().__init__(model=model, ref_model=ref_model, args=args, data_collator=collate_prompts,
+        super().__init__(model=model, ref_model=ref_model, args=args, data_collator=PromptCollator(),
                          train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks,
                          optimizers=optimizers, peft_config=peft_config)
         if not self.paired:
@@ -183,6 +190,9 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
                                      "denoiser: do not pass `ref_model`.")
                 self._add_reference_adapter()
             self.add_callback(_SyncReference(self))
+        # The cached embeddings serve the training step; the pipeline still encodes prompts when it samples.
+        for encoder in self.family.text_encoders:
+            encoder.to(self.accelerator.device)
         self._buffer: dict[int, dict] = {}  # micro-step -> the generated batch it trains on until the next generation
         self._window = (None, -1)  # (optimizer step, micro-step within it) of the last training step
         self._eval_batches = 0
@@ -191,20 +201,8 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
     def _prepare_dataset(self, dataset, name):
         return prepare_prompt_dataset(dataset, name)
 
-    def _precompute(self) -> None:
-        """Prompt embeddings for the training step only: the pipeline still encodes prompts when it samples, so the
-        text encoders stay where they are."""
-        if not self.args.precompute_text_embeddings:
-            return
-        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
-        every = [d for d in (self.train_dataset, *evals) if d is not None]
-        with self.args.main_process_first(desc="precomputing prompt embeddings"):
-            self._prompt_cache = precompute_prompt_embeddings(
-                every, self.family, self.accelerator.device, self.args.per_device_train_batch_size
-            )
-
     def _add_reference_adapter(self) -> None:
-        """A second LoRA adapter, equal to the policy's initial one, that the reference forward switches to."""
+        """A second LoRA adapter, equal to the policy's initial one, that the family's reference switches to."""
         denoiser = self.family.denoiser
         config = denoiser.peft_config["default"]
         denoiser.add_adapter(config, adapter_name=REFERENCE_ADAPTER)
@@ -212,7 +210,7 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         for name, parameter in denoiser.named_parameters():
             if f".{REFERENCE_ADAPTER}." in name:
                 parameter.requires_grad_(False)
-        self._adapter_layer_cache = None
+        self.family.reference_adapter = REFERENCE_ADAPTER
         self.sync_reference(alpha=1.0)
 
     def _reference_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -230,21 +228,6 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         alpha = self.args.ref_model_mixup_alpha if alpha is None else alpha
         for reference, policy in self._reference_pairs():
             reference.lerp_(policy.to(reference.dtype), alpha)
-
-    @contextmanager
-    def _reference(self, model):
-        if not (self.is_lora and self.args.sync_ref_model):
-            with super()._reference(model) as reference:
-                yield reference
-            return
-        denoiser, layers = self._adapter_layers(model)
-        for layer in layers:
-            layer.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
-        try:
-            yield denoiser
-        finally:
-            for layer in layers:
-                layer.set_adapter("default")  # trainable again, the reference adapter frozen again
 
     # ----- data ---------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -271,7 +254,7 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         """(images, reward functions) float64 scores, NaN where a function returned None."""
         scores = torch.full((len(images), len(self.reward_funcs)), math.nan, dtype=torch.float64)
         with torch.random.fork_rng(devices=[]):
-            for k, (fn, name) in enumerate(zip(self.reward_funcs, self.reward_func_names)):
+            for k, (fn, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
                 if _takes_trl_keywords(fn):
                     values = fn(prompts=prompts, completions=images, trainer_state=self.state, **columns)
                 else:
@@ -317,7 +300,7 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
             if len(verdicts) != len(starts):
                 raise ValueError(f"The judge returned {len(verdicts)} verdicts for {len(starts)} pairs.")
             slots = []
-            for (g, j), verdict in zip(starts, verdicts):
+            for (g, j), verdict in zip(starts, verdicts, strict=True):
                 if verdict not in (0, 1, -1):
                     raise ValueError(f"The judge returned {verdict!r} for prompt {prompts[g]!r}; expected 0 or 1 (the "
                                      "better image) or -1 (no decision).")
@@ -327,8 +310,8 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         slots = []
         for g in range(len(prompts)):
             group = totals[g * n : (g + 1) * n].tolist()
-            for w, l in candidate_pairs(group, self.args.pair_strategy):
-                slots.append((g, w, l, is_preference(group[w], group[l], self.args.min_score_gap)))
+            for winner, loser in candidate_pairs(group, self.args.pair_strategy):
+                slots.append((g, winner, loser, is_preference(group[winner], group[loser], self.args.min_score_gap)))
         return slots
 
     def _generate(self, inputs: dict[str, list], key: tuple[int, ...], mode: str) -> dict:
@@ -346,7 +329,7 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         slots = self._pair_slots(prompts, images, totals)
         valid = torch.tensor([slot[3] for slot in slots])
         chosen = [g * n + w for g, w, _, _ in slots]
-        rejected = [g * n + l for g, _, l, _ in slots]
+        rejected = [g * n + loser for g, _, loser, _ in slots]
         size = torch.tensor([self.resolution, self.resolution])
         batch = {
             "prompt": [prompts[g] for g, _, _, _ in slots],
@@ -380,7 +363,7 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         return batch
 
     def _attach_embeddings(self, batch: dict) -> dict:
-        cache = getattr(self, "_prompt_cache", None)
+        cache = self.data_collator.prompt_embeddings
         return {**batch, "prompt_embeds": cache(batch["prompt"])} if cache is not None else batch
 
     # ----- the step -----------------------------------------------------------------------------------------------

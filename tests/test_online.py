@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import LN2, lora
-from conftest import make_args as offline_args
+from helpers import LN2, lora
+from helpers import make_args as offline_args
 from datasets import Dataset
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer, DiffusionOnlineDPOConfig, DiffusionOnlineDPOTrainer
@@ -452,7 +452,7 @@ def test_cached_prompt_embeddings_and_small_generation_batches_train_the_same(tm
     plain.train()
     cached = trainer_for(sd_path, tmp_path / "cached", max_steps=2, precompute_text_embeddings=True,
                          generation_batch_size=1)
-    assert len(cached._prompt_cache) == len(PROMPTS)
+    assert len(cached.data_collator.prompt_embeddings) == len(PROMPTS)
     seen = record_batches(cached)
     cached.train()
     assert all("prompt_embeds" in step["inputs"] for step in seen)
