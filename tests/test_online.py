@@ -15,7 +15,7 @@ from helpers import make_args as offline_args
 from datasets import Dataset
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer, DiffusionOnlineDPOConfig, DiffusionOnlineDPOTrainer
-from diffusion_dpo_trainer.sampling import adapters_disabled, iter_sample_batches
+from diffusion_dpo_trainer.sampling import iter_sample_batches
 
 PROMPTS = ["a red square", "a blue circle", "a green tree", "a yellow sun"]
 
@@ -81,7 +81,7 @@ def test_samples_come_from_the_policy_being_trained(tmp_path, sd_path):
         kwargs = {"num_inference_steps": 2, "guidance_scale": 1.0, "height": 32, "width": 32, "progress": False,
                   "batch_size": len(prompts)}
         (again, _), = iter_sample_batches(trainer.pipeline, prompts, seeds, return_latents=True, **kwargs)
-        with adapters_disabled(trainer.pipeline) as base:
+        with trainer.family.reference_pipeline() as base:  # the base model: the LoRA switched off
             (base_images, _), = iter_sample_batches(base, prompts, seeds, return_latents=True, **kwargs)
         checks.append((trainer.state.global_step, [np.array_equal(grey(a), grey(b)) for a, b in zip(images, again)],
                        max(np.abs(grey(a) - grey(b)).max() for a, b in zip(images, base_images))))
