@@ -86,8 +86,8 @@ def select_pairs(
     if min_score_gap < 0:
         raise ValueError(f"min_score_gap must be >= 0 (a tie is not a preference), got {min_score_gap}.")
     scores = [float(s) for s in scores]
-    return [(w, l) for w, l in candidate_pairs(scores, strategy, num_pairs, rng)
-            if is_preference(scores[w], scores[l], min_score_gap)]
+    return [(winner, loser) for winner, loser in candidate_pairs(scores, strategy, num_pairs, rng)
+            if is_preference(scores[winner], scores[loser], min_score_gap)]
 
 
 def _png(image) -> dict:

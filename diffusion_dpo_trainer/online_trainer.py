@@ -32,7 +32,6 @@ from .sampling import iter_sample_batches
 from .trainer import DiffusionDPOTrainer
 
 REFERENCE_ADAPTER = "ref"
-ONLINE_STATE = "online_state.json"
 REFERENCE_WEIGHTS = "reference.safetensors"
 
 

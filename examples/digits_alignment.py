@@ -292,7 +292,8 @@ def online_dpo_trainer(base_path, reward, settings: Settings, seed: int, output_
 def images_sampled(settings: Settings, online: bool) -> int:
     """The sampling budget: images drawn from a model to train on (pairs offline, policy groups online)."""
     if online:
-        return -(-settings.dpo_steps // settings.online_iterations) * settings.dpo_batch_size * settings.images_per_group
+        generations = -(-settings.dpo_steps // settings.online_iterations)
+        return generations * settings.dpo_batch_size * settings.images_per_group
     return 10 * settings.groups_per_digit * settings.images_per_group
 
 
@@ -500,7 +501,8 @@ def main(argv=None) -> dict:
         "quick": args.quick,
         "settings": asdict(settings),
         # process CPU time: with one thread, the wall time the run takes on an idle core, whatever else the machine runs
-        "timings_s": {**timings, "total": round(time.perf_counter() - start, 1), "cpu": round(time.process_time(), 1)},
+        "timings_s": {**timings, "total": round(time.perf_counter() - start, 1),
+                      "cpu": round(time.process_time(), 1)},
         "torch_threads": torch.get_num_threads(),
         "files": {"base_pipeline": "base-pipeline", "lora": "dpo-lora", "samples": "samples.png",
                   "training_curves": "training_curves.png"},
@@ -515,7 +517,8 @@ def online_figures(log_history: list) -> dict:
     """Pairs and reward gaps of an online run, from what the trainer logged while sampling."""
     logged = [h for h in log_history if "objective/scores" in h]
     return {
-        "mean_pair_reward_gap": float(np.mean([h["objective/scores_margin"] for h in logged if "objective/scores_margin" in h])),
+        "mean_pair_reward_gap": float(np.mean([h["objective/scores_margin"] for h in logged
+                                               if "objective/scores_margin" in h])),
         "no_pair_fraction": float(np.mean([h["objective/no_pair_fraction"] for h in logged])),
         "reward_model_score_while_training": [[h["step"], h["objective/scores"]] for h in logged],
         "sampling_s": round(logged_total(log_history, "time/generation"), 1),

@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from helpers import LN2, lora
 from helpers import make_args as offline_args
-from datasets import Dataset
+from transformers import TrainerCallback
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer, DiffusionOnlineDPOConfig, DiffusionOnlineDPOTrainer
 from diffusion_dpo_trainer.sampling import iter_sample_batches
@@ -139,16 +140,11 @@ def test_loss_on_generated_pairs_equals_the_offline_trainers_loss(tmp_path, sd_p
         assert metrics[name].item() == pytest.approx(logged[name], rel=1e-5, abs=1e-6), name
 
 
-class _RecordLoRA:
+class _RecordLoRA(TrainerCallback):
     """A callback keeping the policy adapter after every optimizer step."""
 
     def __init__(self, store):
         self.store = store
-
-    def __getattr__(self, name):
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.store.append(lora_state(model))
@@ -183,7 +179,8 @@ def test_rewards_get_the_prompts_and_the_other_columns(tmp_path, sd_path):
     calls = {"trl": [], "ours": []}
 
     def trl_style(prompts, completions, style, trainer_state, **kwargs):
-        calls["trl"].append({"prompts": prompts, "n": len(completions), "style": style, "step": trainer_state.global_step})
+        calls["trl"].append({"prompts": prompts, "n": len(completions), "style": style,
+                             "step": trainer_state.global_step})
         return [float(grey(im).mean()) for im in completions]
 
     class Ours:
