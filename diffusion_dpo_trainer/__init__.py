@@ -5,6 +5,8 @@ from .config import DiffusionDPOConfig
 from .evaluation import RewardEvaluationCallback, evaluate_win_rate
 from .feedback import build_preference_pairs
 from .formats import load_preference_folder, prepare_preference_dataset, prepare_unpaired_dataset, to_preference_pairs
+from .online_config import DiffusionOnlineDPOConfig
+from .online_trainer import DiffusionOnlineDPOTrainer
 from .protocol import evaluate_protocol
 from .rewards import CLIPScore, PickScore, load_reward
 from .trainer import DiffusionDPOTrainer
@@ -14,6 +16,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DiffusionDPOConfig",
     "DiffusionDPOTrainer",
+    "DiffusionOnlineDPOConfig",
+    "DiffusionOnlineDPOTrainer",
     "PreferenceCollator",
     "UnpairedCollator",
     "load_preference_folder",

@@ -30,9 +30,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .evaluation import compare_rewards
+from .families import family_class_for, load_pipeline
 from .prompt_sets import load_prompt_sets
 from .rewards import load_reward
-from .families import family_class_for, load_pipeline
 from .sampling import adapters_disabled, iter_sample_batches
 
 VARIANTS = ("base", "tuned")

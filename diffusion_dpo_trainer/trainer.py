@@ -138,7 +138,6 @@ class DiffusionDPOTrainer(Trainer):
         self.resolution = args.resolution or self.family.native_resolution()
         self.family.check_resolution(self.resolution)
         collator_class = PreferenceCollator if self.paired else UnpairedCollator
-        prepare_dataset = prepare_preference_dataset if self.paired else prepare_unpaired_dataset
         if data_collator is None:
             data_collator = collator_class(self.resolution, args.random_crop, args.random_flip,
                                            proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed)
@@ -146,8 +145,8 @@ class DiffusionDPOTrainer(Trainer):
             warnings.warn("proportion_empty_prompts is applied by the default collator; the data_collator passed in "
                           "decides the prompts itself, so no prompt is dropped unless it does so.")
         if train_dataset is not None:
-            train_dataset = prepare_dataset(train_dataset, "train_dataset")
-        eval_dataset = map_eval_datasets(eval_dataset, prepare_dataset)
+            train_dataset = self._prepare_dataset(train_dataset, "train_dataset")
+        eval_dataset = map_eval_datasets(eval_dataset, self._prepare_dataset)
 
         super().__init__(
             model=denoiser,
@@ -193,6 +192,10 @@ class DiffusionDPOTrainer(Trainer):
         """The explicit or frozen reference denoiser; None when the reference is the adapter-disabled policy (or
         no selected loss needs one). Owned by the family: `self.family.reference()` is the one switch."""
         return self.family.ref_model
+
+    def _prepare_dataset(self, dataset, name: str):
+        """Validate a train/eval dataset and normalise its rows for the collator (pairs, or labelled images)."""
+        return (prepare_preference_dataset if self.paired else prepare_unpaired_dataset)(dataset, name)
 
     @property
     def mixed_precision(self) -> str:
@@ -253,12 +256,15 @@ class DiffusionDPOTrainer(Trainer):
         """
         sides = ("chosen_", "rejected_") if self.paired else ("",)  # the collators' batch-key prefixes
         groups = len(sides)
-        if f"{sides[0]}latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
-            mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
-            std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
+        if f"{sides[0]}latents" in inputs:  # sampled by the policy (online DPO): the latents as generated
+            x0 = torch.cat([inputs[f"{side}latents"] for side in sides])
         else:
-            mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
-        x0 = self._sample_latents(mean, std, groups)
+            if f"{sides[0]}latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
+                mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
+                std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
+            else:
+                mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
+            x0 = self._sample_latents(mean, std, groups)
         per_group, world = x0.shape[0] // groups, self.accelerator.num_processes
         draw_shape = (world * per_group, *x0.shape[1:])
         noise = self._own_share(torch.randn(draw_shape, device=x0.device, dtype=x0.dtype))

@@ -90,6 +90,9 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         #: The explicit or frozen reference denoiser; None means the policy with its adapters switched off.
         self.ref_model: torch.nn.Module | None = None
         self._adapter_layers: list[BaseTunerLayer] | None = None
+        #: A LoRA adapter that holds the reference (online DPO's synced reference): the reference switches to it
+        #: instead of switching the adapters off.
+        self.reference_adapter: str | None = None
 
     @property
     def max_prompt_length(self) -> int | None:
@@ -167,8 +170,9 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     @contextmanager
     def reference(self):
-        """The reference denoiser: the explicit/frozen one, or the policy with its LoRA adapters switched off (no
-        second copy in memory). The one reference switch of the library: training, sampling and evaluation use it."""
+        """The reference denoiser: the explicit/frozen one, the policy's `reference_adapter` if set, or the policy with
+        its LoRA adapters switched off (no second copy in memory). The one reference switch of the library: training,
+        sampling and evaluation use it."""
         if self.ref_model is not None:
             yield self.ref_model
             return
@@ -180,6 +184,10 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         if self._adapter_layers is None:
             # Found once: `disable_adapters()` walks every module (~2000 in SD1.5's UNet) on every call.
             self._adapter_layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        if self.reference_adapter is not None:
+            with self._adapter_active(self.reference_adapter):
+                yield self.denoiser
+            return
         for layer in self._adapter_layers:
             layer.enable_adapters(False)
         try:
@@ -187,6 +195,18 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         finally:
             for layer in self._adapter_layers:
                 layer.enable_adapters(True)
+
+    @contextmanager
+    def _adapter_active(self, name: str):
+        """Another adapter active (and frozen) for the duration; the policy's adapter active and trainable after."""
+        active = [layer.active_adapters for layer in self._adapter_layers]
+        for layer in self._adapter_layers:
+            layer.set_adapter(name, inference_mode=True)
+        try:
+            yield
+        finally:
+            for layer, names in zip(self._adapter_layers, active, strict=True):
+                layer.set_adapter(names)
 
     @contextmanager
     def reference_pipeline(self):
@@ -220,6 +240,11 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         """VAE latents to the denoiser's latent space (shift, then scale)."""
         shift = getattr(self.vae_config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae_config.scaling_factor
+
+    def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+        """The final latents of a pipeline call (as `callback_on_step_end` sees them) in the denoiser-space
+        (B, C, H, W) layout training uses; most pipelines already keep them that way."""
+        return latents
 
     def time_conditioning(self, batch: dict, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-image conditioning other than the prompt (SDXL's micro-conditioning); rows: winners, then losers."""
