@@ -1,6 +1,8 @@
 """`DiffusionDPOConfig`: TrainingArguments plus what Diffusion-DPO needs, with diffusion-friendly defaults."""
 
+import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -207,3 +209,16 @@ class DiffusionDPOConfig(TrainingArguments):
             "help": "Log every X update steps. An integer, or a float in [0, 1) read as a ratio of total steps."
         },
     )
+
+
+def config_defaults() -> SimpleNamespace:
+    """Every `DiffusionDPOConfig` field at its default, without constructing a config: `TrainingArguments.__post_init__`
+    sets up accelerate's process state, which must not happen again while a Trainer runs (a family built for sampling
+    or evaluation in the middle of training reads its options from here)."""
+    values = {}
+    for f in dataclasses.fields(DiffusionDPOConfig):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    return SimpleNamespace(**values)

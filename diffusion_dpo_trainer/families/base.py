@@ -78,9 +78,9 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     def __init__(self, pipeline: DiffusionPipeline, args=None):
         if args is None:
-            from ..config import DiffusionDPOConfig  # the config imports nothing of ours; only the default is lazy
+            from ..config import config_defaults  # the config imports nothing of ours; only the default is lazy
 
-            args = DiffusionDPOConfig()
+            args = config_defaults()
         self.pipeline = pipeline
         self.args = args
         self.vae = pipeline.vae
