@@ -1,4 +1,4 @@
-"""Model families: everything that differs between SD1.x/2.x, SDXL, SD3 and FLUX lives here."""
+"""Model families: everything that differs between SD1.x/2.x, SDXL, SD3, FLUX, Qwen-Image, Z-Image and Sana lives here."""
 
 import os
 
@@ -8,15 +8,21 @@ from diffusers import DiffusionPipeline
 from .base import DiffusionFamily
 from .flow import FlowMatchingFamily
 from .flux import FluxFamily
+from .qwenimage import QwenImageFamily
+from .sana import SanaFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
+from .zimage import ZImageFamily
 
 FAMILIES: tuple[type[DiffusionFamily], ...] = (
     StableDiffusionFamily,
     StableDiffusionXLFamily,
     StableDiffusion3Family,
     FluxFamily,
+    QwenImageFamily,
+    ZImageFamily,
+    SanaFamily,
 )
 
 
@@ -76,9 +82,12 @@ __all__ = [
     "DiffusionFamily",
     "FlowMatchingFamily",
     "FluxFamily",
+    "QwenImageFamily",
+    "SanaFamily",
     "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
+    "ZImageFamily",
     "family_class_for",
     "load_family",
 ]

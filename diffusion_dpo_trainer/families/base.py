@@ -28,7 +28,9 @@ class DiffusionFamily:
         self.max_prompt_length = max_prompt_length
         self.args = args
         self.vae = pipeline.vae
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # The pipeline's own factor: VAEs describe their depth differently (block_out_channels, temperal_downsample,
+        # encoder_block_out_channels), and every diffusers pipeline computes it for its VAE.
+        self.vae_scale_factor = pipeline.vae_scale_factor
 
     # ----- components ---------------------------------------------------------------------------------------------
     @property
