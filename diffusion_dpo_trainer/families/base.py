@@ -57,6 +57,10 @@ class DiffusionFamily:
         """Training resolutions must be multiples of this (in pixels)."""
         return self.vae_scale_factor
 
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """Shape of one image's VAE latent (what `encode_pixels` returns per image) at a square resolution."""
+        return (self.vae.config.latent_channels,) + (resolution // self.vae_scale_factor,) * 2
+
     # ----- data -> tensors ----------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Conditioning tensors for a batch of prompts, one row per prompt."""

@@ -18,6 +18,9 @@ class QwenImageFamily(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
+    def latent_shape(self, resolution):
+        return (self.vae.config.z_dim,) + (resolution // self.vae_scale_factor,) * 2
+
     @torch.no_grad()
     def encode_pixels(self, pixel_values):
         """The VAE is a video VAE: images go in as one-frame clips, (B, C, 1, H, W), and come out as (B, C, H, W)."""
