@@ -132,7 +132,8 @@ class DiffusionDPOConfig(TrainingArguments):
         metadata={"help": "Keyword arguments for `from_pretrained` when `ref_model` is an id or a path."},
     )
 
-    # Flow-matching models (SD3/SD3.5, FLUX.1, Qwen-Image, Z-Image, Sana): timestep sampling and guidance, as in diffusers' training scripts.
+    # Flow-matching models (SD3/SD3.5, FLUX.1, Qwen-Image, Z-Image, Sana): timestep sampling and guidance, as in
+    # diffusers' training scripts.
     weighting_scheme: str = field(
         default="logit_normal",
         metadata={

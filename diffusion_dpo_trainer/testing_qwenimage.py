@@ -16,20 +16,20 @@ from transformers import AddedToken, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalG
 from .testing import _WORDS, _byte_level_alphabet, _in_scratch_dir, _learn_bpe_merges, _seeded
 
 # Words of Qwen-Image's prompt template, so it tokenizes to the 34 tokens the pipeline drops, as the real one does.
-_TEMPLATE_WORDS = (
-    "system Describe the image by detailing color shape size texture quantity text spatial relationships of objects "
-    "and background user assistant"
-).split()
+_TEMPLATE_WORDS = [
+    "system", "Describe", "the", "image", "by", "detailing", "color", "shape", "size", "texture", "quantity", "text",
+    "spatial", "relationships", "of", "objects", "and", "background", "user", "assistant",
+]
 # Qwen chat markup, a minimal stand-in for Qwen3's chat template (which with enable_thinking=True adds nothing more).
 _CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Qwen-Image's published scheduler: the shift depends on the image size and is applied at inference only.
-QWEN_IMAGE_SCHEDULER = dict(
-    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-    base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
-)
+QWEN_IMAGE_SCHEDULER = {
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
+    "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential",
+}
 
 
 def write_qwen2_tokenizer(path):

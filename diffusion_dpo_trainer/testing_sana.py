@@ -12,10 +12,10 @@ from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
 from .testing import _WORDS, _in_scratch_dir, _learn_bpe_merges, _seeded
 
 # Sana's published scheduler (Sana_1600M_*_diffusers): DPM-Solver++ on flow sigmas with a static shift of 3.
-SANA_SCHEDULER = dict(
-    num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2, prediction_type="flow_prediction",
-    use_flow_sigmas=True, flow_shift=3.0, final_sigmas_type="zero",
-)
+SANA_SCHEDULER = {
+    "num_train_timesteps": 1000, "algorithm_type": "dpmsolver++", "solver_order": 2,
+    "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0, "final_sigmas_type": "zero",
+}
 
 
 def write_gemma_tokenizer(path):

@@ -11,7 +11,7 @@ from .testing import _in_scratch_dir, _seeded, _vae
 from .testing_qwenimage import write_qwen2_tokenizer
 
 # Z-Image-Turbo's published scheduler: a static shift, applied at training and inference alike.
-Z_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+Z_IMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 
 
 def build_tiny_zimage_pipeline(path, sample_size=32, seed=0):
