@@ -1,27 +1,24 @@
-"""Qwen-Image, Z-Image and Sana on tiny offline pipelines: the family conformance checks (ln 2 with LoRA, identical
-policy/reference inputs, one draw per pair, diffusers-format LoRA, full fine-tune, cache = no cache), the published
-shift reaching the transformer, and the family's prediction driving each pipeline's own sampler."""
+"""Facts of the Qwen-Image, Z-Image and Sana families on tiny offline pipelines: the family's prediction drives each
+pipeline's own sampler, prompt padding and masks change nothing, the published shift reaches the transformer, Qwen-Image's
+per-channel latent normalisation.
 
-import math
+What every family must do (LoRA, reference inputs, saving, caching, the resolution check) is in
+test_family_conformance.py."""
+
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import LN2, forbid, lora, make_args
-from diffusers import DiffusionPipeline
-from peft import get_peft_model_state_dict
+from helpers import assert_cached_run_matches_uncached, lora, make_args
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
-from diffusion_dpo_trainer.families import QwenImageFamily, SanaFamily, ZImageFamily, load_family
+from diffusion_dpo_trainer.families import load_family
 from diffusion_dpo_trainer.testing import make_preference_dataset
-from diffusion_dpo_trainer.testing_qwenimage import build_tiny_qwenimage_pipeline
-from diffusion_dpo_trainer.testing_sana import build_tiny_sana_pipeline
-from diffusion_dpo_trainer.testing_zimage import build_tiny_zimage_pipeline
+from diffusion_dpo_trainer.testing.qwenimage import make_qwenimage_pipeline
+from diffusion_dpo_trainer.testing.sana import make_sana_pipeline
+from diffusion_dpo_trainer.testing.zimage import make_zimage_pipeline
 
-BUILDERS = {"qwenimage": build_tiny_qwenimage_pipeline, "zimage": build_tiny_zimage_pipeline,
-            "sana": build_tiny_sana_pipeline}
-FAMILY = {"qwenimage": QwenImageFamily, "zimage": ZImageFamily, "sana": SanaFamily}
+BUILDERS = {"qwenimage": make_qwenimage_pipeline, "zimage": make_zimage_pipeline, "sana": make_sana_pipeline}
 NAMES = sorted(BUILDERS)
 # Sampling options that make each pipeline run one plain conditional prediction per step at 32 px.
 PLAIN_SAMPLING = {"qwenimage": {}, "zimage": {"guidance_scale": 0.0},
@@ -42,122 +39,19 @@ def varied_pairs():
     )
 
 
-def family_lora():
-    return lora(target_modules=None)  # the family's documented defaults
+# ----- prompt padding and masks -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["qwenimage", "zimage"])
+def test_cached_runs_match_uncached_with_prompts_of_different_lengths(tmp_path, name, paths, varied_pairs):
+    """The cache stores each prompt padded to one length with its mask: with prompts of different lengths in a batch
+    (the suite's data has equal lengths), a cached run still logs the uncached losses."""
 
-
-def losses_of(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def render(pipe, name):
-    generator = torch.Generator().manual_seed(0)
-    return pipe("a solid red square", num_inference_steps=2, height=32, width=32, output_type="np",
-                generator=generator, **PLAIN_SAMPLING[name]).images
-
-
-def tensors_of(args, kwargs):
-    """Every tensor a module call received, lists (Z-Image's per-image inputs) flattened, in a fixed order."""
-    values = [*args, *(kwargs[k] for k in sorted(kwargs))]
-    flat = []
-    for value in values:
-        flat.extend(value if isinstance(value, (list, tuple)) else [value])
-    return [v.detach().clone() for v in flat if isinstance(v, torch.Tensor)]
-
-
-# ----- conformance -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
-def test_lora_first_loss_is_ln2_and_the_adapter_loads_into_the_pipeline(tmp_path, name, paths, varied_pairs):
-    args = make_args(tmp_path, max_steps=3)
-    trainer = DiffusionDPOTrainer(model=paths[name], args=args, train_dataset=varied_pairs, peft_config=family_lora())
-    assert isinstance(trainer.family, FAMILY[name]) and trainer.beta == FAMILY[name].default_beta
-    trainer.train()
-    # The adapter starts as a no-op and the reference is the adapter switched off: loss is exactly ln 2.
-    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
-    assert all(math.isfinite(x) for x in losses_of(trainer))
-    trainer.save_model()
-
-    trained = get_peft_model_state_dict(trainer.family.denoiser)
-    assert all(any(f".{m}." in k for k in trained) for m in FAMILY[name].lora_target_modules)
-    fresh = DiffusionPipeline.from_pretrained(paths[name])
-    without = render(fresh, name)
-    fresh.load_lora_weights(args.output_dir, adapter_name="dpo")
-    loaded = get_peft_model_state_dict(fresh.transformer, adapter_name="dpo")
-    assert loaded.keys() == trained.keys()  # every trained layer loads, none is dropped
-    for key, value in trained.items():
-        torch.testing.assert_close(loaded[key], value)
-    assert not np.allclose(without, render(fresh, name)), "the loaded LoRA does not change the output"
-    card = Path(args.output_dir, "README.md").read_text(encoding="utf-8")
-    assert type(fresh).__name__ in card and f"beta = {trainer.beta:g}" in card
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_policy_and_reference_get_identical_inputs_and_one_draw_per_pair(tmp_path, name, paths, varied_pairs):
-    args = make_args(tmp_path)
-    trainer = DiffusionDPOTrainer(model=paths[name], args=args, train_dataset=varied_pairs, peft_config=family_lora())
-    family, calls, draws = trainer.family, [], []
-    handle = family.denoiser.register_forward_pre_hook(
-        lambda module, a, kw: calls.append(tensors_of(a, kw)), with_kwargs=True
-    )
-    original = family.noisy_latents_and_target
-
-    def spy(x0, noise, timesteps):
-        draws.append((noise.clone(), timesteps.clone()))
-        return original(x0, noise, timesteps)
-
-    family.noisy_latents_and_target = spy
-    try:
-        trainer.train()
-    finally:
-        handle.remove()
-
-    assert len(calls) == 2 * args.max_steps  # one policy and one reference forward per step
-    n = args.per_device_train_batch_size
-    for step in range(args.max_steps):
-        policy, reference = calls[2 * step], calls[2 * step + 1]
-        assert len(policy) == len(reference) >= 3
-        assert all(torch.equal(p, r) for p, r in zip(policy, reference))
-        noise, timesteps = draws[step]
-        assert noise.shape[0] == timesteps.shape[0] == 2 * n
-        assert torch.equal(noise[:n], noise[n:]) and torch.equal(timesteps[:n], timesteps[n:])
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_full_finetune_saves_a_reloadable_transformer(tmp_path, name, paths, pairs):
-    args = make_args(tmp_path, max_steps=1)
-    trainer = DiffusionDPOTrainer(model=paths[name], args=args, train_dataset=pairs)
-    before = {k: v.clone() for k, v in trainer.family.denoiser.state_dict().items()}
-    trainer.train()
-    # Policy == frozen copy at step 1. Not bit-exact: on CPU a convolution whose weight requires grad takes another
-    # kernel (Sana's depthwise convs differ by ~4e-7), which beta 500 turns into ~1e-5 of loss.
-    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-4)
-    trainer.save_model()
-    trained = trainer.family.denoiser.state_dict()
-    assert any(not torch.equal(before[k], trained[k]) for k in before), "the transformer did not train"
-    reloaded = type(trainer.family.denoiser).from_pretrained(args.output_dir, subfolder="transformer")
-    assert reloaded.state_dict().keys() == trained.keys()
-    for key, value in reloaded.state_dict().items():
-        torch.testing.assert_close(value, trained[key])
-    pipe = DiffusionPipeline.from_pretrained(paths[name], transformer=reloaded)
-    assert np.isfinite(render(pipe, name)).all()
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_cached_latents_and_embeddings_give_the_uncached_losses(tmp_path, name, paths, varied_pairs):
-    runs = {}
-    for cached in (False, True):
+    def make_trainer(cached):
         args = make_args(tmp_path / str(cached), max_steps=3, precompute_latents=cached,
                          precompute_text_embeddings=cached)
-        trainer = DiffusionDPOTrainer(model=paths[name], args=args, train_dataset=varied_pairs)
-        if cached:
-            assert all(next(m.parameters()).device.type == "cpu" for m in trainer.family.frozen_modules)
-            forbid(trainer.family.vae, "the VAE")
-            for encoder in trainer.family.text_encoders:
-                forbid(encoder, "the text encoder")
-        trainer.train()
-        runs[cached] = losses_of(trainer)
-    assert runs[True] == pytest.approx(runs[False], abs=1e-5)
-    assert len(set(np.round(runs[False], 4))) > 1  # the model did train
+        return DiffusionDPOTrainer(model=paths[name], args=args, train_dataset=varied_pairs,
+                                   eval_dataset=varied_pairs.select(range(2)))
+
+    assert_cached_run_matches_uncached(make_trainer, "chosen")
 
 
 # ----- the denoiser call is the pipeline's -------------------------------------------------------------------------
@@ -223,7 +117,7 @@ PUBLISHED_SHIFT = {"qwenimage": 1.0, "zimage": 3.0, "sana": 3.0}
 @pytest.mark.parametrize("name", NAMES)
 def test_the_published_shift_reaches_the_transformer(tmp_path, name, paths, pairs):
     args = make_args(tmp_path, max_steps=3, per_device_train_batch_size=4)
-    trainer = DiffusionDPOTrainer(model=paths[name], args=args, train_dataset=pairs, peft_config=family_lora())
+    trainer = DiffusionDPOTrainer(model=paths[name], args=args, train_dataset=pairs, peft_config=lora(target_modules=None))
     family, told, used = trainer.family, [], []
     handle = family.denoiser.register_forward_pre_hook(
         lambda module, a, kw: told.append(TRANSFORMER_SIGMA[name](a, kw).detach().clone()), with_kwargs=True
@@ -253,10 +147,3 @@ def test_qwen_image_latents_are_normalised_per_channel(paths):
     torch.testing.assert_close(scaled, expected)
     mean, std = family.encode_pixels(torch.zeros(2, 3, 32, 32))
     assert mean.shape == std.shape == (2, 4, 8, 8)  # one-frame clips come back as images
-
-
-@pytest.mark.parametrize("name, bad, multiple", [("qwenimage", 36, 8), ("zimage", 34, 4), ("sana", 33, 2)])
-def test_a_resolution_the_patches_cannot_take_names_the_multiple(tmp_path, name, bad, multiple, paths, pairs):
-    pipeline_class = FAMILY[name].pipeline_class_names[0]
-    with pytest.raises(ValueError, match=rf"resolution={bad} must be a multiple of {multiple} for {pipeline_class}"):
-        DiffusionDPOTrainer(model=paths[name], args=make_args(tmp_path, resolution=bad), train_dataset=pairs)

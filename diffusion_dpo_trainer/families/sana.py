@@ -20,8 +20,8 @@ class SanaFamily(FlowMatchingFamily):
     #: prompt); diffusers' Sana LoRA script's default is to_q, to_k, to_v.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
-    def __init__(self, pipeline, max_prompt_length=None, args=None):
-        super().__init__(pipeline, max_prompt_length, args)
+    def __init__(self, pipeline, args=None):
+        super().__init__(pipeline, args)
         # The instruction SanaPipeline prepends when sampling (and Sana's own training configs use as `chi_prompt`):
         # training on the same conditioning aligns the model the user samples.
         default = inspect.signature(type(pipeline).__call__).parameters["complex_human_instruction"].default

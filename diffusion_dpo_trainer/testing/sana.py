@@ -1,7 +1,4 @@
-"""Tiny offline SanaPipeline (and a Gemma tokenizer written from a small vocabulary) for tests.
-
-After the architecture refactor this moves to `testing/sana.py` under `@tiny_builder("SanaPipeline")`.
-"""
+"""Tiny offline SanaPipeline (and a Gemma tokenizer written from a small vocabulary) for tests."""
 
 import string
 from pathlib import Path
@@ -9,7 +6,8 @@ from pathlib import Path
 from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
 
-from .testing import _WORDS, _in_scratch_dir, _learn_bpe_merges, _seeded
+from .common import _WORDS, _in_scratch_dir, _learn_bpe_merges, _seeded
+from .registry import tiny_builder
 
 # Sana's published scheduler (Sana_1600M_*_diffusers): DPM-Solver++ on flow sigmas with a static shift of 3.
 SANA_SCHEDULER = {
@@ -37,7 +35,8 @@ def write_gemma_tokenizer(path):
     return GemmaTokenizer.from_pretrained(path)
 
 
-def build_tiny_sana_pipeline(path, sample_size=32, seed=0):
+@tiny_builder("SanaPipeline", call_kwargs={"use_resolution_binning": False})
+def make_sana_pipeline(path, sample_size=32, seed=0):
     """Build and save a tiny SanaPipeline: a deterministic DC-AE (4 latent channels, vae_scale_factor 2), a linear-
     attention transformer with patch size 1 whose caption width is the Gemma2 encoder's hidden size, and Sana's own
     DPM-Solver flow scheduler (shift 3)."""

@@ -1,20 +1,19 @@
-"""Tiny offline ZImagePipeline for tests.
-
-After the architecture refactor this moves to `testing/zimage.py` under `@tiny_builder("ZImagePipeline")`.
-"""
+"""Tiny offline ZImagePipeline for tests."""
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen3Config, Qwen3Model
 
-from .testing import _in_scratch_dir, _seeded, _vae
-from .testing_qwenimage import write_qwen2_tokenizer
+from .common import _in_scratch_dir, _seeded, _vae
+from .qwenimage import write_qwen2_tokenizer
+from .registry import tiny_builder
 
 # Z-Image-Turbo's published scheduler: a static shift, applied at training and inference alike.
 Z_IMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 
 
-def build_tiny_zimage_pipeline(path, sample_size=32, seed=0):
+@tiny_builder("ZImagePipeline")
+def make_zimage_pipeline(path, sample_size=32, seed=0):
     """Build and save a tiny ZImagePipeline: FLUX's VAE layout (16 latent channels, vae_scale_factor 2), a
     single-stream transformer with 2x2 patches whose caption width is the Qwen3 text encoder's hidden size, and the
     Qwen2 tokenizer with a chat template (the pipeline wraps prompts in Qwen's chat markup)."""

@@ -1,7 +1,4 @@
-"""Tiny offline QwenImagePipeline (and the Qwen2 tokenizer Z-Image shares) for tests.
-
-After the architecture refactor this moves to `testing/qwenimage.py` under `@tiny_builder("QwenImagePipeline")`.
-"""
+"""Tiny offline QwenImagePipeline (and the Qwen2 tokenizer Z-Image shares) for tests."""
 
 from pathlib import Path
 
@@ -13,7 +10,8 @@ from diffusers import (
 )
 from transformers import AddedToken, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from .testing import _WORDS, _byte_level_alphabet, _in_scratch_dir, _learn_bpe_merges, _seeded
+from .common import _WORDS, _byte_level_alphabet, _in_scratch_dir, _learn_bpe_merges, _seeded
+from .registry import tiny_builder
 
 # Words of Qwen-Image's prompt template, so it tokenizes to the 34 tokens the pipeline drops, as the real one does.
 _TEMPLATE_WORDS = [
@@ -54,11 +52,12 @@ def write_qwen2_tokenizer(path):
     return Qwen2Tokenizer.from_pretrained(path)
 
 
-def build_tiny_qwenimage_pipeline(path, seed=0):
+@tiny_builder("QwenImagePipeline")
+def make_qwenimage_pipeline(path, sample_size=32, seed=0):
     """Build and save a tiny QwenImagePipeline: a 3D-causal VAE (4 latent channels, vae_scale_factor 4, per-channel
     latents_mean/std that are not 0/1 so the normalisation is exercised), 2x2 packing (16 transformer input channels),
     a Qwen2.5-VL text encoder whose width is the transformer's joint_attention_dim. Render at an explicit height and
-    width: the pipeline's default is 1024 px."""
+    width: the pipeline's default is 1024 px, whatever `sample_size`."""
     tokenizer = _in_scratch_dir(write_qwen2_tokenizer)
     hidden = 16
     config = Qwen2_5_VLConfig(
