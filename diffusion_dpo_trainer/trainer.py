@@ -10,9 +10,12 @@ import dataclasses
 import os
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 
 import datasets
 import torch
+from accelerate.utils import get_module_children_bottom_up
+from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
@@ -20,7 +23,9 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.trainer_utils import enable_full_determinism, set_seed
+from trl.models import prepare_deepspeed, prepare_fsdp
 
 from . import losses
 from .caching import precompute_for_training
@@ -81,7 +86,8 @@ class DiffusionDPOTrainer(Trainer):
         self.args = args  # the precision properties read it before `Trainer.__init__` sets it (to the same object)
         # Seed before the adapter is initialised, so one seed gives one run (Trainer seeds only after this).
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-        self.family = load_family(model, args)
+        with _loaded_whole(args):
+            self.family = load_family(model, args)
         # Resolved once; everything reads `self.beta`, never `args.beta` (None means the family's default).
         self.beta = float(args.beta) if args.beta is not None else float(self.family.default_beta)
         self.base_model_id = model if isinstance(model, (str, os.PathLike)) else self.family.pipeline.name_or_path
@@ -158,6 +164,7 @@ class DiffusionDPOTrainer(Trainer):
             _move(encoder, device, self.weight_dtype)
         if self.ref_model is not None:
             _move(self.ref_model, device, self.weight_dtype)
+            self.family.set_reference(self._shard_reference(self.ref_model))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if args.precompute_latents or args.precompute_text_embeddings:
             self.train_dataset, self.eval_dataset = precompute_for_training(
@@ -180,6 +187,21 @@ class DiffusionDPOTrainer(Trainer):
     def mixed_precision(self) -> str:
         """'bf16', 'fp16' or 'no', as accelerate names it."""
         return "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
+
+    def _shard_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
+        """A frozen reference sharded like the policy under FSDP and ZeRO-3 (TRL's `prepare_fsdp` and
+        `prepare_deepspeed`), so a full fine-tune does not hold a whole copy per process. Under FSDP2 each block the
+        wrap policy names is sharded first, so a reference forward gathers one block at a time, not all of them."""
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(reference, self.accelerator)
+        if not self.is_fsdp_enabled:
+            return reference
+        plugin = self.accelerator.state.fsdp_plugin
+        wrap = fsdp2_prepare_auto_wrap_policy(plugin, reference) if plugin.fsdp_version == 2 else None
+        for module in get_module_children_bottom_up(reference)[:-1] if wrap is not None else []:
+            if wrap(module):
+                prepare_fsdp(module, self.accelerator)
+        return prepare_fsdp(reference, self.accelerator)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -320,22 +342,32 @@ class DiffusionDPOTrainer(Trainer):
         if not self.args.should_save:
             return
         denoiser = self.accelerator.unwrap_model(self.model)
-        self._check_finite_weights(denoiser, output_dir)
+        # `state_dict` is the gathered one under FSDP and DeepSpeed (the module's own parameters are shards there).
+        trained = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        if state_dict is not None:
+            trained = {name: state_dict[name] for name in trained if name in state_dict}
+        self._check_finite_weights(trained, output_dir)
         os.makedirs(output_dir, exist_ok=True)
         if self.is_lora:
             # PEFT-format keys (`lora_A`/`lora_B`), as diffusers' own LoRA scripts save for transformers: every
             # `load_lora_weights` reads them, whereas `convert_state_dict_to_diffusers` renames only to_q/k/v/out.0 and
-            # a file that mixes both formats loads only partly. `state_dict` is the gathered one under FSDP and ZeRO-3.
+            # a file that mixes both formats loads only partly.
             lora_layers = get_peft_model_state_dict(denoiser, state_dict=state_dict)
             metadata = denoiser.peft_config["default"].to_dict()
             self.family.save_lora_weights(output_dir, lora_layers, metadata)
         else:
+            if state_dict is not None:
+                # diffusers' save_pretrained writes the module's own tensors: give it a plain module that holds the
+                # gathered ones (built on the meta device and assigned, so nothing is copied).
+                with torch.device("meta"):
+                    denoiser = type(denoiser).from_config(denoiser.config)
+                denoiser.load_state_dict(state_dict, assign=True)
             denoiser.save_pretrained(os.path.join(output_dir, self.family.denoiser_name), safe_serialization=True)
         self._write_model_card(output_dir)
 
-    def _check_finite_weights(self, denoiser: torch.nn.Module, output_dir: str) -> None:
+    def _check_finite_weights(self, trained: dict[str, torch.Tensor], output_dir: str) -> None:
         """Refuse to write non-finite trained weights: a NaN model must never replace a good checkpoint."""
-        trained = [(name, p) for name, p in denoiser.named_parameters() if p.requires_grad]
+        trained = list(trained.items())
         if not trained:
             return
         finite = torch.stack([torch.isfinite(p).all() for _, p in trained])
@@ -375,6 +407,8 @@ class DiffusionDPOTrainer(Trainer):
         """Restore the policy only: the reference stays the initial weights (or the adapter-disabled base)."""
         if not os.path.isdir(resume_from_checkpoint):
             raise ValueError(f"Cannot resume: checkpoint directory {resume_from_checkpoint!r} does not exist.")
+        if self.is_fsdp_enabled:  # the sharded policy from the Trainer's own FSDP checkpoint (pytorch_model_fsdp*)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.is_lora:
             path = os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME)
@@ -410,6 +444,22 @@ def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
         module.to(device)
     else:
         module.to(device, dtype=dtype)
+
+
+@contextmanager
+def _loaded_whole(args):
+    """Load the pipeline unpartitioned under a ZeRO-3 config: transformers partitions every model it loads while one is
+    active (`zero.Init`, whatever `zero3_init_flag` says), but DeepSpeed gathers only the model it is given, so the frozen
+    text encoders would run with empty weights. The denoiser is partitioned when DeepSpeed takes it."""
+    hf_config = getattr(getattr(args, "deepspeed_plugin", None), "dschf", None)
+    if hf_config is None or not hf_config.is_zero3():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_config)
 
 
 def _check_safetensors(path: str) -> None:

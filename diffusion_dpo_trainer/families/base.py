@@ -143,7 +143,9 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
             )
         else:
             raise TypeError(f"`ref_model` must be a pipeline, a module or an id/path, got {type(ref_model).__name__}.")
-        self.ref_model = module.requires_grad_(False).eval()
+        module.requires_grad_(False)
+        module.eval()  # not chained: a DeepSpeed engine's eval() returns None
+        self.ref_model = module
 
     def freeze_reference_copy(self) -> None:
         """A frozen copy of the denoiser as it is now: the reference of a full fine-tune."""

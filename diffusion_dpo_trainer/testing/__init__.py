@@ -25,6 +25,7 @@ from .registry import TINY_BUILDERS, TINY_CALL_KWARGS, TINY_DATA, tiny_builder
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
+from .distributed import allow_fsdp_on_cpu  # noqa: E402
 from .fixtures import make_clip_model, make_preference_dataset  # noqa: E402
 from .flux import make_flux_pipeline  # noqa: E402
 from .sd import make_sd_pipeline, make_sdxl_pipeline  # noqa: E402
@@ -42,6 +43,7 @@ __all__ = [
     "TINY_BUILDERS",
     "TINY_CALL_KWARGS",
     "TINY_DATA",
+    "allow_fsdp_on_cpu",
     "build_tiny_pipeline",
     "make_clip_model",
     "make_flux_pipeline",
