@@ -5,6 +5,7 @@ from .config import DiffusionDPOConfig
 from .evaluation import RewardEvaluationCallback, evaluate_win_rate
 from .feedback import build_preference_pairs
 from .formats import load_preference_folder, prepare_preference_dataset, prepare_unpaired_dataset, to_preference_pairs
+from .protocol import evaluate_protocol
 from .rewards import CLIPScore, PickScore, load_reward
 from .trainer import DiffusionDPOTrainer
 
@@ -23,6 +24,7 @@ __all__ = [
     "PickScore",
     "RewardEvaluationCallback",
     "build_preference_pairs",
+    "evaluate_protocol",
     "evaluate_win_rate",
     "load_reward",
 ]

@@ -34,6 +34,7 @@ from .config import DiffusionDPOConfig
 from .families import load_family
 from .formats import map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
 from .model_card import card_hyperparameters, render_model_card
+from .quantization import is_quantized
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 # The per-sample errors that make up the loss, named in the non-finite-loss error.
@@ -99,6 +100,13 @@ class DiffusionDPOTrainer(Trainer):
         for module in self.family.frozen_modules:
             module.requires_grad_(False)
             module.eval()
+        quantized = is_quantized(denoiser)
+        if quantized and peft_config is None:
+            raise ValueError(
+                f"The {self.family.denoiser_name} was loaded quantized (model_init_kwargs['quantization_config']), so "
+                "it cannot be fully fine-tuned: its 4/8-bit weights take no gradient updates. Pass a peft_config to "
+                "train a LoRA adapter on the quantized base (QLoRA), or load it without quantization_config."
+            )
         if peft_config is not None:
             if hasattr(peft_config, "target_modules") and peft_config.target_modules is None:
                 # The family's documented default targets (attention projections).
@@ -116,8 +124,10 @@ class DiffusionDPOTrainer(Trainer):
             warnings.warn(f"`ref_model` is ignored: loss_type {args.loss_type!r} needs no reference model.")
 
         if self.is_lora and self.weight_dtype != torch.float32:
-            # Frozen base weights in half precision; the adapter stays in float32 for stable updates.
-            denoiser.to(dtype=self.weight_dtype)
+            # Frozen base weights in half precision; the adapter stays in float32 for stable updates. A quantized base
+            # keeps the dtypes it was loaded with (`torch_dtype` for its unquantized layers): it cannot be cast.
+            if not quantized:
+                denoiser.to(dtype=self.weight_dtype)
             cast_training_params(denoiser, dtype=torch.float32)
 
         if args.activation_checkpointing:
@@ -159,9 +169,10 @@ class DiffusionDPOTrainer(Trainer):
         device = self.accelerator.device
         # A half-precision VAE overflows in fp16 (the known SDXL VAE NaNs); bf16 is safe.
         vae_dtype = torch.bfloat16 if args.bf16 else torch.float32
-        _move(self.family.vae, device, vae_dtype)
+        # Encoders whose outputs get cached wait on the CPU: the caching runs them while the denoiser steps aside.
+        _move(self.family.vae, "cpu" if args.precompute_latents else device, vae_dtype)
         for encoder in self.family.text_encoders:
-            _move(encoder, device, self.weight_dtype)
+            _move(encoder, "cpu" if args.precompute_text_embeddings else device, self.weight_dtype)
         if self.ref_model is not None:
             _move(self.ref_model, device, self.weight_dtype)
             self.family.set_reference(self._shard_reference(self.ref_model))
@@ -438,9 +449,10 @@ class DiffusionDPOTrainer(Trainer):
 
 
 def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
-    """`module.to(device, dtype)`, casting only when the dtype changes: diffusers warns on every dtype cast of a
-    model (even to its own dtype), so an unneeded cast would print a warning on every run."""
-    if {p.dtype for p in module.parameters()} == {dtype}:
+    """`module.to(device, dtype)`, casting only when the dtype changes (diffusers warns on every dtype cast of a
+    model, even to its own dtype, so an unneeded cast would print a warning on every run) and never for a model loaded
+    quantized (it cannot be cast)."""
+    if is_quantized(module) or {p.dtype for p in module.parameters()} == {dtype}:
         module.to(device)
     else:
         module.to(device, dtype=dtype)

@@ -24,6 +24,9 @@ REGISTRY: dict[str, type["DiffusionFamily"]] = {}
 #: Every registered family class, in definition order (the public list, kept for `from ... import FAMILIES`).
 FAMILIES: list[type["DiffusionFamily"]] = []
 
+#: Pipeline attributes that may hold a text encoder.
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
 
 class _FamilyMeta(abc.ABCMeta):
     """Checks and registers each concrete family when its class statement runs (after ABCMeta has worked out the
@@ -66,6 +69,8 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     denoiser_name: ClassVar[str]
     #: The beta used when `DiffusionDPOConfig.beta` is None, in the mean-reduced `-beta/2` convention.
     default_beta: ClassVar[float]
+    #: Sampler settings papers evaluate this family with (`diffusion-dpo evaluate`'s defaults); empty: the pipeline's.
+    evaluation_sampling: ClassVar[dict] = {}
     #: LoRA `target_modules` used when a `peft_config` leaves them unset.
     lora_target_modules: ClassVar[tuple[str, ...]]
     #: Extra keyword arguments for `from_pretrained`, e.g. to skip a safety checker we never run.
@@ -79,6 +84,8 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         self.pipeline = pipeline
         self.args = args
         self.vae = pipeline.vae
+        # Kept apart from the VAE: cached latents are scaled with it after the VAE itself may have been released.
+        self.vae_config = self.vae.config
         # The pipeline's own factor: VAEs describe their depth differently (block_out_channels, temperal_downsample,
         # encoder_block_out_channels), and every diffusers pipeline computes it for its VAE.
         self.vae_scale_factor = pipeline.vae_scale_factor
@@ -97,13 +104,22 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None]
+        return [getattr(self.pipeline, n) for n in TEXT_ENCODER_NAMES if getattr(self.pipeline, n, None) is not None]
 
     @property
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Everything but the denoiser: never trained, moved and cast by the trainer."""
-        return [self.vae, *self.text_encoders]
+        return [m for m in (self.vae, *self.text_encoders) if m is not None]
+
+    def release(self, vae: bool = False, text_encoders: bool = False) -> None:
+        """Drop the VAE and/or the text encoders (their outputs are cached) from the pipeline and this family, so
+        nothing here keeps them alive and their memory is freed; the pipeline can then no longer encode or decode."""
+        if vae:
+            self.pipeline.vae = self.vae = None
+        if text_encoders:
+            for name in TEXT_ENCODER_NAMES:
+                if getattr(self.pipeline, name, None) is not None:
+                    setattr(self.pipeline, name, None)
 
     def native_resolution(self) -> int:
         sample_size = self.denoiser.config.sample_size
@@ -117,7 +133,7 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     def latent_shape(self, resolution: int) -> tuple[int, ...]:
         """Shape of one image's VAE latent (what `encode_pixels` returns per image) at a square resolution."""
-        return (self.vae.config.latent_channels,) + (resolution // self.vae_scale_factor,) * 2
+        return (self.vae_config.latent_channels,) + (resolution // self.vae_scale_factor,) * 2
 
     def check_resolution(self, resolution: int) -> None:
         multiple = self.resolution_multiple()
@@ -200,13 +216,16 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     @torch.no_grad()
     def encode_pixels(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the VAE's latent distribution (unscaled), so a cache can sample later."""
+        if self.vae is None:
+            raise ValueError("The VAE was released once the latents were cached (release_cached_encoders=True): only "
+                             "the datasets cached then can be used; reload the pipeline to encode other images.")
         dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents to the denoiser's latent space (shift, then scale)."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        shift = getattr(self.vae_config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae_config.scaling_factor
 
     def time_conditioning(self, batch: dict, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-image conditioning other than the prompt (SDXL's micro-conditioning); rows: winners, then losers."""

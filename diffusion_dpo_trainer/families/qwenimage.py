@@ -19,7 +19,7 @@ class QwenImageFamily(FlowMatchingFamily):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
     def latent_shape(self, resolution):
-        return (self.vae.config.z_dim,) + (resolution // self.vae_scale_factor,) * 2
+        return (self.vae_config.z_dim,) + (resolution // self.vae_scale_factor,) * 2
 
     @torch.no_grad()
     def encode_pixels(self, pixel_values):
@@ -31,8 +31,8 @@ class QwenImageFamily(FlowMatchingFamily):
     def scale_latents(self, latents):
         """Per-channel normalisation with the VAE's `latents_mean`/`latents_std` (no single scaling factor)."""
         shape = (1, -1, *([1] * (latents.ndim - 2)))
-        mean = torch.tensor(self.vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
-        std = torch.tensor(self.vae.config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
+        mean = torch.tensor(self.vae_config.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
+        std = torch.tensor(self.vae_config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
         return (latents - mean) / std
 
     @torch.no_grad()

@@ -28,6 +28,8 @@ for _module in pkgutil.iter_modules(__path__):
 from .distributed import allow_fsdp_on_cpu  # noqa: E402
 from .fixtures import make_clip_model, make_preference_dataset  # noqa: E402
 from .flux import make_flux_pipeline  # noqa: E402
+from .flux2 import make_flux2_klein_pipeline, make_flux2_pipeline  # noqa: E402
+from .rewards import make_aesthetic_model, make_hps_model, make_imagereward_model  # noqa: E402
 from .sd import make_sd_pipeline, make_sdxl_pipeline  # noqa: E402
 from .sd3 import make_sd3_pipeline  # noqa: E402
 
@@ -45,8 +47,13 @@ __all__ = [
     "TINY_DATA",
     "allow_fsdp_on_cpu",
     "build_tiny_pipeline",
+    "make_aesthetic_model",
     "make_clip_model",
+    "make_flux2_klein_pipeline",
+    "make_flux2_pipeline",
     "make_flux_pipeline",
+    "make_hps_model",
+    "make_imagereward_model",
     "make_preference_dataset",
     "make_sd3_pipeline",
     "make_sd_pipeline",
