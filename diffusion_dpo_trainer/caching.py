@@ -99,7 +99,7 @@ def precompute_latents(
     row (`*_flipped`). Returns the dataset in torch format.
     """
     orientations = ("", FLIPPED) if random_flip else ("",)
-    latent_shape = (family.vae.config.latent_channels,) + (resolution // family.vae_scale_factor,) * 2
+    latent_shape = family.latent_shape(resolution)
     size = datasets.List(datasets.Value("int64"), length=2)
     new_features = {}
     for side in image_columns:

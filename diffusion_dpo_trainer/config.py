@@ -139,8 +139,10 @@ class DiffusionDPOConfig(TrainingArguments):
     max_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "Maximum number of T5 tokens for models with a T5 encoder (SD3, FLUX). CLIP encoders always use "
-            "their 77 tokens. Defaults to the pipeline's own default."
+            "help": "Maximum number of prompt tokens of long-context text encoders: T5 (SD3, FLUX), Qwen2.5-VL "
+            "(Qwen-Image), Qwen3 (Z-Image), Gemma2 (Sana). CLIP encoders always use their 77 tokens. Defaults to the "
+            "pipeline's own default; Qwen-Image and Z-Image pad every prompt to it, so a prompt cache stores that "
+            "many tokens per prompt."
         },
     )
     model_init_kwargs: dict[str, Any] | str | None = field(
@@ -155,11 +157,12 @@ class DiffusionDPOConfig(TrainingArguments):
         metadata={"help": "Keyword arguments for `from_pretrained` when `ref_model` is an id or a path."},
     )
 
-    # Flow-matching models (SD3/SD3.5, FLUX.1): timestep sampling and guidance, as in diffusers' training scripts.
+    # Flow-matching models (SD3/SD3.5, FLUX.1, Qwen-Image, Z-Image, Sana): timestep sampling and guidance, as in
+    # diffusers' training scripts.
     weighting_scheme: str = field(
         default="logit_normal",
         metadata={
-            "help": "How flow-matching models (SD3, FLUX) draw the noise level: `logit_normal` (sigmoid of a normal "
+            "help": "How flow-matching models (SD3, FLUX, Qwen-Image, Z-Image, Sana) draw the noise level: `logit_normal` (sigmoid of a normal "
             "with `logit_mean`/`logit_std`, SD3's training distribution, favouring mid-range noise), `uniform` "
             "(diffusers' `none`) or `mode` (with `mode_scale`). The draw indexes the scheduler's training sigmas. "
             "Ignored by SD1.x/2.x and SDXL, which draw timesteps uniformly.",

@@ -89,8 +89,8 @@ def render(pipe, prompt="a solid red square", size=32, **call_kwargs):
 class DenoiserRecorder:
     """Records every denoiser call's tensor inputs, and every draw of noise and timesteps, during `trainer.train()`.
 
-    Use as a context manager around training; `calls` holds one dict of tensors (positional args as `arg0`, ...) per
-    forward, `draws` one `(noise, timesteps, family_extra)` per step, where `family_extra` is the flow families'
+    Use as a context manager around training; `calls` holds one dict of tensors (positional args as `arg0`, ...,
+    items of a list or dict argument as `arg0.0` or `name.key`) per forward, `draws` one `(noise, timesteps, family_extra)` per step, where `family_extra` is the flow families'
     sigmas (None for the others).
     """
 
@@ -99,11 +99,14 @@ class DenoiserRecorder:
         self.calls, self.draws = [], []
 
     def _record(self, module, args, kwargs):
-        tensors = {f"arg{i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
-        tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-        for key, value in kwargs.items():  # SDXL's added conditioning is a dict of tensors
-            if isinstance(value, dict):
+        tensors = {}
+        for key, value in [*((f"arg{i}", a) for i, a in enumerate(args)), *kwargs.items()]:
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value
+            elif isinstance(value, dict):  # SDXL's added conditioning is a dict of tensors
                 tensors.update({f"{key}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
+            elif isinstance(value, (list, tuple)):  # Z-Image takes a list of latents and one of captions
+                tensors.update({f"{key}.{i}": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
         self.calls.append({k: v.detach().clone() for k, v in tensors.items()})
 
     def __enter__(self):

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, cli
+from diffusion_dpo_trainer.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIGS = sorted((ROOT / "examples").glob("*.yaml"))
@@ -20,7 +21,8 @@ NOTEBOOK = ROOT / "examples" / "notebook_quickstart.ipynb"
 
 REAL_MODEL_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
                   "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large",
-                  "black-forest-labs/FLUX.1-dev"}
+                  "black-forest-labs/FLUX.1-dev", "Qwen/Qwen-Image", "Tongyi-MAI/Z-Image",
+                  "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers"}
 
 
 def known_config_keys() -> set[str]:
@@ -149,3 +151,29 @@ def test_notebook_is_valid_and_its_config_uses_real_fields():
     assert {k.arg for k in config_call.keywords} <= fields
     for needle in ("load_lora_weights", "push_to_hub", "make_image_grid", "DiffusionDPOTrainer("):
         assert needle in source, needle
+
+
+def table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
+    """The rows of the first table under `## heading`, keyed by their first cell without backticks."""
+    section = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| `")]
+    return {cells[0].strip().strip("`"): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_every_registered_pipeline_class_is_documented_in_models_md():
+    """docs/models.md has a row per registered pipeline class in both tables, with a recipe that exists, and README's
+    first screen links it and names every family of the table."""
+    registered = {name for family in FAMILIES for name in family.pipeline_class_names}
+    models = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
+    trained, memory = table_rows(models, "What is trained"), table_rows(models, "Memory at 1024 px")
+    assert set(trained) == registered, f"docs/models.md 'What is trained' rows vs the registry: {set(trained) ^ registered}"
+    assert set(memory) == registered, f"docs/models.md 'Memory at 1024 px' rows vs the registry: {set(memory) ^ registered}"
+    for family in FAMILIES:
+        for name in family.pipeline_class_names:
+            assert f"{family.default_beta:g}" in trained[name][3], (name, "default beta")
+            recipes = re.findall(r"\]\(\.\./(examples/[^)]+)\)", trained[name][-1])
+            assert recipes and all((ROOT / r).is_file() for r in recipes), (name, trained[name][-1])
+    first_screen = "\n".join((ROOT / "README.md").read_text(encoding="utf-8").splitlines()[:12])
+    assert "(docs/models.md)" in first_screen
+    missing = [row[0] for row in trained.values() if row[0] not in first_screen]
+    assert not missing, f"README's first screen does not name {missing}"

@@ -86,7 +86,9 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         self.vae = pipeline.vae
         # Kept apart from the VAE: cached latents are scaled with it after the VAE itself may have been released.
         self.vae_config = self.vae.config
-        self.vae_scale_factor = 2 ** (len(self.vae_config.block_out_channels) - 1)
+        # The pipeline's own factor: VAEs describe their depth differently (block_out_channels, temperal_downsample,
+        # encoder_block_out_channels), and every diffusers pipeline computes it for its VAE.
+        self.vae_scale_factor = pipeline.vae_scale_factor
         #: The explicit or frozen reference denoiser; None means the policy with its adapters switched off.
         self.ref_model: torch.nn.Module | None = None
         self._adapter_layers: list[BaseTunerLayer] | None = None
@@ -131,6 +133,10 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     def resolution_multiple(self) -> int:
         """Training resolutions must be multiples of this (in pixels)."""
         return self.vae_scale_factor
+
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """Shape of one image's VAE latent (what `encode_pixels` returns per image) at a square resolution."""
+        return (self.vae_config.latent_channels,) + (resolution // self.vae_scale_factor,) * 2
 
     def check_resolution(self, resolution: int) -> None:
         multiple = self.resolution_multiple()

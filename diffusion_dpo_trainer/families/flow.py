@@ -35,11 +35,15 @@ class FlowMatchingFamily(DiffusionFamily, abstract=True):
                 f"Unknown weighting_scheme {self.weighting_scheme!r}; expected one of {', '.join(WEIGHTING_SCHEMES)}."
             )
         self.logit_mean, self.logit_std, self.mode_scale = args.logit_mean, args.logit_std, args.mode_scale
-        # A fresh scheduler: the training schedule, whatever `set_timesteps` did to the pipeline's own.
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+        scheduler = self.training_scheduler()
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self._timesteps = scheduler.timesteps.float()
         self._sigmas = scheduler.sigmas.float()
+
+    def training_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        """A fresh scheduler built from the pipeline's config: the training schedule, whatever `set_timesteps` did to
+        the pipeline's own. Override where the checkpoint states its shift elsewhere (Sana's DPM-Solver config)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
 
     def resolution_multiple(self) -> int:
         # Both transformers group latents in 2x2 patches (SD3's patch_size, FLUX's packing).

@@ -64,13 +64,14 @@ def _byte_level_alphabet():
     return [chr(b) for b in printable] + [chr(0x100 + i) for i in range(256 - len(printable))]
 
 
-def _learn_bpe_merges(words):
+def _learn_bpe_merges(words, end_of_word="</w>"):
     """Minimal deterministic BPE training: merge the most frequent adjacent pair (ties broken
     lexicographically) until every word is one symbol. Training words then encode as single
     tokens, which naive per-word merge chains do not guarantee once words share substrings.
     (The `tokenizers` trainer breaks ties in hash order, so its merges vary between processes.)
+    `end_of_word` marks a word's last symbol (CLIP's "</w>"; GPT-2-style byte-level BPE has none).
     """
-    segmented = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(words)]
+    segmented = [list(w[:-1]) + [w[-1] + end_of_word] for w in dict.fromkeys(words)]
     merges = []
     while True:
         counts = Counter(pair for seg in segmented for pair in pairwise(seg))

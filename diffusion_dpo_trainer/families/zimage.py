@@ -1,0 +1,51 @@
+"""Z-Image: Qwen3 prompt encoding (Qwen's chat markup, second-to-last hidden state, padding removed), a single-stream
+transformer called on lists of one-frame latents and of variable-length caption features, with time running from 0
+(noise) to 1 (image) and a prediction of image minus noise."""
+
+import torch
+
+from .flow import FlowMatchingFamily
+
+
+class ZImageFamily(FlowMatchingFamily):
+    pipeline_class_names = ("ZImagePipeline",)
+    #: As SD3: Z-Image's scheduler has a static shift that training uses too (3 in Z-Image-Turbo's config), and 5000
+    #: (the SD1.5/SDXL value) times E[(1 - s)^2] ~ 0.11 under shift 3 and logit-normal sampling (a velocity error is
+    #: an epsilon error divided by 1 - s) gives ~570 (~260 at shift 6).
+    default_beta = 500.0
+    #: A single-stream transformer: the image and text tokens share these projections (diffusers' Z-Image LoRA
+    #: script's defaults). Its feed-forwards (feed_forward.w1, w2, w3) add capacity.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    #: The pipeline's own `max_sequence_length` default.
+    default_max_prompt_length = 512
+
+    def native_resolution(self):
+        return 1024  # ZImagePipeline's default height and width
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts, device):
+        """The pipeline returns one (tokens, width) tensor per prompt; they are zero-padded to a fixed length with a
+        mask, so a cache has one shape, and `predict` hands the transformer each prompt's own tokens again."""
+        length = self.max_prompt_length or self.default_max_prompt_length
+        embeds, _ = self.pipeline.encode_prompt(
+            list(prompts), device=device, do_classifier_free_guidance=False, max_sequence_length=length
+        )
+        padded = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
+        mask = torch.zeros(len(embeds), length, dtype=torch.long, device=padded.device)
+        for row, embed in enumerate(embeds):
+            padded[row, : len(embed)] = embed
+            mask[row, : len(embed)] = 1
+        return {"cap_feats": padded, "cap_mask": mask}
+
+    def predict(self, denoiser, noisy_latents, timesteps, conditioning):
+        mask = conditioning["cap_mask"].bool()
+        captions = [embed[keep] for embed, keep in zip(conditioning["cap_feats"], mask)]
+        outputs = denoiser(
+            list(noisy_latents.unsqueeze(2).unbind(0)),  # one (C, 1, H, W) latent per image
+            # The transformer's time is 1 - sigma (1000 - t over 1000), as the pipeline gives it.
+            1.0 - timesteps / self.num_train_timesteps,
+            captions,
+            return_dict=False,
+        )[0]
+        # Z-Image predicts x0 - eps; the flow-matching target is eps - x0 (diffusers' script negates it too).
+        return -torch.stack(outputs).squeeze(2)
