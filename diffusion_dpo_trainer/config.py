@@ -158,6 +158,26 @@ class DiffusionDPOConfig(TrainingArguments):
         },
     )
 
+    # Video models (Wan): the clip taken from each video, the same window for both videos of a pair (docs/video.md).
+    num_frames: int | None = field(
+        default=None,
+        metadata={
+            "help": "Frames per training clip for video models. Must fit the VAE's temporal compression: k*4 + 1 "
+            "for Wan (e.g. 33, 49, 81). None uses the model's default (81 for Wan). Ignored by image models."
+        },
+    )
+    frame_stride: int = field(
+        default=1,
+        metadata={"help": "Take every n-th frame of a video (video models). Not together with `video_fps`."},
+    )
+    video_fps: float | None = field(
+        default=None,
+        metadata={
+            "help": "Resample videos to this frame rate by skipping frames (stride = the video's fps / video_fps), "
+            "e.g. 16 for Wan, whose clips are 16 fps. None keeps every `frame_stride`-th frame."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.accelerator_config.dispatch_batches is None:

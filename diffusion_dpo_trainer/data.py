@@ -33,10 +33,12 @@ def prepare_preference_dataset(dataset, name: str = "train_dataset"):
 
 
 def _undecoded(dataset, columns):
-    """Image columns cast to `datasets.Image(decode=False)`: the collator decodes them (and names a bad row)."""
+    """Image and video columns cast to `decode=False`: the collator decodes them (and names a bad row); a
+    `datasets.Video` column is then read with PyAV, without torchcodec."""
     for column in columns:
-        if dataset.features is not None and isinstance(dataset.features.get(column), datasets.Image):
-            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        feature = dataset.features.get(column) if dataset.features is not None else None
+        if isinstance(feature, (datasets.Image, datasets.Video)):
+            dataset = dataset.cast_column(column, type(feature)(decode=False))
     return dataset
 
 
@@ -300,6 +302,16 @@ class PreferenceCollator:
         self.random_flip = random_flip
         self.prompt_embeddings = prompt_embeddings
 
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """Shape of one transformed image, (C, H, W): what a latent cache sizes its columns from."""
+        return (3, self.resolution, self.resolution)
+
+    @property
+    def transform_settings(self) -> tuple:
+        """Settings of `transform` beyond resolution and crop, for a latent cache's fingerprint."""
+        return ()
+
     def __call__(self, rows: list[dict]) -> dict:
         batch = {"prompt": [row["prompt"] for row in rows]}
         stacked = {}
@@ -308,7 +320,7 @@ class PreferenceCollator:
             if f"{self.image_columns[0]}_{LATENT_STATS[0]}" in row:
                 images = _cached_images(row, index, self.image_columns, self.random_flip)
             else:
-                images = self._decoded_images(row, index)
+                images = self.transform(row, index, self.random_flip)
             for side, values in images.items():
                 for key, value in values.items():
                     stacked.setdefault(self._batch_key(side, key), []).append(torch.as_tensor(value))
@@ -317,9 +329,11 @@ class PreferenceCollator:
             batch["prompt_embeds"] = self.prompt_embeddings(batch["prompt"])
         return batch
 
-    def _decoded_images(self, row: dict, index: int) -> dict:
+    def transform(self, row: dict, index: int, random_flip: bool, generator=None) -> dict:
+        """Decode and transform a row's image columns together (one crop and flip); per column its pixels, original
+        size and crop. Also what `caching.precompute_latents` encodes (without flip, with a per-row generator)."""
         images = [load_image(row[side], index, side) for side in self.image_columns]
-        pixels, sizes, crops = paired_transform(images, self.resolution, self.random_crop, self.random_flip)
+        pixels, sizes, crops = paired_transform(images, self.resolution, self.random_crop, random_flip, generator)
         return {
             side: {"pixel_values": px, "original_size": size, "crop_top_left": crop}
             for side, px, size, crop in zip(self.image_columns, pixels, sizes, crops)
@@ -350,21 +364,21 @@ def _cached_images(row: dict, index: int, columns: tuple[str, ...], random_flip:
 
 
 # ----- unpaired data (KTO) ------------------------------------------------------------------------------------------
-UNPAIRED_COLUMNS = ("prompt", "image", "label")
-
-
-def prepare_unpaired_dataset(dataset: datasets.Dataset, name: str = "train_dataset") -> datasets.Dataset:
+def prepare_unpaired_dataset(dataset: datasets.Dataset, name: str = "train_dataset",
+                             column: str = "image") -> datasets.Dataset:
     """Validate an unpaired dataset (prompt, image, label: True = desirable) and make it ready for its collator.
 
     Labels must be real booleans: a 0/1 or a score column would silently mean something else, so it is rejected.
+    `column` names the media column (`video` for video models).
     """
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"`{name}` must be a datasets.Dataset, got {type(dataset).__name__}.")
-    missing = [c for c in UNPAIRED_COLUMNS if c not in dataset.column_names]
+    expected = ["prompt", column, "label"]
+    missing = [c for c in expected if c not in dataset.column_names]
     if missing:
         raise ValueError(
-            f"`{name}` is missing column(s) {missing}; unpaired losses (kto) expect {list(UNPAIRED_COLUMNS)} "
-            f"(label True for a desirable image, False for an undesirable one), found {dataset.column_names}."
+            f"`{name}` is missing column(s) {missing}; unpaired losses (kto) expect {expected} "
+            f"(label True for a desirable {column}, False for an undesirable one), found {dataset.column_names}."
         )
     if len(dataset) == 0:
         raise ValueError(f"`{name}` is empty: there are no labelled images to train on.")
@@ -376,8 +390,7 @@ def prepare_unpaired_dataset(dataset: datasets.Dataset, name: str = "train_datas
                 f"Row {row}, column 'label': expected a bool (True = desirable, False = undesirable), "
                 f"got {label!r} of type {type(label).__name__}."
             )
-    if isinstance(dataset.features["image"], datasets.Image):
-        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    dataset = _undecoded(dataset, (column,))
     if ROW_COLUMN not in dataset.column_names:
         dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
     return dataset

@@ -8,6 +8,7 @@ and timestep per image instead, and no loss that needs no reference ever runs on
 
 import copy
 import dataclasses
+import functools
 import os
 import warnings
 from collections import defaultdict
@@ -36,6 +37,7 @@ from .data import (
 )
 from .families import load_family
 from .model_card import render_model_card
+from .video_data import VideoPreferenceCollator, VideoUnpairedCollator, check_num_frames
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 # The per-sample errors that make up the loss, named in the non-finite-loss error.
@@ -136,9 +138,18 @@ class DiffusionDPOTrainer(Trainer):
                 f"resolution={self.resolution} must be a multiple of {self.family.resolution_multiple()} for "
                 f"{type(self.family.pipeline).__name__}."
             )
-        collator_class = PreferenceCollator if self.paired else UnpairedCollator
         prepare_dataset = prepare_preference_dataset if self.paired else prepare_unpaired_dataset
-        if data_collator is None:
+        if self.family.temporal_compression is not None:  # a video model
+            self.num_frames = args.num_frames or self.family.default_num_frames
+            check_num_frames(self.num_frames, self.family.temporal_compression)
+            if not self.paired:
+                prepare_dataset = functools.partial(prepare_unpaired_dataset, column="video")
+            if data_collator is None:
+                collator_class = VideoPreferenceCollator if self.paired else VideoUnpairedCollator
+                data_collator = collator_class(self.resolution, self.num_frames, args.frame_stride, args.video_fps,
+                                               args.random_crop, args.random_flip)
+        elif data_collator is None:
+            collator_class = PreferenceCollator if self.paired else UnpairedCollator
             data_collator = collator_class(self.resolution, args.random_crop, args.random_flip)
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, "train_dataset")
@@ -235,7 +246,7 @@ class DiffusionDPOTrainer(Trainer):
                 def encode(dataset):
                     return precompute_latents(dataset, self.family, self.resolution, args.random_crop,
                                               args.random_flip, args.seed, args.per_device_train_batch_size,
-                                              image_columns=self.data_collator.image_columns)
+                                              collator=self.data_collator)
                 if self.train_dataset is not None:
                     self.train_dataset = encode(self.train_dataset)
                 if isinstance(self.eval_dataset, dict):

@@ -11,12 +11,14 @@ from .flux import FluxFamily
 from .sd import StableDiffusionFamily
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
+from .wan import WanFamily
 
 FAMILIES: tuple[type[DiffusionFamily], ...] = (
     StableDiffusionFamily,
     StableDiffusionXLFamily,
     StableDiffusion3Family,
     FluxFamily,
+    WanFamily,
 )
 
 
@@ -62,6 +64,7 @@ def load_family(
                 f"Could not read a diffusers pipeline (model_index.json) from {str(model)!r}: {exc}"
             ) from exc
         family_class = family_class_for(config.get("_class_name", "<missing _class_name>"))
+        family_class.check_pipeline_config(config)
         kwargs = {**family_class.load_kwargs, "use_safetensors": True, **kwargs}
         pipeline = DiffusionPipeline.from_pretrained(model, **kwargs)
     else:
@@ -79,6 +82,7 @@ __all__ = [
     "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
+    "WanFamily",
     "family_class_for",
     "load_family",
 ]

@@ -21,6 +21,10 @@ class DiffusionFamily:
     default_beta: float
     #: LoRA `target_modules` used when a `peft_config` leaves them unset.
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: Video families: frames per latent frame of the VAE (a clip of k * this + 1 frames encodes to k + 1 latent
+    #: frames), and the clip length used when `DiffusionDPOConfig.num_frames` is None. None for image families.
+    temporal_compression: int | None = None
+    default_num_frames: int | None = None
 
     def __init__(self, pipeline: DiffusionPipeline, max_prompt_length: int | None = None, args=None):
         """`args` is the trainer's `DiffusionDPOConfig` (or None): families read the options that concern them."""
@@ -28,7 +32,15 @@ class DiffusionFamily:
         self.max_prompt_length = max_prompt_length
         self.args = args
         self.vae = pipeline.vae
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self.spatial_compression()
+
+    @classmethod
+    def check_pipeline_config(cls, config: dict) -> None:
+        """Refuse an unsupported checkpoint from its `model_index.json`, before any weights are downloaded."""
+
+    def spatial_compression(self) -> int:
+        """Pixels per latent pixel along each side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # ----- components ---------------------------------------------------------------------------------------------
     @property
@@ -54,6 +66,10 @@ class DiffusionFamily:
     def resolution_multiple(self) -> int:
         """Training resolutions must be multiples of this (in pixels)."""
         return self.vae_scale_factor
+
+    def latent_shape(self, pixel_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of one sample's latents for one sample's pixels (C, H, W), without running the VAE."""
+        return (self.vae.config.latent_channels, *(side // self.vae_scale_factor for side in pixel_shape[-2:]))
 
     # ----- data -> tensors ----------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:

@@ -36,11 +36,14 @@ class FlowMatchingFamily(DiffusionFamily):
         self.logit_mean = getattr(args, "logit_mean", 0.0)
         self.logit_std = getattr(args, "logit_std", 1.0)
         self.mode_scale = getattr(args, "mode_scale", 1.29)
-        # A fresh scheduler: the training schedule, whatever `set_timesteps` did to the pipeline's own.
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+        scheduler = self.training_scheduler()
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self._timesteps = scheduler.timesteps.float()
         self._sigmas = scheduler.sigmas.float()
+
+    def training_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        """A fresh scheduler with the training schedule, whatever `set_timesteps` did to the pipeline's own."""
+        return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
 
     def resolution_multiple(self) -> int:
         # Both transformers group latents in 2x2 patches (SD3's patch_size, FLUX's packing).
