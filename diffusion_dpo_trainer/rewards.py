@@ -1,6 +1,8 @@
 """Reward functions: `reward_fn(images: list[PIL.Image], prompts: list[str]) -> list[float]`, higher is better.
 
 Any callable with that signature labels AI-feedback pairs (`feedback.py`) and judges win rates (`evaluation.py`).
+For video pipelines the samples are videos (lists of PIL frames): any callable on lists of frames works, and
+`frame_averaged` turns an image reward into a video reward.
 The ready-made ones are CLIP models loaded with transformers, by hub id or local path:
 
 - `CLIPScore`: 100 x cosine similarity of image and prompt embeddings (the usual "CLIP score" scale).
@@ -12,6 +14,7 @@ The ready-made ones are CLIP models loaded with transformers, by hub id or local
 import importlib
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPModel
@@ -104,3 +107,22 @@ def load_reward(name: str | RewardFn, **kwargs) -> RewardFn:
         f"Unknown reward {name!r}; expected one of {sorted(REWARDS)}, '<kind>:<model id or path>' or "
         "'package.module:function'."
     )
+
+
+def frame_averaged(image_reward: RewardFn | str, num_frames: int = 4) -> RewardFn:
+    """A video reward from an image reward: per video, the mean of the image reward on `num_frames` frames spread
+    evenly over it (first and last included; every frame of a shorter video). All frames of a batch are scored in
+    one call of `image_reward` (a callable or a `load_reward` name)."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}.")
+    image_reward = load_reward(image_reward)
+
+    def reward(videos: list[list[Image.Image]], prompts: list[str]) -> list[float]:
+        picked = [[video[i] for i in np.linspace(0, len(video) - 1, min(num_frames, len(video))).round().astype(int)]
+                  for video in videos]
+        scores = [float(s) for s in image_reward([f for frames in picked for f in frames],
+                                                 [p for p, frames in zip(prompts, picked) for _ in frames])]
+        bounds = np.cumsum([0] + [len(frames) for frames in picked])
+        return [float(np.mean(scores[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    return reward

@@ -35,6 +35,9 @@ def build_tiny_wan_pipeline(path, seed=0):
     with _seeded(seed):
         vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])
+        # A random VAE's posterior has std ~1, which would drown what it encodes (latent differences between
+        # videos are ~1e-3); a trained VAE's posterior is narrow. A log-variance bias of -8 gives std ~0.02.
+        vae.quant_conv.bias.data[vae.config.z_dim:] = -8.0
     with _seeded(seed + 2):
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
@@ -49,28 +52,25 @@ def build_tiny_wan_pipeline(path, seed=0):
     return str(path)
 
 
-def moving_square(num_frames, size=32, colour=(230, 40, 40), speed=3, start=0):
-    """Frames (F, H, W, 3) uint8 of a square on grey; `speed` pixels per frame to the right (0: a still video)."""
-    frames = np.full((num_frames, size, size, 3), 90, dtype=np.uint8)
-    side = size // 3
-    for index in range(num_frames):
-        left = (start + speed * index) % (size - side)
-        frames[index, side : 2 * side, left : left + side] = colour
-    return frames
+def colour_ramp(num_frames, colour=(230, 80, 40), start=0.1, end=0.9, size=32):
+    """Frames (F, H, W, 3) uint8 of a solid `colour` whose brightness goes from `start` to `end` (fractions)."""
+    levels = np.linspace(start, end, num_frames)[:, None, None, None]
+    return np.broadcast_to(levels * np.asarray(colour, dtype=np.float64), (num_frames, size, size, 3)).astype(np.uint8)
 
 
 def make_video_preference_dataset(n=4, num_frames=9, size=32, container="mp4", seed=0):
-    """Toy video pairs: `chosen` is a still square, `rejected` the same square moving (encoded mp4/webm bytes).
+    """Toy video pairs: `chosen` brightens over time, `rejected` is the same clip played backwards (it darkens).
 
-    A separable preference (still beats moving) that a working video DPO loop learns quickly.
+    Both videos hold the same frames, so only the direction of time separates them: a preference a working video DPO
+    loop learns quickly. Videos are encoded mp4 (or webm) bytes, read back with PyAV like user data.
     """
     rng = np.random.default_rng(seed)
     prompts, chosen, rejected = [], [], []
     for i in range(n):
-        colour = tuple(int(c) for c in rng.integers(40, 256, size=3))
-        start = int(rng.integers(0, size // 2))
+        colour = tuple(int(c) for c in rng.integers(60, 256, size=3))
+        frames = colour_ramp(num_frames, colour, size=size)
         prompts.append(f"a {['red', 'blue', 'green', 'yellow'][i % 4]} square")
-        chosen.append(encode_video(moving_square(num_frames, size, colour, 0, start), container=container))
-        rejected.append(encode_video(moving_square(num_frames, size, colour, 3, start), container=container))
+        chosen.append(encode_video(frames, container=container))
+        rejected.append(encode_video(frames[::-1], container=container))
     features = Features({"prompt": Value("string"), "chosen": Value("binary"), "rejected": Value("binary")})
     return Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected}, features=features)

@@ -123,8 +123,10 @@ class DiffusionDPOTrainer(Trainer):
 
         self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         if self.is_lora and self.weight_dtype != torch.float32:
-            # Frozen base weights in half precision; the adapter stays in float32 for stable updates.
-            denoiser.to(dtype=self.weight_dtype)
+            # Frozen base weights in half precision; the adapter stays in float32 for stable updates. A denoiser loaded
+            # in that dtype is left as loaded: diffusers keeps some modules in float32 (Wan's norms, rope, time embedding).
+            if denoiser.dtype != self.weight_dtype:
+                denoiser.to(dtype=self.weight_dtype)
             cast_training_params(denoiser, dtype=torch.float32)
 
         if args.activation_checkpointing:
@@ -140,7 +142,7 @@ class DiffusionDPOTrainer(Trainer):
             )
         prepare_dataset = prepare_preference_dataset if self.paired else prepare_unpaired_dataset
         if self.family.temporal_compression is not None:  # a video model
-            self.num_frames = args.num_frames or self.family.default_num_frames
+            self.num_frames = self.family.default_num_frames if args.num_frames is None else args.num_frames
             check_num_frames(self.num_frames, self.family.temporal_compression)
             if not self.paired:
                 prepare_dataset = functools.partial(prepare_unpaired_dataset, column="video")

@@ -18,6 +18,7 @@ from diffusion_dpo_trainer.testing import (  # noqa: E402
     make_sd_pipeline,
     make_sdxl_pipeline,
 )
+from diffusion_dpo_trainer.testing_wan import build_tiny_wan_pipeline  # noqa: E402
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LN2 = math.log(2.0)  # the first DPO loss, while the policy still equals the reference
@@ -70,6 +71,11 @@ def sd3_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def flux_path(tmp_path_factory):
     return make_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def wan_path(tmp_path_factory):
+    return build_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "pipe")
 
 
 @pytest.fixture(scope="session")
