@@ -27,8 +27,11 @@ setup(
     ],
     entry_points={"console_scripts": ["diffusion-dpo=diffusion_dpo_trainer.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15"],
-        "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15", "ruff"],
+        # Video models (Wan): PyAV decodes and encodes mp4/webm without torchvision or torchcodec.
+        "video": ["av>=12"],
+        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15", "av>=12"],
+        "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15", "av>=12",
+                "ruff"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

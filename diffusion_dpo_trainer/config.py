@@ -15,7 +15,7 @@ class DiffusionDPOConfig(TrainingArguments):
     reference denoising errors averaged over latent elements (mean reduction). With this convention the published
     default for SD1.5 and SDXL is `beta=5000`. An implementation that sums over latent elements instead needs a beta
     smaller by the number of latent elements; one without the `1/2` needs half of it. `beta=None` (the default) takes
-    the model family's default: 5000 for SD1.x/2.x and SDXL, 500 for SD3/SD3.5 and 1000 for FLUX.1, whose
+    the model family's default: 5000 for SD1.x/2.x and SDXL, 500 for SD3/SD3.5 and Wan, 1000 for FLUX.1, whose
     velocity errors are larger than epsilon errors (see docs/flow-models.md).
 
     Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the collator needs the image
@@ -34,7 +34,7 @@ class DiffusionDPOConfig(TrainingArguments):
             "help": "Strength of the KL regularisation towards the reference model, in the reference code's "
             "convention (per-sample mse averaged over latent elements, factor -beta/2). Larger beta keeps the model "
             "closer to the reference. None uses the model family's default: 5000 for SD1.x/2.x and SDXL (the "
-            "published value), 500 for SD3/SD3.5, 1000 for FLUX.1 (flow-matching errors are larger)."
+            "published value), 500 for SD3/SD3.5 and Wan, 1000 for FLUX.1 (flow-matching errors are larger)."
         },
     )
     loss_type: str | list[str] = field(

@@ -20,7 +20,7 @@ NOTEBOOK = ROOT / "examples" / "notebook_quickstart.ipynb"
 
 REAL_MODEL_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
                   "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large",
-                  "black-forest-labs/FLUX.1-dev"}
+                  "black-forest-labs/FLUX.1-dev", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
 
 
 def known_config_keys() -> set[str]:

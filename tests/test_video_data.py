@@ -203,3 +203,28 @@ def test_callback_logs_frame_strips_of_policy_and_reference_to_tensorboard(tmp_p
     (image,) = events.Images("eval/samples")
     # Two rows (reference, policy); per (prompt, seed) a strip of 4 of the 5 frames, 32 px each.
     assert (image.step, image.height, image.width) == (2, 2 * 32, 2 * 4 * 32)
+
+
+def test_build_pairs_and_evaluate_commands_on_a_video_pipeline(tmp_path, wan_path, capsys):
+    from diffusion_dpo_trainer import cli
+    from diffusion_dpo_trainer.testing import make_clip_model
+
+    common = ["--model", wan_path, "--reward", f"clip:{make_clip_model(tmp_path / 'clip')}", "--num_inference_steps",
+              "2", "--resolution", "32", "--num_frames", "5"]
+    out = tmp_path / "pairs"
+    assert cli.main(["build-pairs", *common, "--prompt", "a red square", "--num_images_per_prompt", "3",
+                     "--output_dir", str(out)]) == 0
+    pairs = datasets.load_from_disk(str(out))
+    assert pairs.features["chosen"] == datasets.Video(decode=False) and len(pairs) == 1
+    assert pairs["chosen_score"][0] > pairs["rejected_score"][0]
+    assert cli.main(["evaluate", *common, "--prompt", "a red square", "--reference_model", wan_path,
+                     "--seeds", "0"]) == 0
+    assert '"win_rate": 0.5' in capsys.readouterr().out
+
+
+def test_a_missing_pyav_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "diffusion-dpo-trainer\[video\]"'):
+        encode_video(colour_ramp(5))
