@@ -233,3 +233,34 @@ def test_wan22_two_expert_checkpoints_are_refused_before_any_weight_loads(tmp_pa
     two_experts = WanPipeline(**{**pipe.components, "transformer_2": pipe.transformer}, boundary_ratio=0.875)
     with pytest.raises(ValueError, match=r"Wan 2\.2 A14B"):
         load_family(two_experts)
+
+
+def test_wan22_ti2v_layout_48_channel_16x_vae_and_per_token_timesteps(wan_path):
+    """Wan 2.2 TI2V-5B as text-to-video: a patchifying 16x VAE with 48 channels, and `expand_timesteps` (one timestep
+    per token at inference), which for text-to-video equals the single per-sample timestep the family passes."""
+    from diffusers import AutoencoderKLWan
+
+    base = WanPipeline.from_pretrained(wan_path)
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
+                           temperal_downsample=[False, True, True], in_channels=12, out_channels=12, patch_size=2,
+                           scale_factor_spatial=16, latents_mean=[0.1] * 48, latents_std=[2.0] * 48)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=48, out_channels=48, text_dim=32, ffn_dim=32, num_layers=2,
+                                        rope_max_seq_len=32)
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae, scheduler=base.scheduler,
+                       transformer=transformer, expand_timesteps=True)
+    family = load_family(pipe)
+    assert (family.vae_scale_factor, family.resolution_multiple()) == (16, 32)
+    mean, _ = family.encode_pixels(torch.rand(2, 3, FRAMES, 64, 64) * 2 - 1)
+    assert mean.shape == (2, *family.latent_shape((3, FRAMES, 64, 64))) == (2, 48, 2, 4, 4)
+    latents = family.scale_latents(mean)
+    torch.testing.assert_close(latents, (mean - 0.1) / 2.0)
+    conditioning = family.encode_prompt(["a", "b"], torch.device("cpu"))
+    timesteps = family.sample_timesteps(2, torch.device("cpu"))
+    with torch.no_grad():
+        prediction = family.predict(transformer, latents, timesteps, conditioning)
+        tokens = 2 * 2 * 2  # latent frames x (4 / 2) x (4 / 2) patches
+        per_token = transformer(hidden_states=latents, timestep=timesteps[:, None].expand(2, tokens),
+                                encoder_hidden_states=conditioning["encoder_hidden_states"], return_dict=False)[0]
+    torch.testing.assert_close(prediction, per_token, atol=1e-5, rtol=1e-5)
