@@ -27,13 +27,15 @@ def render_model_card(
     hyperparameters: dict,
     dataset: str | None = None,
     extra_tags: list[str] | None = None,
+    video: bool = False,
 ) -> str:
-    tags = ["diffusion-dpo", "diffusers", "text-to-image", *(["lora"] if is_lora else []), *(extra_tags or [])]
+    task = "text-to-video" if video else "text-to-image"
+    tags = ["diffusion-dpo", "diffusers", task, *(["lora"] if is_lora else []), *(extra_tags or [])]
     hub_id = _hub_id(base_model)
     data = ModelCardData(
         base_model=hub_id,
         library_name="diffusers",
-        pipeline_tag="text-to-image",
+        pipeline_tag=task,
         tags=list(dict.fromkeys(tags)),
         datasets=[dataset] if dataset else None,
     )
@@ -79,7 +81,8 @@ Diffusion-DPO using [diffusion-dpo-trainer](https://pypi.org/project/diffusion-d
 from diffusers import {pipeline_class}{"" if is_lora else ", " + denoiser_class}
 
 {usage}
-image = pipe("a photo of an astronaut riding a horse").images[0]
+{'video = pipe("a cat walking in the snow").frames[0]' if video else
+  'image = pipe("a photo of an astronaut riding a horse").images[0]'}
 ```
 
 ## Citation

@@ -13,6 +13,7 @@ The ready-made ones are CLIP models loaded with transformers, by hub id or local
 
 import importlib
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -123,6 +124,6 @@ def frame_averaged(image_reward: RewardFn | str, num_frames: int = 4) -> RewardF
         scores = [float(s) for s in image_reward([f for frames in picked for f in frames],
                                                  [p for p, frames in zip(prompts, picked) for _ in frames])]
         bounds = np.cumsum([0] + [len(frames) for frames in picked])
-        return [float(np.mean(scores[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [float(np.mean(scores[a:b])) for a, b in pairwise(bounds)]
 
     return reward

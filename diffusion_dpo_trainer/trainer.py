@@ -124,7 +124,8 @@ class DiffusionDPOTrainer(Trainer):
         self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         if self.is_lora and self.weight_dtype != torch.float32:
             # Frozen base weights in half precision; the adapter stays in float32 for stable updates. A denoiser loaded
-            # in that dtype is left as loaded: diffusers keeps some modules in float32 (Wan's norms, rope, time embedding).
+            # in that dtype is left as loaded: diffusers keeps some modules in float32 (Wan's norms, rope, time
+            # embedding).
             if denoiser.dtype != self.weight_dtype:
                 denoiser.to(dtype=self.weight_dtype)
             cast_training_params(denoiser, dtype=torch.float32)
@@ -461,6 +462,7 @@ class DiffusionDPOTrainer(Trainer):
             loss_type=self.args.loss_type,
             hyperparameters=self._card_hyperparameters(),
             dataset=dataset,
+            video=self.family.temporal_compression is not None,
         )
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
@@ -478,6 +480,7 @@ class DiffusionDPOTrainer(Trainer):
             * args.world_size,
             "steps": self.state.global_step,
             "resolution": self.resolution,
+            **({"num_frames": self.num_frames} if self.family.temporal_compression is not None else {}),
             "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
             "seed": args.seed,
         })

@@ -212,6 +212,7 @@ class VideoPreferenceCollator(PreferenceCollator):
 
 
 class VideoUnpairedCollator(VideoPreferenceCollator, UnpairedCollator):
-    """Unpaired labelled videos (KTO): one `video` per row, its own window, crop and flip; keys as `UnpairedCollator`."""
+    """Unpaired labelled videos (KTO): one `video` per row with its own window, crop and flip; keys as in
+    `UnpairedCollator`."""
 
     image_columns = ("video",)

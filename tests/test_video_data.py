@@ -45,10 +45,11 @@ def frame_numbers(pixels):
 
 
 def pair_rows(chosen, rejected, prompt="a square"):
-    return [{"prompt": prompt, "chosen": c, "rejected": r, "row_index": i} for i, (c, r) in enumerate(zip(chosen, rejected))]
+    return [{"prompt": prompt, "chosen": c, "rejected": r, "row_index": i}
+            for i, (c, r) in enumerate(zip(chosen, rejected))]
 
 
-# ----- decoding --------------------------------------------------------------------------------------------------------
+# ----- decoding -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("container", ["mp4", "webm"])
 def test_encoded_videos_decode_to_their_frames(tmp_path, container):
     frames = colour_ramp(9, (200, 120, 40), size=32)
@@ -79,7 +80,7 @@ def test_a_datasets_video_column_is_read_with_pyav(tmp_path):
     torch.testing.assert_close(batch["chosen_pixel_values"][0], batch["rejected_pixel_values"][1])
 
 
-# ----- one window, crop and flip per pair ------------------------------------------------------------------------------
+# ----- one window, crop and flip per pair -----------------------------------------------------------------------------
 def test_both_videos_of_a_pair_get_the_same_window_crop_and_flip():
     collator = VideoPreferenceCollator(32, num_frames=5, frame_stride=2, random_crop=True, random_flip=True)
     chosen, rejected = marked_frames(20), marked_frames(20, offset=200)
@@ -114,7 +115,7 @@ def test_video_fps_resamples_by_the_frame_rate_ratio():
         VideoPreferenceCollator(32, num_frames=5, fps=8, frame_stride=2)
 
 
-# ----- errors name the row and the column ------------------------------------------------------------------------------
+# ----- errors name the row and the column -----------------------------------------------------------------------------
 def test_too_short_and_undecodable_videos_name_row_and_column():
     collator = VideoPreferenceCollator(32, num_frames=9)
     long, short = encode_video(colour_ramp(9, (90, 90, 90))), encode_video(colour_ramp(5, (90, 90, 90)))
@@ -128,7 +129,7 @@ def test_too_short_and_undecodable_videos_name_row_and_column():
         collator(pair_rows([long], [[np.zeros((32, 32), dtype=np.uint8)] * 9]))
 
 
-# ----- rewards, AI feedback, evaluation --------------------------------------------------------------------------------
+# ----- rewards, AI feedback, evaluation -------------------------------------------------------------------------------
 def test_frame_averaged_scores_evenly_spread_frames():
     seen = []
 
@@ -163,8 +164,8 @@ def test_video_pairs_from_a_pipeline_have_the_expected_winners_and_train(tmp_pat
         for a in range(n):
             for b in range(a + 1, n):
                 if scores[a] != scores[b]:
-                    w, l = (a, b) if scores[a] > scores[b] else (b, a)
-                    expected.append((prompt, seeds[w], seeds[l], scores[w], scores[l]))
+                    win, lose = (a, b) if scores[a] > scores[b] else (b, a)
+                    expected.append((prompt, seeds[win], seeds[lose], scores[win], scores[lose]))
     got = list(zip(dataset["prompt"], dataset["chosen_seed"], dataset["rejected_seed"], dataset["chosen_score"],
                    dataset["rejected_score"]))
     assert [g[:3] for g in got] == [e[:3] for e in expected] and len(got) == 6

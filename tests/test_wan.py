@@ -69,6 +69,9 @@ def test_lora_first_loss_is_ln2_and_the_adapter_loads_into_wanpipeline(tmp_path,
     with_lora = render(fresh)
     assert with_lora.shape == (1, FRAMES, 32, 32, 3)
     assert not np.allclose(without, with_lora), "the loaded LoRA does not change the generated frames"
+    card = Path(args.output_dir, "README.md").read_text(encoding="utf-8")
+    assert "pipeline_tag: text-to-video" in card and "WanPipeline.from_pretrained" in card and ".frames[0]" in card
+    assert f"`num_frames`: {FRAMES}" in card and "beta = 500" in card
 
 
 def test_policy_and_reference_see_identical_inputs_with_noise_and_timestep_shared_per_pair(tmp_path, wan_path, videos):
