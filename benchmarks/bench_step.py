@@ -37,7 +37,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, TrainerCallback
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer, PreferenceCollator, losses
@@ -123,7 +122,6 @@ class Floor:
         self.device = trainer.accelerator.device
         self.denoiser = trainer.accelerator.unwrap_model(trainer.model)
         self.params = [p for p in self.denoiser.parameters() if p.requires_grad]
-        self.lora_layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
         self.optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # unwrap accelerate's wrapper
         dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
         self.autocast = dict(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
@@ -147,16 +145,8 @@ class Floor:
             timesteps = family.sample_timesteps(pairs, self.device).repeat(2)
             noisy, target = family.noisy_latents_and_target(x0, noise, timesteps)
             policy = losses.per_sample_mse(family.predict(self.denoiser, noisy, timesteps, conditioning), target)
-            with torch.no_grad():
-                if self.trainer.ref_model is not None:
-                    reference = family.predict(self.trainer.ref_model, noisy, timesteps, conditioning)
-                else:  # the cheapest switch: the LoRA layers, listed once
-                    for layer in self.lora_layers:
-                        layer.enable_adapters(False)
-                    reference = family.predict(self.denoiser, noisy, timesteps, conditioning)
-                    for layer in self.lora_layers:
-                        layer.enable_adapters(True)
-                ref = losses.per_sample_mse(reference, target)
+            with torch.no_grad(), family.reference() as reference:  # the library's one reference switch
+                ref = losses.per_sample_mse(family.predict(reference, noisy, timesteps, conditioning), target)
             m_w, m_l = policy.chunk(2)
             r_w, r_l = ref.chunk(2)
             loss = losses.sigmoid_loss(m_w, m_l, r_w, r_l, self.trainer.loss_params).mean()

@@ -1,16 +1,10 @@
 """Diffusion-DPO for diffusers text-to-image models, with TRL's trainer API."""
 
+from .collators import PreferenceCollator, UnpairedCollator
 from .config import DiffusionDPOConfig
-from .data import (
-    PreferenceCollator,
-    UnpairedCollator,
-    load_preference_folder,
-    prepare_preference_dataset,
-    prepare_unpaired_dataset,
-    to_preference_pairs,
-)
 from .evaluation import RewardEvaluationCallback, evaluate_win_rate
 from .feedback import build_preference_pairs
+from .formats import load_preference_folder, prepare_preference_dataset, prepare_unpaired_dataset, to_preference_pairs
 from .rewards import CLIPScore, PickScore, load_reward
 from .trainer import DiffusionDPOTrainer
 

@@ -11,6 +11,9 @@ Prompts: every distinct prompt is encoded once (Pick-a-Pic has several pairs per
 
 Both are `datasets.map` results with a fingerprint built from the data, the frozen modules' weights and the transform
 settings, so a dataset on disk (from `load_dataset`/`load_from_disk`) reuses its cache across runs and processes.
+
+The write side (`precompute_latents`, `precompute_prompt_embeddings`, `precompute_for_training`) and the read side
+(`cached_images`, `PromptEmbeddingCache`, used by the collators) of the layout live here together.
 """
 
 import hashlib
@@ -21,10 +24,34 @@ import numpy as np
 import torch
 from datasets.fingerprint import Hasher
 
-from .data import FLIPPED, IMAGE_COLUMNS, LATENT_STATS, ROW_COLUMN, PreferenceCollator, flipped_crop_top_left
+from .formats import IMAGE_COLUMNS, ROW_COLUMN, eval_datasets, map_eval_datasets
+from .transforms import flipped_crop_top_left
 
 #: Bump when the stored layout changes, so old caches are not read.
 CACHE_VERSION = 1
+#: Columns a latent cache adds per side (`chosen_latent_mean`, ...); with flips also `*_flipped` variants.
+LATENT_STATS = ("latent_mean", "latent_std")
+FLIPPED = "_flipped"
+
+
+def cached_images(row: dict, index: int, columns: tuple[str, ...], random_flip: bool) -> dict:
+    """A cached row's latents per image column, with the row's flip drawn here: the same single draw as
+    `paired_transform` makes without random crops (crops are fixed in the cache)."""
+    flip = bool(random_flip and torch.rand(()).item() < 0.5)
+    suffix = FLIPPED if flip else ""
+    if flip and f"{columns[0]}_{LATENT_STATS[0]}{FLIPPED}" not in row:
+        raise ValueError(
+            f"Row {index}: random_flip is on but the cached latents have no flipped orientation; precompute them "
+            "with random_flip=True."
+        )
+    return {
+        side: {
+            **{stat: row[f"{side}_{stat}{suffix}"] for stat in LATENT_STATS},
+            "original_size": row[f"{side}_original_size"],
+            "crop_top_left": row[f"{side}_crop_top_left{suffix}"],
+        }
+        for side in columns
+    }
 
 
 def module_fingerprint(*modules: torch.nn.Module) -> str:
@@ -62,7 +89,7 @@ def precompute_latents(
     seed: int = 0,
     batch_size: int = 8,
     image_columns: tuple[str, ...] = IMAGE_COLUMNS,
-    collator: PreferenceCollator | None = None,
+    collator=None,
 ) -> datasets.Dataset:
     """Replace the image columns by their VAE latent mean/std (and SDXL size/crop columns).
 
@@ -74,6 +101,8 @@ def precompute_latents(
     `PreferenceCollator` for `image_columns`.
     """
     if collator is None:
+        from .collators import PreferenceCollator  # the collators read this module's cache layout
+
         collator = PreferenceCollator(resolution, random_crop)
         collator.image_columns = tuple(image_columns)
     image_columns = collator.image_columns
@@ -187,3 +216,32 @@ def precompute_prompt_embeddings(
         desc="Encoding prompts with the text encoders",
     )
     return PromptEmbeddingCache(embeddings)
+
+
+def precompute_for_training(family, train_dataset, eval_dataset, collator, args, resolution: int, device):
+    """What `DiffusionDPOTrainer` runs when `precompute_latents`/`precompute_text_embeddings` is set: encode every
+    dataset once (main process first; `datasets` caches the result), hand the prompt cache to the collator, and move
+    the encoders off the accelerator. Returns the (train, eval) datasets with latents in place of images."""
+    if not hasattr(collator, "image_columns"):
+        raise TypeError("precompute_latents/precompute_text_embeddings need the default collator "
+                        "(PreferenceCollator, or UnpairedCollator for kto).")
+    if any(isinstance(d, datasets.IterableDataset) for d in (train_dataset, *eval_datasets(eval_dataset))):
+        raise ValueError("precompute_latents/precompute_text_embeddings need a map-style datasets.Dataset: a "
+                         "streamed dataset is read once per pass, so there is nothing to store and reuse.")
+    with args.main_process_first(desc="precomputing latents and prompt embeddings"):
+        if args.precompute_latents:
+            def encode(dataset, name=None):
+                return precompute_latents(dataset, family, resolution, args.random_crop, args.random_flip, args.seed,
+                                          args.per_device_train_batch_size, collator=collator)
+
+            train_dataset = None if train_dataset is None else encode(train_dataset)
+            eval_dataset = map_eval_datasets(eval_dataset, encode)
+            family.vae.to("cpu")
+        if args.precompute_text_embeddings:
+            every = [d for d in (train_dataset, *eval_datasets(eval_dataset)) if d is not None]
+            collator.prompt_embeddings = precompute_prompt_embeddings(
+                every, family, device, args.per_device_train_batch_size
+            )
+            for encoder in family.text_encoders:
+                encoder.to("cpu")
+    return train_dataset, eval_dataset

@@ -25,7 +25,7 @@ from trl import TrlParser
 
 from . import __version__
 from .config import DiffusionDPOConfig
-from .data import FOLDER_METADATA, load_preference_folder
+from .formats import FOLDER_METADATA, load_preference_folder
 
 PROG = "diffusion-dpo"
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -178,11 +178,11 @@ def load_model(script_args: ScriptArguments, training_args: DiffusionDPOConfig):
         return script_args.model_name_or_path
     from diffusers import AutoencoderKL
 
-    from .families import load_family
+    from .families import load_pipeline
 
     vae = AutoencoderKL.from_pretrained(script_args.vae_name_or_path, use_safetensors=True)
     kwargs = {**(training_args.model_init_kwargs or {}), "vae": vae}
-    return load_family(script_args.model_name_or_path, kwargs, training_args.max_prompt_length).pipeline
+    return load_pipeline(script_args.model_name_or_path, kwargs, require_family=True)
 
 
 def train(argv: list[str]) -> int:
@@ -298,7 +298,7 @@ def evaluate(argv: list[str]) -> int:
     import json
 
     from .evaluation import evaluate_win_rate
-    from .sampling import load_pipeline
+    from .families import load_pipeline
 
     prompts, kwargs = _sampling_kwargs(args)
     policy = load_pipeline(args.model)

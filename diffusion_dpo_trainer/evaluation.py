@@ -15,7 +15,7 @@ the judge instead of people.
 import importlib.util
 import statistics
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import numpy as np
 from diffusers.utils import make_image_grid
@@ -23,8 +23,9 @@ from PIL import Image
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
+from .families import load_pipeline
 from .rewards import RewardFn, load_reward
-from .sampling import adapters_disabled, load_pipeline, sample_images
+from .sampling import adapters_disabled, sample_images
 
 
 def _score(reward_fn: RewardFn, images: list[Image.Image], prompts: list[str], batch_size: int) -> list[float]:
@@ -55,15 +56,6 @@ def compare_rewards(rewards: Sequence[float], reference_rewards: Sequence[float]
         "reward_reference": statistics.fmean(reference_rewards),
         "outcomes": outcomes,
     }
-
-
-@contextmanager
-def _reference_of(pipeline, reference):
-    if reference is None:
-        with adapters_disabled(pipeline):
-            yield pipeline
-    else:
-        yield reference
 
 
 def evaluate_win_rate(
@@ -103,7 +95,8 @@ def evaluate_win_rate(
 
     images = sample_images(policy, flat_prompts, flat_seeds, batch_size, progress and "Sampling policy",
                            **pipeline_kwargs)
-    with _reference_of(policy, reference) as ref:
+    # None: the policy's own family switches its adapters off (the library's one reference switch).
+    with adapters_disabled(policy) if reference is None else nullcontext(reference) as ref:
         reference_images = sample_images(ref, flat_prompts, flat_seeds, batch_size,
                                          progress and "Sampling reference", **pipeline_kwargs)
     rewards = _score(reward_fn, images, flat_prompts, batch_size)
@@ -176,21 +169,6 @@ class RewardEvaluationCallback(TrainerCallback):
         self.pipeline_kwargs = pipeline_kwargs
         self._last_step = None
 
-    @contextmanager
-    def _reference_pipeline(self):
-        pipeline = self.trainer.pipeline
-        if self.trainer.ref_model is None:
-            with adapters_disabled(pipeline):
-                yield pipeline
-            return
-        name = self.trainer.family.denoiser_name
-        policy = getattr(pipeline, name)
-        setattr(pipeline, name, self.trainer.ref_model)
-        try:
-            yield pipeline
-        finally:
-            setattr(pipeline, name, policy)
-
     def evaluate(self) -> dict:
         """Sample, score and compare now; returns the `compare_rewards` figures plus the images."""
         pipeline = self.trainer.pipeline
@@ -199,7 +177,7 @@ class RewardEvaluationCallback(TrainerCallback):
         kwargs = dict(batch_size=self.batch_size, progress=False, **self.pipeline_kwargs)
         with self.trainer.accelerator.autocast():
             images = sample_images(pipeline, flat_prompts, flat_seeds, **kwargs)
-            with self._reference_pipeline() as reference:
+            with self.trainer.family.reference_pipeline() as reference:
                 reference_images = sample_images(reference, flat_prompts, flat_seeds, **kwargs)
         result = compare_rewards(
             _score(self.reward_fn, images, flat_prompts, self.batch_size),

@@ -14,8 +14,9 @@ from itertools import combinations
 import datasets
 import numpy as np
 
+from .families import load_pipeline
 from .rewards import RewardFn, load_reward
-from .sampling import iter_sample_batches, load_pipeline
+from .sampling import iter_sample_batches
 from .video_data import encode_video
 
 STRATEGIES = ("best_vs_worst", "all_pairs", "random")

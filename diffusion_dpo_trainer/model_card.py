@@ -5,6 +5,8 @@ import os
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from . import losses
+
 CITATION = """@inproceedings{wallace2024diffusion,
   title     = {Diffusion Model Alignment Using Direct Preference Optimization},
   author    = {Wallace, Bram and Dang, Meihua and Rafailov, Rafael and Zhou, Linqi and Lou, Aaron and
@@ -111,3 +113,25 @@ def _format(value) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(_format(v) for v in value)
     return str(value)
+
+
+def card_hyperparameters(args, loss_types, loss_params, steps: int, resolution: int, mixed_precision: str,
+                         lora_config=None, num_frames: int | None = None) -> dict:
+    """What it takes to reproduce the run: the selected losses' own values, then the optimisation settings."""
+    values = losses.loss_hyperparameters(loss_types, loss_params)
+    values.update({
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        "optim": getattr(args.optim, "value", args.optim),
+        # pairs (images for kto) per optimizer step, over all processes
+        "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "steps": steps,
+        "resolution": resolution,
+        **({"num_frames": num_frames} if num_frames is not None else {}),
+        "mixed_precision": mixed_precision,
+        "seed": args.seed,
+    })
+    if lora_config is not None:
+        values.update({"lora_rank": lora_config.r, "lora_alpha": lora_config.lora_alpha,
+                       "lora_target_modules": sorted(lora_config.target_modules)})
+    return values

@@ -7,7 +7,6 @@ runs under `torch.no_grad` and forks the global RNG, so a training run that samp
 that does not.
 """
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -16,44 +15,16 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-
-def load_pipeline(pipeline, **init_kwargs) -> DiffusionPipeline:
-    """A pipeline as given, or loaded (safetensors only) from a hub id or local path."""
-    if isinstance(pipeline, DiffusionPipeline):
-        return pipeline
-    if isinstance(pipeline, (str, os.PathLike)):
-        return DiffusionPipeline.from_pretrained(pipeline, **{"use_safetensors": True, **init_kwargs})
-    raise TypeError(f"Expected a DiffusionPipeline, a hub id or a local path, got {type(pipeline).__name__}.")
+from .families import family_class_for, load_pipeline  # noqa: F401  (load_pipeline: its old import path)
 
 
 def _modules(pipeline: DiffusionPipeline) -> list[torch.nn.Module]:
     return [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
 
 
-def denoiser_of(pipeline: DiffusionPipeline) -> torch.nn.Module:
-    """The pipeline's denoiser: `unet` or `transformer`."""
-    for name in ("unet", "transformer"):
-        module = getattr(pipeline, name, None)
-        if module is not None:
-            return module
-    raise ValueError(f"{type(pipeline).__name__} has neither a `unet` nor a `transformer`.")
-
-
-@contextmanager
 def adapters_disabled(pipeline: DiffusionPipeline):
-    """Run the pipeline as its base model: the denoiser's LoRA adapters switched off, then on again.
-
-    Works for adapters added by `add_adapter` (the trainer) and by `load_lora_weights` alike: the reference of a
-    LoRA run costs no second model.
-    """
-    denoiser = denoiser_of(pipeline)
-    if not getattr(denoiser, "peft_config", None):
-        raise ValueError("The pipeline's denoiser has no adapter to disable; pass a separate reference pipeline.")
-    denoiser.disable_adapters()
-    try:
-        yield pipeline
-    finally:
-        denoiser.enable_adapters()
+    """The pipeline run as its base model (LoRA adapters off), through its family's one reference switch."""
+    return family_class_for(type(pipeline).__name__)(pipeline).reference_pipeline()
 
 
 @contextmanager

@@ -6,13 +6,11 @@ forward on exactly the same inputs, and hands the per-sample errors to the loss.
 and timestep per image instead, and no loss that needs no reference ever runs one.
 """
 
-import copy
 import dataclasses
 import functools
 import os
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 
 import datasets
 import torch
@@ -20,23 +18,18 @@ from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from . import losses
-from .caching import precompute_latents, precompute_prompt_embeddings
+from .caching import precompute_for_training
+from .collators import PreferenceCollator, UnpairedCollator
 from .config import DiffusionDPOConfig
-from .data import (
-    PreferenceCollator,
-    UnpairedCollator,
-    prepare_preference_dataset,
-    prepare_unpaired_dataset,
-)
 from .families import load_family
-from .model_card import render_model_card
+from .formats import map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
+from .model_card import card_hyperparameters, render_model_card
 from .video_data import VideoPreferenceCollator, VideoUnpairedCollator, check_num_frames
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -87,9 +80,10 @@ class DiffusionDPOTrainer(Trainer):
     ):
         if args is None:
             args = DiffusionDPOConfig(output_dir="diffusion-dpo")
+        self.args = args  # the precision properties read it before `Trainer.__init__` sets it (to the same object)
         # Seed before the adapter is initialised, so one seed gives one run (Trainer seeds only after this).
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-        self.family = load_family(model, args.model_init_kwargs, args.max_prompt_length, args)
+        self.family = load_family(model, args)
         # Resolved once; everything reads `self.beta`, never `args.beta` (None means the family's default).
         self.beta = float(args.beta) if args.beta is not None else float(self.family.default_beta)
         self.base_model_id = model if isinstance(model, (str, os.PathLike)) else self.family.pipeline.name_or_path
@@ -109,19 +103,14 @@ class DiffusionDPOTrainer(Trainer):
             denoiser.add_adapter(peft_config)
         self.is_lora = bool(getattr(denoiser, "peft_config", None))
 
-        self.ref_model = None
         if losses.needs_reference(self.loss_types):
             if ref_model is not None:
-                self.ref_model = self._load_reference(ref_model, args)
+                self.family.set_reference(ref_model, args.ref_model_init_kwargs)
             elif not self.is_lora:
-                self.ref_model = copy.deepcopy(denoiser)
-            if self.ref_model is not None:
-                self.ref_model.requires_grad_(False)
-                self.ref_model.eval()
+                self.family.freeze_reference_copy()
         elif ref_model is not None:
             warnings.warn(f"`ref_model` is ignored: loss_type {args.loss_type!r} needs no reference model.")
 
-        self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         if self.is_lora and self.weight_dtype != torch.float32:
             # Frozen base weights in half precision; the adapter stays in float32 for stable updates. A denoiser loaded
             # in that dtype is left as loaded: diffusers keeps some modules in float32 (Wan's norms, rope, time
@@ -136,13 +125,11 @@ class DiffusionDPOTrainer(Trainer):
             denoiser.activation_checkpointing_enable = lambda **_: None
 
         self.resolution = args.resolution or self.family.native_resolution()
-        if self.resolution % self.family.resolution_multiple():
-            raise ValueError(
-                f"resolution={self.resolution} must be a multiple of {self.family.resolution_multiple()} for "
-                f"{type(self.family.pipeline).__name__}."
-            )
+        self.family.check_resolution(self.resolution)
         prepare_dataset = prepare_preference_dataset if self.paired else prepare_unpaired_dataset
-        if self.family.temporal_compression is not None:  # a video model
+        #: Frames per training clip of a video model (None for image models).
+        self.num_frames = None
+        if self.family.temporal_compression is not None:
             self.num_frames = self.family.default_num_frames if args.num_frames is None else args.num_frames
             check_num_frames(self.num_frames, self.family.temporal_compression)
             if not self.paired:
@@ -156,10 +143,7 @@ class DiffusionDPOTrainer(Trainer):
             data_collator = collator_class(self.resolution, args.random_crop, args.random_flip)
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, "train_dataset")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = prepare_dataset(eval_dataset, "eval_dataset")
+        eval_dataset = map_eval_datasets(eval_dataset, prepare_dataset)
 
         super().__init__(
             model=denoiser,
@@ -187,84 +171,32 @@ class DiffusionDPOTrainer(Trainer):
         if self.ref_model is not None:
             self.ref_model.to(device, dtype=self.weight_dtype)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._precompute()
+        if args.precompute_latents or args.precompute_text_embeddings:
+            self.train_dataset, self.eval_dataset = precompute_for_training(
+                self.family, self.train_dataset, self.eval_dataset, self.data_collator, args, self.resolution,
+                self.accelerator.device,
+            )
 
     @property
     def pipeline(self) -> DiffusionPipeline:
         """The diffusers pipeline being trained (its denoiser is `self.model`), e.g. to sample from the policy."""
         return self.family.pipeline
 
-    # ----- construction helpers -----------------------------------------------------------------------------------
-    def _load_reference(self, ref_model, args) -> torch.nn.Module:
-        name = self.family.denoiser_name
-        if isinstance(ref_model, DiffusionPipeline):
-            return getattr(ref_model, name)
-        if isinstance(ref_model, torch.nn.Module):
-            return ref_model
-        if isinstance(ref_model, (str, os.PathLike)):
-            kwargs = dict(args.ref_model_init_kwargs or {})
-            return type(self.family.denoiser).from_pretrained(ref_model, subfolder=name, use_safetensors=True, **kwargs)
-        raise TypeError(f"`ref_model` must be a pipeline, a module or an id/path, got {type(ref_model).__name__}.")
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        """The explicit or frozen reference denoiser; None when the reference is the adapter-disabled policy (or
+        no selected loss needs one). Owned by the family: `self.family.reference()` is the one switch."""
+        return self.family.ref_model
 
-    @contextmanager
-    def _reference(self, model):
-        """The reference denoiser: the explicit/frozen copy, or the policy with its adapters switched off."""
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        denoiser, layers = self._adapter_layers(model)
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
-            yield denoiser
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)
+    @property
+    def mixed_precision(self) -> str:
+        """'bf16', 'fp16' or 'no', as accelerate names it."""
+        return "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
 
-    def _adapter_layers(self, model) -> tuple[torch.nn.Module, list[BaseTunerLayer]]:
-        """The unwrapped denoiser and its LoRA layers, found once per model object: `unwrap_model` and
-        `disable_adapters()` each walk every module (~2000 in SD1.5's UNet) on every call."""
-        cache = getattr(self, "_adapter_layer_cache", None)
-        if cache is None or cache[0] is not model:
-            denoiser = self.accelerator.unwrap_model(model)
-            layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
-            self._adapter_layer_cache = cache = (model, denoiser, layers)
-        return cache[1], cache[2]
-
-    def _precompute(self) -> None:
-        """Encode images and/or prompts once (main process first; `datasets` caches the result), then train from the
-        cache with the encoders moved off the accelerator. See `caching.py` for what is stored."""
-        args = self.args
-        if not (args.precompute_latents or args.precompute_text_embeddings):
-            return
-        if not isinstance(self.data_collator, PreferenceCollator):  # UnpairedCollator is one too
-            raise TypeError("precompute_latents/precompute_text_embeddings need the default collator "
-                            "(PreferenceCollator, or UnpairedCollator for kto).")
-        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
-        if any(isinstance(d, datasets.IterableDataset) for d in (self.train_dataset, *evals)):
-            raise ValueError("precompute_latents/precompute_text_embeddings need a map-style datasets.Dataset: a "
-                             "streamed dataset is read once per pass, so there is nothing to store and reuse.")
-        with args.main_process_first(desc="precomputing latents and prompt embeddings"):
-            if args.precompute_latents:
-                def encode(dataset):
-                    return precompute_latents(dataset, self.family, self.resolution, args.random_crop,
-                                              args.random_flip, args.seed, args.per_device_train_batch_size,
-                                              collator=self.data_collator)
-                if self.train_dataset is not None:
-                    self.train_dataset = encode(self.train_dataset)
-                if isinstance(self.eval_dataset, dict):
-                    self.eval_dataset = {k: encode(v) for k, v in self.eval_dataset.items()}
-                elif self.eval_dataset is not None:
-                    self.eval_dataset = encode(self.eval_dataset)
-                self.family.vae.to("cpu")
-            if args.precompute_text_embeddings:
-                evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
-                every = [d for d in (self.train_dataset, *evals) if d is not None]
-                self.data_collator.prompt_embeddings = precompute_prompt_embeddings(
-                    every, self.family, self.accelerator.device, args.per_device_train_batch_size
-                )
-                for encoder in self.family.text_encoders:
-                    encoder.to("cpu")
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of frozen weights (text encoders, a LoRA run's base, the reference) and cached embeddings."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[self.mixed_precision]
 
     # ----- the loss -----------------------------------------------------------------------------------------------
     def _own_share(self, global_draw: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -277,16 +209,6 @@ class DiffusionDPOTrainer(Trainer):
         if self.accelerator.num_processes == 1:
             return global_draw
         return global_draw.chunk(self.accelerator.num_processes, dim)[self.accelerator.process_index]
-
-    def _latents(self, inputs) -> torch.Tensor:
-        """Denoiser-space latents of winners then losers, sampled from the VAE's latent distribution."""
-        if "chosen_latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
-            mean = torch.cat([inputs["chosen_latent_mean"], inputs["rejected_latent_mean"]])
-            std = torch.cat([inputs["chosen_latent_std"], inputs["rejected_latent_std"]])
-        else:
-            pixels = torch.cat([inputs["chosen_pixel_values"], inputs["rejected_pixel_values"]])
-            mean, std = self.family.encode_pixels(pixels)
-        return self._sample_latents(mean, std, groups=2)
 
     def _sample_latents(self, mean, std, groups: int) -> torch.Tensor:
         """mean + std * eps, with eps drawn for the global batch (`groups` blocks: winners, losers) in a fixed layout,
@@ -302,45 +224,33 @@ class DiffusionDPOTrainer(Trainer):
             return {key: value.to(self.weight_dtype) for key, value in inputs["prompt_embeds"].items()}
         return self.family.encode_prompt(inputs["prompt"], self.accelerator.device)
 
-    def _conditioning(self, inputs) -> dict[str, torch.Tensor]:
-        conditioning = {key: torch.cat([value, value]) for key, value in self._prompt_embeddings(inputs).items()}
-        conditioning.update(self.family.time_conditioning(inputs, self.resolution, self.accelerator.device))
-        return conditioning
-
     def _denoising_errors(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-sample mse of policy and reference, shape (2B,): winners first, then losers."""
-        x0 = self._latents(inputs)
-        conditioning = self._conditioning(inputs)
-        pairs = x0.shape[0] // 2
-        # ONE noise and ONE timestep per pair, shared by winner, loser, policy and reference.
-        world = self.accelerator.num_processes
-        noise = self._own_share(torch.randn((world * pairs, *x0.shape[1:]), device=x0.device, dtype=x0.dtype))
-        noise = noise.repeat(2, *([1] * (x0.ndim - 1)))
-        timesteps = self._own_share(self.family.sample_timesteps(world * pairs, x0.device)).repeat(2)
-        return self._policy_and_reference_errors(model, x0, noise, timesteps, conditioning)
+        """Per-sample mse of policy and reference, shape (groups * B,).
 
-    def _unpaired_denoising_errors(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image mse of policy and reference, shape (N,): unpaired images are independent, so each gets its own
-        noise and timestep (still shared by policy and reference)."""
-        if "latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
-            mean, std = inputs["latent_mean"], inputs["latent_std"]
+        Paired batches hold winners then losers (two groups) and draw ONE noise and ONE timestep per pair, shared by
+        winner, loser, policy and reference; unpaired (KTO) images are independent: one group, a draw per image.
+        """
+        sides = ("chosen_", "rejected_") if self.paired else ("",)  # the collators' batch-key prefixes
+        groups = len(sides)
+        if f"{sides[0]}latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
+            mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
+            std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
         else:
-            mean, std = self.family.encode_pixels(inputs["pixel_values"])
-        x0 = self._sample_latents(mean, std, groups=1)
-        conditioning = dict(self._prompt_embeddings(inputs))
+            mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
+        x0 = self._sample_latents(mean, std, groups)
+        per_group, world = x0.shape[0] // groups, self.accelerator.num_processes
+        draw_shape = (world * per_group, *x0.shape[1:])
+        noise = self._own_share(torch.randn(draw_shape, device=x0.device, dtype=x0.dtype))
+        noise = noise.repeat(groups, *([1] * (x0.ndim - 1)))
+        timesteps = self._own_share(self.family.sample_timesteps(world * per_group, x0.device)).repeat(groups)
+        conditioning = {key: torch.cat([value] * groups) for key, value in self._prompt_embeddings(inputs).items()}
         conditioning.update(self.family.time_conditioning(inputs, self.resolution, self.accelerator.device))
-        world = self.accelerator.num_processes
-        noise = self._own_share(torch.randn((world * x0.shape[0], *x0.shape[1:]), device=x0.device, dtype=x0.dtype))
-        timesteps = self._own_share(self.family.sample_timesteps(world * x0.shape[0], x0.device))
-        return self._policy_and_reference_errors(model, x0, noise, timesteps, conditioning)
 
-    def _policy_and_reference_errors(self, model, x0, noise, timesteps, conditioning):
-        """ONE policy forward and, only when a selected loss needs it, ONE reference forward on the same inputs."""
         noisy, target = self.family.noisy_latents_and_target(x0, noise, timesteps)
         policy_mse = losses.per_sample_mse(self.family.predict(model, noisy, timesteps, conditioning), target)
         ref_mse = None
-        if losses.needs_reference(self.loss_types):
-            with torch.no_grad(), self._reference(model) as reference:
+        if losses.needs_reference(self.loss_types):  # ONE reference forward, on exactly the policy's inputs
+            with torch.no_grad(), self.family.reference() as reference:
                 ref_mse = losses.per_sample_mse(self.family.predict(reference, noisy, timesteps, conditioning), target)
         return policy_mse, ref_mse
 
@@ -351,13 +261,11 @@ class DiffusionDPOTrainer(Trainer):
         return total[0] / total[1]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self.accelerator.autocast():
+            policy_mse, ref_mse = self._denoising_errors(model, inputs)
         if self.paired:
-            with self.accelerator.autocast():
-                policy_mse, ref_mse = self._denoising_errors(model, inputs)
             loss, metrics = losses.compute_paired_loss(self.loss_types, policy_mse, ref_mse, self.loss_params)
         else:
-            with self.accelerator.autocast():
-                policy_mse, ref_mse = self._unpaired_denoising_errors(model, inputs)
             loss, metrics = losses.compute_unpaired_loss(
                 self.loss_types, policy_mse, ref_mse, inputs["label"], self.loss_params, self._global_mean
             )
@@ -377,7 +285,7 @@ class DiffusionDPOTrainer(Trainer):
     def _raise_non_finite_loss(self, loss: torch.Tensor) -> None:
         store = self._metrics["train"]
         terms = ", ".join(f"{name}={store[name][-1].item():.6g}" for name in NONFINITE_TERMS if store.get(name))
-        precision = "fp16" if self.args.fp16 else "bf16" if self.args.bf16 else "fp32"
+        precision = {"no": "fp32"}.get(self.mixed_precision, self.mixed_precision)
         raise FloatingPointError(
             f"Non-finite loss ({loss.item()}) at step {self.state.global_step + 1} ({precision}); loss terms of this "
             f"batch: {terms}. Non-finite reference errors point at the inputs (an fp16 VAE overflows: use bf16, or "
@@ -460,35 +368,17 @@ class DiffusionDPOTrainer(Trainer):
             denoiser_class=type(self.family.denoiser).__name__,
             is_lora=self.is_lora,
             loss_type=self.args.loss_type,
-            hyperparameters=self._card_hyperparameters(),
+            hyperparameters=card_hyperparameters(
+                self.args, self.loss_types, self.loss_params, self.state.global_step, self.resolution,
+                self.mixed_precision,
+                self.accelerator.unwrap_model(self.model).peft_config["default"] if self.is_lora else None,
+                self.num_frames,
+            ),
             dataset=dataset,
-            video=self.family.temporal_compression is not None,
+            video=self.num_frames is not None,
         )
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
-
-    def _card_hyperparameters(self) -> dict:
-        """What it takes to reproduce the run: the selected losses' own values, then the optimisation settings."""
-        args = self.args
-        values = losses.loss_hyperparameters(self.loss_types, self.loss_params)
-        values.update({
-            "learning_rate": args.learning_rate,
-            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
-            "optim": getattr(args.optim, "value", args.optim),
-            # pairs (images for kto) per optimizer step, over all processes
-            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
-            * args.world_size,
-            "steps": self.state.global_step,
-            "resolution": self.resolution,
-            **({"num_frames": self.num_frames} if self.family.temporal_compression is not None else {}),
-            "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
-            "seed": args.seed,
-        })
-        if self.is_lora:
-            lora = self.accelerator.unwrap_model(self.model).peft_config["default"]
-            values.update({"lora_rank": lora.r, "lora_alpha": lora.lora_alpha,
-                           "lora_target_modules": sorted(lora.target_modules)})
-        return values
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Called by `push_to_hub`: the card is the one every save writes."""

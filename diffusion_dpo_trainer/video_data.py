@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import PreferenceCollator, UnpairedCollator, paired_transform
+from .collators import PreferenceCollator, UnpairedCollator
+from .transforms import paired_transform
 
 VIDEO_EXTRA = 'pip install "diffusion-dpo-trainer[video]"'
 VIDEO_VALUE = (

@@ -10,7 +10,8 @@ FLUX.1-dev is a gated model: accept its license on the Hub and log in first. Loa
     pipe.load_lora_weights("flux-dpo-lora")
 """
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 from datasets import load_dataset
 from peft import LoraConfig
@@ -55,6 +56,11 @@ class ScriptArguments:
     rank: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (defaults to the rank)."})
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Print the resolved recipe (these options, the training config and the LoRA config) as "
+                  "JSON and exit, without loading the model or the data."},
+    )
     no_lora: bool = field(
         default=False,
         metadata={"help": "Full fine-tune instead of LoRA (far more memory; pass --model_init_kwargs '{}' to keep "
@@ -85,6 +91,13 @@ def load_train_dataset(options: ScriptArguments):
 
 def main(argv=None):
     options, config = parse_args(argv)
+    if options.dry_run:
+        lora_config = make_lora_config(options)
+        print(json.dumps({"options": asdict(options), "config": json.loads(config.to_json_string()),
+                          "lora": None if lora_config is None else {
+                              "r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
+                              "target_modules": sorted(lora_config.target_modules)}}))
+        return
     trainer = DiffusionDPOTrainer(model=options.model, args=config, train_dataset=load_train_dataset(options),
                                   peft_config=make_lora_config(options))
     trainer.train()

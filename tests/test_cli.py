@@ -14,6 +14,7 @@ import torch
 import yaml
 from datasets import DatasetDict
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+from helpers import render
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, cli
 
@@ -28,11 +29,6 @@ def exit_code_and_output(capsys, argv):
         cli.main(argv)
     out = capsys.readouterr()
     return exc.value.code, out.out + out.err
-
-
-def render(pipe, prompt="a solid red square"):
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="np", generator=generator).images
 
 
 # ----- help --------------------------------------------------------------------------------------------------------

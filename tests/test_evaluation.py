@@ -5,8 +5,8 @@ import glob
 import numpy as np
 import pytest
 import torch
-from conftest import LORA_TARGETS, lora, make_args
 from diffusers import DiffusionPipeline
+from helpers import LORA_TARGETS, lora, losses_of, make_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
@@ -67,10 +67,6 @@ def test_reference_none_is_the_adapter_disabled_policy(sd_path):
     again = evaluate_win_rate(pipe, base, PROMPTS[:1], brightness, seeds=[3], return_images=True, progress=False,
                               **SAMPLING)
     np.testing.assert_array_equal(np.asarray(again["images"][0]), np.asarray(result["images"][0]))
-
-
-def losses_of(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 def test_callback_logs_metrics_and_images_without_changing_training(tmp_path, sd_path, pairs):

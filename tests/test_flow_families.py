@@ -1,28 +1,27 @@
-"""Flow-matching families (SD3/SD3.5 and FLUX.1) on tiny offline pipelines: training, noising, saving, examples."""
+"""Facts of the flow-matching families (SD3/SD3.5 and FLUX.1): noising, timestep sampling, guidance, beta, examples.
 
-import importlib.util
+What every family must do (LoRA, reference inputs, saving, caching) is in test_family_conformance.py."""
+
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import LN2, lora, make_args
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
 )
-from peft import get_peft_model_state_dict
+from helpers import LN2, losses_of, make_args
+from helpers import lora as _lora
 
-from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from diffusion_dpo_trainer import DiffusionDPOTrainer
 from diffusion_dpo_trainer.families import FluxFamily, StableDiffusion3Family, load_family
 from diffusion_dpo_trainer.testing import make_flux_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-FAMILIES = {"sd3_path": StableDiffusion3Pipeline, "flux_path": FluxPipeline}
+FAMILIES = ("flux_path", "sd3_path")
 
 
 @pytest.fixture(scope="module")
@@ -33,84 +32,10 @@ def flux_guidance_path(tmp_path_factory):
 
 def family_lora(**overrides):
     # No target_modules: the family's documented defaults apply.
-    return lora(target_modules=None, **overrides)
+    return _lora(target_modules=None, **overrides)
 
 
-def losses_of(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def render(pipe):
-    generator = torch.Generator().manual_seed(0)
-    return pipe("a solid red square", num_inference_steps=2, height=32, width=32, output_type="np",
-                generator=generator).images
-
-
-@pytest.mark.parametrize("fixture", sorted(FAMILIES))
-def test_lora_trains_and_loads_into_its_pipeline(tmp_path, fixture, pairs, request):
-    path, pipeline_cls = request.getfixturevalue(fixture), FAMILIES[fixture]
-    args = make_args(tmp_path, max_steps=3)
-    trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=pairs, peft_config=family_lora())
-    assert type(trainer.family.pipeline) is pipeline_cls
-    trainer.train()
-    # The adapter starts as a no-op and the reference is the adapter switched off: loss is exactly ln 2.
-    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
-    assert all(math.isfinite(x) for x in losses_of(trainer))
-    trainer.save_model()
-
-    trained = get_peft_model_state_dict(trainer.family.denoiser)
-    # Default targets reach both streams of the joint attention: image (to_q) and text (add_q_proj).
-    assert any(".to_q." in k for k in trained) and any(".add_q_proj." in k for k in trained)
-    fresh = pipeline_cls.from_pretrained(path)
-    without = render(fresh)
-    fresh.load_lora_weights(args.output_dir, adapter_name="dpo")
-    loaded = get_peft_model_state_dict(fresh.transformer, adapter_name="dpo")
-    assert loaded.keys() == trained.keys()  # every trained layer loads, none is dropped
-    for key, value in trained.items():
-        torch.testing.assert_close(loaded[key], value)
-    assert not np.allclose(without, render(fresh)), "the loaded LoRA does not change the output"
-    card = Path(args.output_dir, "README.md").read_text(encoding="utf-8")
-    assert pipeline_cls.__name__ in card and f"beta = {trainer.beta:g}" in card
-
-
-@pytest.mark.parametrize("fixture", sorted(FAMILIES))
-def test_noise_and_sigma_shared_by_winner_loser_policy_reference(tmp_path, fixture, pairs, request):
-    args = make_args(tmp_path)
-    trainer = DiffusionDPOTrainer(model=request.getfixturevalue(fixture), args=args, train_dataset=pairs,
-                                  peft_config=family_lora())
-    family, calls, draws = trainer.family, [], []
-
-    def record(module, args_, kwargs):
-        calls.append({k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-
-    handle = family.denoiser.register_forward_pre_hook(record, with_kwargs=True)
-    original = family.noisy_latents_and_target
-
-    def spy(x0, noise, timesteps):
-        draws.append((noise.clone(), timesteps.clone(), family.sigmas_for(timesteps)))
-        return original(x0, noise, timesteps)
-
-    family.noisy_latents_and_target = spy
-    try:
-        trainer.train()
-    finally:
-        handle.remove()
-
-    assert len(calls) == 2 * args.max_steps  # one policy and one reference forward per step
-    n = args.per_device_train_batch_size
-    for step in range(args.max_steps):
-        policy, reference = calls[2 * step], calls[2 * step + 1]
-        assert policy.keys() == reference.keys() and "hidden_states" in policy and "pooled_projections" in policy
-        for key in policy:
-            assert torch.equal(policy[key], reference[key]), key
-        noise, timesteps, sigmas = draws[step]
-        assert noise.shape[0] == timesteps.shape[0] == 2 * n
-        assert torch.equal(noise[:n], noise[n:])
-        assert torch.equal(timesteps[:n], timesteps[n:]) and torch.equal(sigmas[:n], sigmas[n:])
-        assert ((sigmas > 0) & (sigmas <= 1)).all()
-
-
-@pytest.mark.parametrize("fixture", sorted(FAMILIES))
+@pytest.mark.parametrize("fixture", FAMILIES)
 def test_flow_noising_matches_hand_computation_and_scheduler(fixture, request):
     path = request.getfixturevalue(fixture)
     family = load_family(path, args=make_args(Path("unused")))
@@ -208,33 +133,6 @@ def test_flux_without_guidance_embeds_gets_no_guidance(tmp_path, flux_path, pair
     assert seen and all(g is None for g in seen)
 
 
-def test_sd3_full_finetune_saves_a_loadable_transformer(tmp_path, sd3_path, pairs):
-    args = make_args(tmp_path)
-    trainer = DiffusionDPOTrainer(model=sd3_path, args=args, train_dataset=pairs)
-    before = {k: v.clone() for k, v in trainer.family.denoiser.state_dict().items()}
-    trainer.train()
-    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)  # policy == frozen copy at step 1
-    trainer.save_model()
-
-    reloaded = SD3Transformer2DModel.from_pretrained(args.output_dir, subfolder="transformer")
-    trained = trainer.family.denoiser.state_dict()
-    assert any(not torch.equal(before[k], trained[k]) for k in before), "the transformer did not train"
-    for key, value in reloaded.state_dict().items():
-        torch.testing.assert_close(value, trained[key])
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_path, transformer=reloaded)
-    assert np.isfinite(render(pipe)).all()
-
-
-def test_flux_full_finetune_saves_a_loadable_transformer(tmp_path, flux_path, pairs):
-    args = make_args(tmp_path, max_steps=1)
-    trainer = DiffusionDPOTrainer(model=flux_path, args=args, train_dataset=pairs)
-    trainer.train()
-    trainer.save_model()
-    reloaded = FluxTransformer2DModel.from_pretrained(args.output_dir, subfolder="transformer")
-    for key, value in reloaded.state_dict().items():
-        torch.testing.assert_close(value, trainer.family.denoiser.state_dict()[key])
-
-
 def test_beta_defaults_per_family_and_explicit_beta_wins(tmp_path, sd_path, sd3_path, flux_path, pairs):
     for path, expected in ((sd_path, 5000.0), (sd3_path, StableDiffusion3Family.default_beta),
                            (flux_path, FluxFamily.default_beta)):
@@ -261,17 +159,14 @@ def test_the_loss_receives_the_resolved_beta(tmp_path, sd3_path, pairs, monkeypa
     assert seen == [StableDiffusion3Family.default_beta]
 
 
-def test_resolution_must_fit_the_2x2_patches(tmp_path, flux_path, pairs):
-    with pytest.raises(ValueError, match=r"resolution=34 must be a multiple of 4 for FluxPipeline"):
-        DiffusionDPOTrainer(model=flux_path, args=make_args(tmp_path, resolution=34), train_dataset=pairs)
-
-
 # ----- examples ----------------------------------------------------------------------------------------------------
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_example(name, *flags):
+    """The example's own command line (`--dry_run` prints the resolved recipe as JSON without loading anything)."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--use_cpu", "True", "--dry_run", *flags],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        raise SystemExit(done.returncode)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # use_cpu: bf16 needs a GPU otherwise, and this machine has none.
@@ -281,32 +176,29 @@ def load_example(name):
      ("train_flux_dpo", "black-forest-labs/FLUX.1-dev", 1000.0)],
 )
 def test_example_defaults_are_the_recommended_recipe(name, model_id, beta):
-    example = load_example(name)
-    options, config = example.parse_args(["--use_cpu", "True"])
-    assert options.model == model_id and options.dataset == "yuvalkirstain/pickapic_v2"
-    assert isinstance(config, DiffusionDPOConfig)
-    assert config.beta == beta and config.bf16 and config.gradient_checkpointing and config.resolution == 1024
-    assert config.optim == "adamw_bnb_8bit" and config.weighting_scheme == "logit_normal"
-    assert config.model_init_kwargs == {"torch_dtype": "bfloat16"}
-    lora_config = example.make_lora_config(options)
-    assert set(lora_config.target_modules) == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
-                                              "add_v_proj", "to_add_out"}
-    assert lora_config.r == lora_config.lora_alpha == 16
+    recipe = run_example(name)
+    options, config, lora_config = recipe["options"], recipe["config"], recipe["lora"]
+    assert options["model"] == model_id and options["dataset"] == "yuvalkirstain/pickapic_v2"
+    assert config["beta"] == beta and config["bf16"] and config["gradient_checkpointing"]
+    assert config["resolution"] == 1024
+    assert config["optim"] == "adamw_bnb_8bit" and config["weighting_scheme"] == "logit_normal"
+    assert config["model_init_kwargs"] == {"torch_dtype": "bfloat16"}
+    assert set(lora_config["target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                  "add_v_proj", "to_add_out"}
+    assert lora_config["r"] == lora_config["lora_alpha"] == 16
 
 
 def test_example_flags_override_the_recipe():
-    example = load_example("train_flux_dpo")
-    options, config = example.parse_args(
-        ["--use_cpu", "True", "--output_dir", "o", "--beta", "2000", "--learning_rate", "2e-6", "--guidance_scale",
-         "1.0", "--max_train_samples", "100", "--resolution", "512", "--weighting_scheme", "uniform",
-         "--target_modules", "to_q", "to_v", "--rank", "8"]
+    recipe = run_example(
+        "train_flux_dpo", "--output_dir", "o", "--beta", "2000", "--learning_rate", "2e-6", "--guidance_scale",
+        "1.0", "--max_train_samples", "100", "--resolution", "512", "--weighting_scheme", "uniform",
+        "--target_modules", "to_q", "to_v", "--rank", "8",
     )
-    assert (config.output_dir, config.beta, config.learning_rate) == ("o", 2000.0, 2e-6)
-    assert (config.guidance_scale, config.resolution, config.weighting_scheme) == (1.0, 512, "uniform")
-    assert options.max_train_samples == 100
-    lora_config = example.make_lora_config(options)
-    assert set(lora_config.target_modules) == {"to_q", "to_v"} and lora_config.r == 8
-    options, _ = example.parse_args(["--use_cpu", "True", "--no_lora"])
-    assert example.make_lora_config(options) is None
+    config = recipe["config"]
+    assert (config["output_dir"], config["beta"], config["learning_rate"]) == ("o", 2000.0, 2e-6)
+    assert (config["guidance_scale"], config["resolution"], config["weighting_scheme"]) == (1.0, 512, "uniform")
+    assert recipe["options"]["max_train_samples"] == 100
+    assert set(recipe["lora"]["target_modules"]) == {"to_q", "to_v"} and recipe["lora"]["r"] == 8
+    assert run_example("train_flux_dpo", "--no_lora")["lora"] is None
     with pytest.raises(SystemExit):
-        example.parse_args(["--weighting_scheme", "cosmap"])
+        run_example("train_flux_dpo", "--weighting_scheme", "cosmap")

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from helpers import lora, losses_of, make_args
 from transformers import TrainerCallback
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
-from test_trainer import lora, losses_of, make_args
 
 
 def test_full_finetune_resume_is_exact_and_keeps_the_initial_reference(tmp_path, sd_path, pairs):
@@ -55,7 +55,7 @@ class PoisonAdapterBeforeStep(TrainerCallback):
 
 
 def test_non_finite_loss_stops_at_its_step_and_keeps_checkpoints_finite(tmp_path, sd_path, pairs):
-    args = make_args(tmp_path, max_steps=5, save_strategy="steps", save_steps=1)
+    args = make_args(tmp_path, max_steps=5, save_strategy="steps", save_steps=1, learning_rate=1e-4)
     trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs, peft_config=lora(),
                                   callbacks=[PoisonAdapterBeforeStep(3)])
     with pytest.raises(FloatingPointError) as info:
@@ -72,7 +72,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_checkpoints_finite(tmp_path
 
 
 def test_save_refuses_non_finite_weights_and_keeps_the_previous_model(tmp_path, sd_path, pairs):
-    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path), train_dataset=pairs, peft_config=lora())
+    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=3, learning_rate=1e-4), train_dataset=pairs, peft_config=lora())
     trainer.save_model()
     saved = os.path.join(trainer.args.output_dir, "pytorch_lora_weights.safetensors")
     before = open(saved, "rb").read()
@@ -99,7 +99,7 @@ def _truncate(path):
     ],
 )
 def test_bad_checkpoint_gets_a_clear_error(tmp_path, sd_path, pairs, case, use_lora, match):
-    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path), train_dataset=pairs,
+    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=3, learning_rate=1e-4), train_dataset=pairs,
                                   peft_config=lora() if use_lora else None)
     checkpoint = tmp_path / "checkpoint-1"
     if case == "truncated":

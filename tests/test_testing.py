@@ -109,7 +109,7 @@ def test_clip_tokenizer_handles_any_prompt(tmp_path):
     assert tokenizer.convert_ids_to_tokens(tokenizer("a photo of a handwritten digit").input_ids) == [
         "<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "handwritten</w>", "digit</w>", "<|endoftext|>",
     ]  # fmt: skip
-    for word in testing._WORDS:
+    for word in testing.common._WORDS:
         assert tokenizer.tokenize(word) == [word + "</w>"]
 
     ids = tokenizer("Zebra, 7 CRÈME brûlée!? 日本 " * 20, padding="max_length", truncation=True).input_ids

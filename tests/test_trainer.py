@@ -7,41 +7,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import LN2, lora
-from conftest import make_args as small_args
 from datasets import Dataset
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from PIL import Image
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from helpers import LN2, changed, lora, losses_of, make_args, render, snapshot
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
 from diffusion_dpo_trainer.model_card import render_model_card
 
 
-def make_args(tmp_path, **overrides):
-    return small_args(tmp_path, **{"beta": 5000, "max_steps": 3, "learning_rate": 1e-4, **overrides})
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def changed(before, module):
-    after = module.state_dict()
-    return {k for k, v in before.items() if not torch.equal(v, after[k])}
-
-
-def losses_of(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def render(pipe, prompt="a solid red square"):
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="np", generator=generator).images
-
-
 def test_lora_acceptance(tmp_path, sd_path, pairs):
     """The issue's acceptance snippet: train LoRA, save, load back with load_lora_weights."""
-    args = make_args(tmp_path, max_steps=6)
+    args = make_args(tmp_path, max_steps=6, learning_rate=1e-4)
     trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs, peft_config=lora())
     pipe = trainer.family.pipeline
     base = {k: v for k, v in snapshot(pipe.unet).items() if "lora" not in k}
@@ -78,7 +54,7 @@ def test_lora_acceptance(tmp_path, sd_path, pairs):
 
 
 def test_full_finetune_trains_only_the_unet(tmp_path, sd_path, pairs):
-    args = make_args(tmp_path, learning_rate=1e-3)
+    args = make_args(tmp_path, learning_rate=1e-3, max_steps=3)
     trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs)
     pipe = trainer.family.pipeline
     unet_before = snapshot(pipe.unet)
@@ -103,47 +79,12 @@ def test_full_finetune_trains_only_the_unet(tmp_path, sd_path, pairs):
         torch.testing.assert_close(value, pipe.unet.state_dict()[key])
 
 
-def test_reference_sees_exactly_the_policy_inputs(tmp_path, sd_path, pairs):
-    """One noise and one timestep per pair, shared by winner/loser, policy/reference; one forward each."""
-    args = make_args(tmp_path, max_steps=2)
-    trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs, peft_config=lora())
-    calls, draws = [], []
-
-    def record(module, args_, kwargs):
-        calls.append((args_[0].detach().clone(), args_[1].detach().clone(),
-                      kwargs["encoder_hidden_states"].detach().clone()))
-
-    handle = trainer.family.pipeline.unet.register_forward_pre_hook(record, with_kwargs=True)
-    original = trainer.family.noisy_latents_and_target
-
-    def spy(x0, noise, timesteps):
-        draws.append((noise.clone(), timesteps.clone()))
-        return original(x0, noise, timesteps)
-
-    trainer.family.noisy_latents_and_target = spy
-    try:
-        trainer.train()
-    finally:
-        handle.remove()
-
-    assert len(calls) == 2 * args.max_steps  # one policy and one reference forward per step
-    for step in range(args.max_steps):
-        policy, reference = calls[2 * step], calls[2 * step + 1]
-        for p, r in zip(policy, reference):
-            assert torch.equal(p, r)
-        noise, timesteps = draws[step]
-        pairs_in_batch = args.per_device_train_batch_size
-        assert noise.shape[0] == timesteps.shape[0] == 2 * pairs_in_batch
-        assert torch.equal(noise[:pairs_in_batch], noise[pairs_in_batch:])
-        assert torch.equal(timesteps[:pairs_in_batch], timesteps[pairs_in_batch:])
-
-
 def test_targets_follow_the_scheduler_prediction_type(tmp_path, sd_path, sd_v_path, pairs):
     """epsilon and v targets, checked against diffusers' own DDPMScheduler formulas."""
     from diffusers import DDPMScheduler
 
     for path, expected_type in ((sd_path, "epsilon"), (sd_v_path, "v_prediction")):
-        trainer = DiffusionDPOTrainer(model=path, args=make_args(tmp_path), train_dataset=pairs, peft_config=lora())
+        trainer = DiffusionDPOTrainer(model=path, args=make_args(tmp_path, max_steps=3, learning_rate=1e-4), train_dataset=pairs, peft_config=lora())
         family = trainer.family
         assert family.prediction_type == expected_type
         scheduler = DDPMScheduler.from_config(family.pipeline.scheduler.config)
@@ -171,42 +112,18 @@ def test_separable_preference_drives_accuracy_up(tmp_path, sd_path, pairs):
     assert late_margin > 0 and late_loss < LN2
 
 
-def test_sdxl_lora_trains_and_loads(tmp_path, sdxl_path, pairs):
-    args = make_args(tmp_path)
-    trainer = DiffusionDPOTrainer(model=sdxl_path, args=args, train_dataset=pairs, peft_config=lora())
-    trainer.train()
-    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
-    trainer.save_model()
-    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_path)
-    without = render(pipe)
-    pipe.load_lora_weights(args.output_dir)
-    assert not np.allclose(without, render(pipe))
-
-
-def test_sdxl_micro_conditioning_uses_true_sizes(tmp_path, sdxl_path):
-    """add_time_ids carry each image's own original size, crop and the target size."""
-    wide = Image.new("RGB", (64, 32), (200, 10, 10))
-    tall = Image.new("RGB", (40, 80), (10, 10, 200))
-    data = Dataset.from_dict({"prompt": ["a red square"], "chosen": [wide], "rejected": [tall]})
-    trainer = DiffusionDPOTrainer(model=sdxl_path, args=make_args(tmp_path), train_dataset=data)
-    batch = trainer.data_collator([trainer.train_dataset[0]])
-    time_ids = trainer.family.time_conditioning(batch, 32, torch.device("cpu"))["time_ids"]
-    # wide 64x32 -> 64x32, centre crop left = 16; tall 40x80 -> 32x64, centre crop top = 16.
-    assert time_ids.tolist() == [[32, 64, 0, 16, 32, 32], [80, 40, 16, 0, 32, 32]]
-
-
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, sd_path, pairs):
-    straight = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path / "a", max_steps=4),
+    straight = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path / "a", max_steps=4, learning_rate=1e-4),
                                    train_dataset=pairs, peft_config=lora())
     straight.train()
 
     first = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path / "b", max_steps=4, save_steps=2,
-                                                              save_strategy="steps"),
+                                                              save_strategy="steps", learning_rate=1e-4),
                                 train_dataset=pairs, peft_config=lora())
     first.train()
     checkpoint = os.path.join(first.args.output_dir, "checkpoint-2")
     assert os.path.isfile(os.path.join(checkpoint, "pytorch_lora_weights.safetensors"))
-    resumed = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path / "c", max_steps=4),
+    resumed = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path / "c", max_steps=4, learning_rate=1e-4),
                                   train_dataset=pairs, peft_config=lora())
     resumed.train(resume_from_checkpoint=checkpoint)
 
@@ -217,7 +134,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, sd_path, pai
 
 
 def test_evaluate_reports_eval_metrics(tmp_path, sd_path, pairs):
-    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path), train_dataset=pairs,
+    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=3, learning_rate=1e-4), train_dataset=pairs,
                                   eval_dataset=pairs.select(range(4)), peft_config=lora())
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(LN2, abs=1e-6)
@@ -232,7 +149,7 @@ def test_accepts_a_pipeline_object_and_an_explicit_reference(tmp_path, sd_path, 
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    trainer = DiffusionDPOTrainer(model=pipe, ref_model=other, args=make_args(tmp_path, max_steps=1),
+    trainer = DiffusionDPOTrainer(model=pipe, ref_model=other, args=make_args(tmp_path, max_steps=1, learning_rate=1e-4),
                                   train_dataset=pairs, peft_config=lora())
     assert trainer.ref_model is other
     trainer.train()
@@ -254,7 +171,7 @@ def test_push_to_hub_uploads_the_adapter_and_card(tmp_path, sd_path, pairs, monk
             uploads.append(kwargs)
 
     monkeypatch.setattr(hf_trainer, "hf_api", lambda: FakeApi())
-    args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, hub_model_id="user/sd-dpo")
+    args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, hub_model_id="user/sd-dpo", learning_rate=1e-4)
     trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs, peft_config=lora())
     trainer.train()
     trainer.push_to_hub()
@@ -295,7 +212,7 @@ def test_model_card_links_a_hub_base_model():
 
 
 def test_8bit_adamw_and_bf16(tmp_path, sd_path, pairs):
-    args = make_args(tmp_path, optim="adamw_bnb_8bit", bf16=True, use_cpu=True, max_steps=2)
+    args = make_args(tmp_path, optim="adamw_bnb_8bit", bf16=True, use_cpu=True, max_steps=2, learning_rate=1e-4)
     trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs, peft_config=lora())
     trainer.train()
     import bitsandbytes as bnb
@@ -312,7 +229,7 @@ def test_8bit_adamw_and_bf16(tmp_path, sd_path, pairs):
 
 
 def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, sd_path, pairs):
-    args = make_args(tmp_path, gradient_checkpointing=True, max_steps=1)
+    args = make_args(tmp_path, gradient_checkpointing=True, max_steps=1, learning_rate=1e-4)
     trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs, peft_config=lora())
     assert trainer.family.pipeline.unet.is_gradient_checkpointing
     trainer.train()
@@ -322,17 +239,17 @@ def test_gradient_checkpointing_uses_the_diffusers_switch(tmp_path, sd_path, pai
 # ----- bad input ---------------------------------------------------------------------------------------------------
 def test_missing_column_is_named(tmp_path, sd_path, pairs):
     with pytest.raises(ValueError, match=r"missing column.*'rejected'"):
-        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path), train_dataset=pairs.remove_columns("rejected"))
+        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=3, learning_rate=1e-4), train_dataset=pairs.remove_columns("rejected"))
 
 
 def test_empty_dataset_is_rejected(tmp_path, sd_path, pairs):
     with pytest.raises(ValueError, match="empty"):
-        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path), train_dataset=pairs.select([]))
+        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=3, learning_rate=1e-4), train_dataset=pairs.select([]))
 
 
 def test_unreadable_image_names_row_and_column(tmp_path, sd_path, pairs):
     data = Dataset.from_dict({"prompt": ["a", "b"], "chosen": [b"\x89PNG-not", b"x"], "rejected": [b"y", b"z"]})
-    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path), train_dataset=data)
+    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=3, learning_rate=1e-4), train_dataset=data)
     with pytest.raises(ValueError, match=r"Row 1, column 'chosen': could not read an image"):
         trainer.data_collator([trainer.train_dataset[1]])
 
@@ -341,7 +258,7 @@ def test_non_string_prompt_is_named(tmp_path, sd_path, pairs):
     img = pairs[0]["chosen"]
     data = Dataset.from_dict({"prompt": [["a list"]], "chosen": [img], "rejected": [img]})
     with pytest.raises(ValueError, match=r"Row 0, column 'prompt': expected a string"):
-        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path), train_dataset=data)
+        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=3, learning_rate=1e-4), train_dataset=data)
 
 
 def test_unsupported_pipeline_class_is_named(tmp_path, pairs):
@@ -349,16 +266,11 @@ def test_unsupported_pipeline_class_is_named(tmp_path, pairs):
     folder.mkdir()
     (folder / "model_index.json").write_text('{"_class_name": "KandinskyPipeline", "_diffusers_version": "0.30.0"}')
     with pytest.raises(ValueError, match=r"'KandinskyPipeline' is not supported.*StableDiffusionXLPipeline"):
-        DiffusionDPOTrainer(model=str(folder), args=make_args(tmp_path), train_dataset=pairs)
-
-
-def test_unknown_loss_type_lists_valid_names(tmp_path, sd_path, pairs):
-    with pytest.raises(ValueError, match=r"Unknown loss_type \['dpo'\].*sigmoid"):
-        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, loss_type="dpo"), train_dataset=pairs)
+        DiffusionDPOTrainer(model=str(folder), args=make_args(tmp_path, max_steps=3, learning_rate=1e-4), train_dataset=pairs)
 
 
 def test_pipeline_loaded_from_path_is_a_diffusers_pipeline(tmp_path, sd_path, pairs):
-    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path), train_dataset=pairs)
+    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=3, learning_rate=1e-4), train_dataset=pairs)
     assert isinstance(trainer.family.pipeline, DiffusionPipeline)
     assert trainer.resolution == 32
     assert len(trainer.train_dataset) == len(pairs)

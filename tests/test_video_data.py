@@ -7,8 +7,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import LN2, make_args
 from diffusers import WanPipeline
+from helpers import LN2, make_args
 from peft import LoraConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -18,7 +18,7 @@ from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, evaluate_
 from diffusion_dpo_trainer.feedback import build_preference_pairs
 from diffusion_dpo_trainer.rewards import frame_averaged
 from diffusion_dpo_trainer.sampling import sample_images
-from diffusion_dpo_trainer.testing_wan import colour_ramp
+from diffusion_dpo_trainer.testing.wan import colour_ramp, make_video_preference_dataset
 from diffusion_dpo_trainer.video_data import VideoPreferenceCollator, encode_video
 
 SAMPLING = dict(num_inference_steps=2, height=32, width=32, num_frames=5, max_sequence_length=16)
@@ -190,8 +190,6 @@ def test_win_rate_of_a_video_pipeline_against_itself_is_one_half(wan_pipe):
 
 
 def test_callback_logs_frame_strips_of_policy_and_reference_to_tensorboard(tmp_path, wan_path):
-    from diffusion_dpo_trainer.testing_wan import make_video_preference_dataset
-
     args = make_args(tmp_path, num_frames=5, max_steps=2, report_to="tensorboard")
     trainer = DiffusionDPOTrainer(model=wan_path, args=args, train_dataset=make_video_preference_dataset(n=2),
                                   peft_config=LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian"))

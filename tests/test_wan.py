@@ -1,5 +1,6 @@
-"""Wan text-to-video on a tiny offline WanPipeline: the family's conformance (first loss ln 2, shared inputs, noising,
-latent normalisation, saving, caching), a separable video preference, KTO on videos, and the Wan 2.2 A14B refusal."""
+"""Wan text-to-video facts on a tiny offline WanPipeline (the family conformance suite covers ln 2, shared inputs,
+LoRA loading, full fine-tunes and caching): flow_shift noising, per-channel latent normalisation, the Wan 2.2 TI2V
+layout, a separable video preference, KTO on videos, the frame-count rule and the Wan 2.2 A14B refusal."""
 
 import json
 import math
@@ -8,17 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LN2, forbid, make_args
 from datasets import Dataset, Features, Value
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-from peft import LoraConfig, get_peft_model_state_dict
+from helpers import LN2, lora, losses_of, make_args
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
-from diffusion_dpo_trainer.families import WanFamily, load_family
-from diffusion_dpo_trainer.testing_wan import FLOW_SHIFT, colour_ramp, make_video_preference_dataset
+from diffusion_dpo_trainer.families import load_family
+from diffusion_dpo_trainer.families.wan import WanFamily
+from diffusion_dpo_trainer.testing.wan import (
+    FLOW_SHIFT,
+    TINY_NUM_FRAMES,
+    colour_ramp,
+    make_video_preference_dataset,
+)
 from diffusion_dpo_trainer.video_data import encode_video
 
-FRAMES = 5  # 2 latent frames of 4x4 latents at 32 px: the cheapest clip that still has time in it
+FRAMES = TINY_NUM_FRAMES  # 2 latent frames of 4x4 latents at 32 px
 
 
 @pytest.fixture(scope="module")
@@ -30,80 +36,8 @@ def wan_args(tmp_path, **overrides):
     return make_args(tmp_path, **{"num_frames": FRAMES, **overrides})
 
 
-def family_lora(**overrides):
-    # No target_modules: the family's documented defaults (attention and feed-forward) apply.
-    return LoraConfig(**{"r": 4, "lora_alpha": 4, "init_lora_weights": "gaussian", **overrides})
-
-
-def losses_of(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-def render(pipe):
-    generator = torch.Generator().manual_seed(0)
-    return pipe("a red square", num_inference_steps=2, height=32, width=32, num_frames=FRAMES, output_type="np",
-                generator=generator, max_sequence_length=16).frames
-
-
-def test_lora_first_loss_is_ln2_and_the_adapter_loads_into_wanpipeline(tmp_path, wan_path, videos):
-    args = wan_args(tmp_path, max_steps=3, learning_rate=1e-2)
-    trainer = DiffusionDPOTrainer(model=wan_path, args=args, train_dataset=videos, peft_config=family_lora())
-    assert isinstance(trainer.family, WanFamily) and trainer.beta == WanFamily.default_beta
-    trainer.train()
-    # The adapter starts as a no-op and the reference is the adapter switched off.
-    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)
-    assert all(math.isfinite(x) for x in losses_of(trainer))
-    trainer.save_model()
-
-    trained = get_peft_model_state_dict(trainer.family.denoiser)
-    # Default targets: self-attention, cross-attention and feed-forward of the blocks.
-    for part in (".attn1.to_q.", ".attn2.to_k.", ".ffn.net.0.proj.", ".ffn.net.2."):
-        assert any(part in k for k in trained), part
-    fresh = WanPipeline.from_pretrained(wan_path)
-    without = render(fresh)
-    fresh.load_lora_weights(args.output_dir, adapter_name="dpo")
-    loaded = get_peft_model_state_dict(fresh.transformer, adapter_name="dpo")
-    assert loaded.keys() == trained.keys()  # every trained layer loads, none is dropped
-    for key, value in trained.items():
-        torch.testing.assert_close(loaded[key], value)
-    with_lora = render(fresh)
-    assert with_lora.shape == (1, FRAMES, 32, 32, 3)
-    assert not np.allclose(without, with_lora), "the loaded LoRA does not change the generated frames"
-    card = Path(args.output_dir, "README.md").read_text(encoding="utf-8")
-    assert "pipeline_tag: text-to-video" in card and "WanPipeline.from_pretrained" in card and ".frames[0]" in card
-    assert f"`num_frames`: {FRAMES}" in card and "beta = 500" in card
-
-
-def test_policy_and_reference_see_identical_inputs_with_noise_and_timestep_shared_per_pair(tmp_path, wan_path, videos):
-    args = wan_args(tmp_path)
-    trainer = DiffusionDPOTrainer(model=wan_path, args=args, train_dataset=videos, peft_config=family_lora())
-    family, calls, draws = trainer.family, [], []
-    handle = family.denoiser.register_forward_pre_hook(
-        lambda m, a, kw: calls.append({k: v.detach().clone() for k, v in kw.items() if torch.is_tensor(v)}),
-        with_kwargs=True)
-    original = family.noisy_latents_and_target
-
-    def spy(x0, noise, timesteps):
-        draws.append((noise.clone(), timesteps.clone()))
-        return original(x0, noise, timesteps)
-
-    family.noisy_latents_and_target = spy
-    try:
-        trainer.train()
-    finally:
-        handle.remove()
-
-    n = args.per_device_train_batch_size
-    assert len(calls) == 2 * args.max_steps  # one policy and one reference forward per step
-    for step in range(args.max_steps):
-        policy, reference = calls[2 * step], calls[2 * step + 1]
-        assert policy.keys() == reference.keys() == {"hidden_states", "timestep", "encoder_hidden_states"}
-        for key in policy:
-            assert torch.equal(policy[key], reference[key]), key
-        # (winners + losers, 16 channels, 2 latent frames for 5 frames, 32 px / 8)
-        assert policy["hidden_states"].shape == (2 * n, 16, 2, 4, 4)
-        noise, timesteps = draws[step]
-        assert torch.equal(noise[:n], noise[n:]) and torch.equal(timesteps[:n], timesteps[n:])
+def family_lora():
+    return lora(target_modules=None)  # the family's documented defaults: attention and feed-forward
 
 
 def test_noising_uses_the_schedulers_flow_shift(tmp_path, wan_path):
@@ -137,45 +71,15 @@ def test_latents_are_normalised_per_channel_as_the_pipeline_denormalises_them(wa
     assert family.latent_shape((3, 9, 32, 48)) == (16, 3, 4, 6)
 
 
-def test_full_finetune_saves_a_transformer_that_wanpipeline_loads(tmp_path, wan_path, videos):
-    args = wan_args(tmp_path, max_steps=2)
-    trainer = DiffusionDPOTrainer(model=wan_path, args=args, train_dataset=videos)
-    before = {k: v.clone() for k, v in trainer.family.denoiser.state_dict().items()}
-    trainer.train()
-    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-6)  # policy == frozen copy at step 1
-    trainer.save_model()
-    reloaded = WanTransformer3DModel.from_pretrained(args.output_dir, subfolder="transformer")
-    trained = trainer.family.denoiser.state_dict()
-    assert any(not torch.equal(before[k], trained[k]) for k in before), "the transformer did not train"
-    for key, value in reloaded.state_dict().items():
-        torch.testing.assert_close(value, trained[key])
-    assert np.isfinite(render(WanPipeline.from_pretrained(wan_path, transformer=reloaded))).all()
-
-
-def test_cached_and_uncached_video_runs_give_the_same_losses(tmp_path, wan_path, videos):
-    """The recipe's settings (cached latents and prompts, gradient checkpointing, flips) change nothing but speed."""
-    runs = {}
-    for cached in (False, True):
-        args = wan_args(tmp_path / str(cached), max_steps=3, random_flip=True, gradient_checkpointing=True,
-                        precompute_latents=cached, precompute_text_embeddings=cached)
-        trainer = DiffusionDPOTrainer(model=wan_path, args=args, train_dataset=videos)
-        if cached:
-            assert trainer.train_dataset[0]["chosen_latent_mean"].shape == (16, 2, 4, 4)
-            forbid(trainer.family.vae, "the VAE")
-            forbid(trainer.family.text_encoders[0], "the text encoder")
-        assert trainer.family.denoiser.is_gradient_checkpointing
-        trainer.train()
-        runs[cached] = losses_of(trainer)
-    assert runs[True] == pytest.approx(runs[False], abs=1e-5)
-    assert len(set(np.round(runs[False], 4))) > 1  # the model did train
-
-
 def test_time_direction_preference_drives_rewards_accuracies_up(tmp_path, wan_path):
-    """Brightening clips preferred over the same clips played backwards: only the order of frames separates them."""
+    """Brightening clips preferred over the same clips played backwards: only the order of frames separates them.
+    With the recipe's settings: cached latents and prompts, gradient checkpointing."""
     data = make_video_preference_dataset(n=8, num_frames=FRAMES)
     args = wan_args(tmp_path, max_steps=30, learning_rate=1e-2, per_device_train_batch_size=4,
-                    precompute_latents=True, precompute_text_embeddings=True)
+                    precompute_latents=True, precompute_text_embeddings=True, gradient_checkpointing=True)
     trainer = DiffusionDPOTrainer(model=wan_path, args=args, train_dataset=data, peft_config=family_lora())
+    assert trainer.family.denoiser.is_gradient_checkpointing
+    assert trainer.train_dataset[0]["chosen_latent_mean"].shape == (16, 2, 4, 4)  # (C, latent frames, H/8, W/8)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
     early = np.mean([h["rewards/accuracies"] for h in logs[:3]])
@@ -183,6 +87,10 @@ def test_time_direction_preference_drives_rewards_accuracies_up(tmp_path, wan_pa
     assert late >= 0.9 and late > early + 0.3, (early, late)
     assert np.mean([h["rewards/margins"] for h in logs[-10:]]) > 0
     assert np.mean([h["loss"] for h in logs[-10:]]) < LN2
+    trainer.save_model()
+    card = Path(args.output_dir, "README.md").read_text(encoding="utf-8")
+    assert "pipeline_tag: text-to-video" in card and "WanPipeline.from_pretrained" in card and ".frames[0]" in card
+    assert f"`num_frames`: {FRAMES}" in card and f"beta = {WanFamily.default_beta:g}" in card
 
 
 def test_kto_trains_on_unpaired_labelled_videos_cached_or_not(tmp_path, wan_path):
@@ -215,11 +123,6 @@ def test_kto_names_the_missing_video_column(tmp_path, wan_path):
 def test_num_frames_must_fit_the_temporal_compression(tmp_path, wan_path, videos, num_frames, nearest):
     with pytest.raises(ValueError, match=rf"num_frames={num_frames} .* Nearest valid counts: {nearest}\."):
         DiffusionDPOTrainer(model=wan_path, args=wan_args(tmp_path, num_frames=num_frames), train_dataset=videos)
-
-
-def test_resolution_must_fit_the_vae_and_the_patches(tmp_path, wan_path, videos):
-    with pytest.raises(ValueError, match=r"resolution=40 must be a multiple of 16 for WanPipeline"):
-        DiffusionDPOTrainer(model=wan_path, args=wan_args(tmp_path, resolution=40), train_dataset=videos)
 
 
 def test_wan22_two_expert_checkpoints_are_refused_before_any_weight_loads(tmp_path, wan_path):

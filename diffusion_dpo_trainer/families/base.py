@@ -1,38 +1,92 @@
 """The interface every model family implements, so the trainer never needs to know which model it trains.
 
 A family wraps a loaded diffusers pipeline and answers: how prompts become conditioning tensors, how pixels become
-latents, how noise and timesteps are drawn, what the training target is, and how the denoiser is called.
+latents, how noise and timesteps are drawn, what the training target is, how the denoiser is called, and which
+denoiser is the reference. Defining a concrete subclass checks it (every abstract method implemented, every required
+class attribute set) and registers it for its pipeline classes: adding a family edits no other module.
 """
+
+import abc
+import copy
+import os
+from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+#: Class attributes a concrete family must set.
+REQUIRED_ATTRIBUTES = ("pipeline_class_names", "denoiser_name", "default_beta", "lora_target_modules")
+
+#: Pipeline class name -> the family that trains it. Filled as family classes are defined.
+REGISTRY: dict[str, type["DiffusionFamily"]] = {}
+#: Every registered family class, in definition order (the public list, kept for `from ... import FAMILIES`).
+FAMILIES: list[type["DiffusionFamily"]] = []
 
 
-class DiffusionFamily:
-    """Base class. Subclasses set the class attributes and implement the abstract methods."""
+class _FamilyMeta(abc.ABCMeta):
+    """Checks and registers each concrete family when its class statement runs (after ABCMeta has worked out the
+    abstract methods, which `__init_subclass__` runs too early to see). `abstract=True` marks a shared base."""
+
+    def __new__(mcls, name, bases, namespace, abstract: bool = False, **kwargs):
+        return super().__new__(mcls, name, bases, namespace, **kwargs)
+
+    def __init__(cls, name, bases, namespace, abstract: bool = False, **kwargs):
+        super().__init__(name, bases, namespace, **kwargs)
+        if abstract:
+            return
+        missing = sorted(cls.__abstractmethods__) + [a for a in REQUIRED_ATTRIBUTES if not hasattr(cls, a)]
+        if missing:
+            raise TypeError(
+                f"Model family {name} does not define {', '.join(missing)}: a family sets the class attributes "
+                f"{', '.join(REQUIRED_ATTRIBUTES)} and implements every abstract method of DiffusionFamily "
+                "(see docs/architecture.md, 'Add a model family')."
+            )
+        if not cls.pipeline_class_names:
+            raise TypeError(f"Model family {name} lists no pipeline_class_names.")
+        taken = {c: REGISTRY[c].__name__ for c in cls.pipeline_class_names if c in REGISTRY}
+        if taken:
+            raise TypeError(f"Model family {name}: pipeline class(es) already trained by {taken}.")
+        for pipeline_class in cls.pipeline_class_names:
+            REGISTRY[pipeline_class] = cls
+        FAMILIES.append(cls)
+
+
+class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
+    """Base class. Subclasses set the class attributes and implement the abstract methods.
+
+    `args` is the `DiffusionDPOConfig` the family reads its options from (`max_prompt_length`, flow-matching
+    sampling, guidance, ...): typed fields with one default, in config.py.
+    """
 
     #: Names of the diffusers pipeline classes this family trains.
-    pipeline_class_names: tuple[str, ...] = ()
-    #: Attribute of the pipeline that holds the trainable denoiser.
-    denoiser_name: str = "unet"
-    #: Extra keyword arguments for `from_pretrained`, e.g. to skip a safety checker we never run.
-    load_kwargs: dict = {}
+    pipeline_class_names: ClassVar[tuple[str, ...]]
+    #: Attribute of the pipeline that holds the trainable denoiser ("unet" or "transformer").
+    denoiser_name: ClassVar[str]
     #: The beta used when `DiffusionDPOConfig.beta` is None, in the mean-reduced `-beta/2` convention.
-    default_beta: float
+    default_beta: ClassVar[float]
     #: LoRA `target_modules` used when a `peft_config` leaves them unset.
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_target_modules: ClassVar[tuple[str, ...]]
+    #: Extra keyword arguments for `from_pretrained`, e.g. to skip a safety checker we never run.
+    load_kwargs: ClassVar[dict] = {}
     #: Video families: frames per latent frame of the VAE (a clip of k * this + 1 frames encodes to k + 1 latent
     #: frames), and the clip length used when `DiffusionDPOConfig.num_frames` is None. None for image families.
     temporal_compression: int | None = None
-    default_num_frames: int | None = None
+    default_num_frames: ClassVar[int | None] = None
 
-    def __init__(self, pipeline: DiffusionPipeline, max_prompt_length: int | None = None, args=None):
-        """`args` is the trainer's `DiffusionDPOConfig` (or None): families read the options that concern them."""
+    def __init__(self, pipeline: DiffusionPipeline, args=None):
+        if args is None:
+            from ..config import DiffusionDPOConfig  # the config imports nothing of ours; only the default is lazy
+
+            args = DiffusionDPOConfig()
         self.pipeline = pipeline
-        self.max_prompt_length = max_prompt_length
         self.args = args
         self.vae = pipeline.vae
         self.vae_scale_factor = self.spatial_compression()
+        #: The explicit or frozen reference denoiser; None means the policy with its adapters switched off.
+        self.ref_model: torch.nn.Module | None = None
+        self._adapter_layers: list[BaseTunerLayer] | None = None
 
     @classmethod
     def check_pipeline_config(cls, config: dict) -> None:
@@ -41,6 +95,10 @@ class DiffusionFamily:
     def spatial_compression(self) -> int:
         """Pixels per latent pixel along each side."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def max_prompt_length(self) -> int | None:
+        return self.args.max_prompt_length
 
     # ----- components ---------------------------------------------------------------------------------------------
     @property
@@ -71,10 +129,81 @@ class DiffusionFamily:
         """Shape of one sample's latents for one sample's pixels (C, H, W), without running the VAE."""
         return (self.vae.config.latent_channels, *(side // self.vae_scale_factor for side in pixel_shape[-2:]))
 
+    def check_resolution(self, resolution: int) -> None:
+        multiple = self.resolution_multiple()
+        if resolution % multiple:
+            raise ValueError(
+                f"resolution={resolution} must be a multiple of {multiple} for {type(self.pipeline).__name__}."
+            )
+
+    # ----- the reference ------------------------------------------------------------------------------------------
+    def set_reference(self, ref_model=None, init_kwargs: dict | None = None) -> None:
+        """Choose the reference denoiser: None keeps the default (see `reference`); a pipeline, a denoiser module or
+        an id/path of a pipeline (its denoiser subfolder is loaded) is used as given, frozen."""
+        if ref_model is None:
+            self.ref_model = None
+            return
+        if isinstance(ref_model, DiffusionPipeline):
+            module = getattr(ref_model, self.denoiser_name)
+        elif isinstance(ref_model, torch.nn.Module):
+            module = ref_model
+        elif isinstance(ref_model, (str, os.PathLike)):
+            module = type(self.denoiser).from_pretrained(
+                ref_model, subfolder=self.denoiser_name, use_safetensors=True, **dict(init_kwargs or {})
+            )
+        else:
+            raise TypeError(f"`ref_model` must be a pipeline, a module or an id/path, got {type(ref_model).__name__}.")
+        self.ref_model = module.requires_grad_(False).eval()
+
+    def freeze_reference_copy(self) -> None:
+        """A frozen copy of the denoiser as it is now: the reference of a full fine-tune."""
+        self.set_reference(copy.deepcopy(self.denoiser))
+
+    @property
+    def has_adapters(self) -> bool:
+        return bool(getattr(self.denoiser, "peft_config", None))
+
+    @contextmanager
+    def reference(self):
+        """The reference denoiser: the explicit/frozen one, or the policy with its LoRA adapters switched off (no
+        second copy in memory). The one reference switch of the library: training, sampling and evaluation use it."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        if not self.has_adapters:
+            raise ValueError(
+                "There is no reference: the denoiser has no LoRA adapter to switch off and no reference model was "
+                "given (pass `ref_model`, or a reference pipeline)."
+            )
+        if self._adapter_layers is None:
+            # Found once: `disable_adapters()` walks every module (~2000 in SD1.5's UNet) on every call.
+            self._adapter_layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in self._adapter_layers:
+            layer.enable_adapters(False)
+        try:
+            yield self.denoiser
+        finally:
+            for layer in self._adapter_layers:
+                layer.enable_adapters(True)
+
+    @contextmanager
+    def reference_pipeline(self):
+        """The pipeline with the reference as its denoiser, for sampling from the reference."""
+        with self.reference() as reference:
+            policy = self.denoiser
+            if reference is policy:
+                yield self.pipeline
+                return
+            setattr(self.pipeline, self.denoiser_name, reference)
+            try:
+                yield self.pipeline
+            finally:
+                setattr(self.pipeline, self.denoiser_name, policy)
+
     # ----- data -> tensors ----------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def encode_prompt(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Conditioning tensors for a batch of prompts, one row per prompt."""
-        raise NotImplementedError
+        """Conditioning tensors for a batch of prompts, one row per prompt (through the pipeline's encode_prompt)."""
 
     @torch.no_grad()
     def encode_pixels(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,14 +221,17 @@ class DiffusionFamily:
         return {}
 
     # ----- the diffusion process ----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        raise NotImplementedError
+        """One training timestep per sample, as the denoiser takes it."""
 
+    @abc.abstractmethod
     def noisy_latents_and_target(self, x0, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The noised latents fed to the denoiser and the regression target of its prediction."""
 
+    @abc.abstractmethod
     def predict(self, denoiser, noisy_latents, timesteps, conditioning: dict) -> torch.Tensor:
-        raise NotImplementedError
+        """The denoiser's prediction, in the shape of `noisy_latents` (pack and unpack inside)."""
 
     # ----- saving -------------------------------------------------------------------------------------------------
     def save_lora_weights(self, output_dir: str, lora_state_dict: dict, adapter_metadata: dict | None) -> None:

@@ -16,7 +16,7 @@ from .base import DiffusionFamily
 WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode")
 
 
-class FlowMatchingFamily(DiffusionFamily):
+class FlowMatchingFamily(DiffusionFamily, abstract=True):
     """Base of the flow-matching families; subclasses encode prompts and call their transformer."""
 
     denoiser_name = "transformer"
@@ -26,16 +26,15 @@ class FlowMatchingFamily(DiffusionFamily):
     #: ff_context.net.0.proj, ff_context.net.2): pass those in `target_modules` for more capacity.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
-    def __init__(self, pipeline, max_prompt_length=None, args=None):
-        super().__init__(pipeline, max_prompt_length, args)
-        self.weighting_scheme = getattr(args, "weighting_scheme", "logit_normal")
+    def __init__(self, pipeline, args=None):
+        super().__init__(pipeline, args)
+        args = self.args
+        self.weighting_scheme = args.weighting_scheme
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(
                 f"Unknown weighting_scheme {self.weighting_scheme!r}; expected one of {', '.join(WEIGHTING_SCHEMES)}."
             )
-        self.logit_mean = getattr(args, "logit_mean", 0.0)
-        self.logit_std = getattr(args, "logit_std", 1.0)
-        self.mode_scale = getattr(args, "mode_scale", 1.29)
+        self.logit_mean, self.logit_std, self.mode_scale = args.logit_mean, args.logit_std, args.mode_scale
         scheduler = self.training_scheduler()
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self._timesteps = scheduler.timesteps.float()

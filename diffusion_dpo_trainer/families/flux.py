@@ -11,10 +11,10 @@ class FluxFamily(FlowMatchingFamily):
     #: an epsilon error divided by 1 - s) gives ~1470; TangoFlux's DPO on a FLUX transformer uses 2000.
     default_beta = 1000.0
 
-    def __init__(self, pipeline, max_prompt_length=None, args=None):
-        super().__init__(pipeline, max_prompt_length, args)
+    def __init__(self, pipeline, args=None):
+        super().__init__(pipeline, args)
         # Guidance-distilled checkpoints (FLUX.1-dev) take the guidance scale as an input; FLUX.1-schnell does not.
-        self.guidance_scale = getattr(args, "guidance_scale", 3.5) if self.denoiser.config.guidance_embeds else None
+        self.guidance_scale = self.args.guidance_scale if self.denoiser.config.guidance_embeds else None
 
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor

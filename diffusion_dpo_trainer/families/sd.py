@@ -14,9 +14,11 @@ class StableDiffusionFamily(DiffusionFamily):
 
     #: The published Diffusion-DPO value for SD1.5 and SDXL (Wallace et al. 2023).
     default_beta = 5000.0
+    #: The UNet's attention projections, as diffusers' Diffusion-DPO and LoRA scripts target.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
-    def __init__(self, pipeline, max_prompt_length=None, args=None):
-        super().__init__(pipeline, max_prompt_length, args)
+    def __init__(self, pipeline, args=None):
+        super().__init__(pipeline, args)
         # A DDPM view of the pipeline's scheduler config gives the training noise schedule whatever sampler it ships.
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.num_train_timesteps = scheduler.config.num_train_timesteps

@@ -38,11 +38,11 @@ class WanFamily(FlowMatchingFamily):
     #: WanPipeline's default clip length (81 frames: 5 s at Wan's 16 fps).
     default_num_frames = 81
 
-    def __init__(self, pipeline, max_prompt_length=None, args=None):
+    def __init__(self, pipeline, args=None):
         self.check_pipeline_config(dict(pipeline.config))
         if getattr(pipeline, "transformer", None) is None:
             raise ValueError(TWO_EXPERT_MESSAGE)
-        super().__init__(pipeline, max_prompt_length, args)
+        super().__init__(pipeline, args)
         self.temporal_compression = int(self.vae.config.scale_factor_temporal)
         channels = self.vae.config.z_dim
         self._latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(1, channels, 1, 1, 1)

@@ -11,13 +11,42 @@ from datasets import Dataset, Features, Value
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from .testing import _in_scratch_dir, _seeded, write_t5_tokenizer
-from .video_data import encode_video
+from ..video_data import encode_video
+from .common import _in_scratch_dir, _seeded, write_t5_tokenizer
+from .registry import tiny_builder
 
 #: Wan 2.1 480P's sampling shift; the tiny pipeline's training sigmas use it too.
 FLOW_SHIFT = 3.0
+#: The clip length tests train and sample with: 2 latent frames, the cheapest clip that still has time in it.
+TINY_NUM_FRAMES = 5
 
 
+def colour_ramp(num_frames, colour=(230, 80, 40), start=0.1, end=0.9, size=32):
+    """Frames (F, H, W, 3) uint8 of a solid `colour` whose brightness goes from `start` to `end` (fractions)."""
+    levels = np.linspace(start, end, num_frames)[:, None, None, None]
+    return np.broadcast_to(levels * np.asarray(colour, dtype=np.float64), (num_frames, size, size, 3)).astype(np.uint8)
+
+
+def make_video_preference_dataset(n=4, num_frames=9, size=32, container="mp4", seed=0):
+    """Toy video pairs: `chosen` brightens over time, `rejected` is the same clip played backwards (it darkens).
+
+    Both videos hold the same frames, so only the direction of time separates them: a preference a working video DPO
+    loop learns quickly. Videos are encoded mp4 (or webm) bytes, read back with PyAV like user data.
+    """
+    rng = np.random.default_rng(seed)
+    prompts, chosen, rejected = [], [], []
+    for i in range(n):
+        colour = tuple(int(c) for c in rng.integers(60, 256, size=3))
+        frames = colour_ramp(num_frames, colour, size=size)
+        prompts.append(f"a {['red', 'blue', 'green', 'yellow'][i % 4]} square")
+        chosen.append(encode_video(frames, container=container))
+        rejected.append(encode_video(frames[::-1], container=container))
+    features = Features({"prompt": Value("string"), "chosen": Value("binary"), "rejected": Value("binary")})
+    return Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected}, features=features)
+
+
+@tiny_builder("WanPipeline", data=make_video_preference_dataset,
+              call_kwargs={"num_frames": TINY_NUM_FRAMES, "max_sequence_length": 16})
 def build_tiny_wan_pipeline(path, seed=0):
     """Build and save a tiny Wan 2.1-style `WanPipeline` at `path`; returns the path as a string.
 
@@ -50,27 +79,3 @@ def build_tiny_wan_pipeline(path, seed=0):
                        transformer=transformer)
     pipe.save_pretrained(path, safe_serialization=True)
     return str(path)
-
-
-def colour_ramp(num_frames, colour=(230, 80, 40), start=0.1, end=0.9, size=32):
-    """Frames (F, H, W, 3) uint8 of a solid `colour` whose brightness goes from `start` to `end` (fractions)."""
-    levels = np.linspace(start, end, num_frames)[:, None, None, None]
-    return np.broadcast_to(levels * np.asarray(colour, dtype=np.float64), (num_frames, size, size, 3)).astype(np.uint8)
-
-
-def make_video_preference_dataset(n=4, num_frames=9, size=32, container="mp4", seed=0):
-    """Toy video pairs: `chosen` brightens over time, `rejected` is the same clip played backwards (it darkens).
-
-    Both videos hold the same frames, so only the direction of time separates them: a preference a working video DPO
-    loop learns quickly. Videos are encoded mp4 (or webm) bytes, read back with PyAV like user data.
-    """
-    rng = np.random.default_rng(seed)
-    prompts, chosen, rejected = [], [], []
-    for i in range(n):
-        colour = tuple(int(c) for c in rng.integers(60, 256, size=3))
-        frames = colour_ramp(num_frames, colour, size=size)
-        prompts.append(f"a {['red', 'blue', 'green', 'yellow'][i % 4]} square")
-        chosen.append(encode_video(frames, container=container))
-        rejected.append(encode_video(frames[::-1], container=container))
-    features = Features({"prompt": Value("string"), "chosen": Value("binary"), "rejected": Value("binary")})
-    return Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected}, features=features)

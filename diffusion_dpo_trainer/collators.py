@@ -1,0 +1,84 @@
+"""Collators: canonical rows (decoded images, or cached latents) to the tensors `compute_loss` reads."""
+
+import torch
+
+from .caching import LATENT_STATS, cached_images
+from .formats import IMAGE_COLUMNS, ROW_COLUMN
+from .transforms import load_image, paired_transform
+
+
+class PreferenceCollator:
+    """Turns canonical pair rows into the tensors `DiffusionDPOTrainer.compute_loss` reads.
+
+    Rows with cached latents (see `caching.precompute_latents`) are passed through, with the pair's flip drawn here as
+    for decoded images; `prompt_embeddings` (a callable, e.g. `caching.PromptEmbeddingCache`) adds the cached prompt
+    embeddings as `batch["prompt_embeds"]`.
+    """
+
+    #: The image columns of a row, transformed together with one crop and flip.
+    image_columns = IMAGE_COLUMNS
+
+    def __init__(self, resolution: int, random_crop: bool = False, random_flip: bool = False, prompt_embeddings=None):
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.prompt_embeddings = prompt_embeddings
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """Shape of one transformed image, (C, H, W): what a latent cache sizes its columns from."""
+        return (3, self.resolution, self.resolution)
+
+    @property
+    def transform_settings(self) -> tuple:
+        """Settings of `transform` beyond resolution and crop, for a latent cache's fingerprint."""
+        return ()
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = {"prompt": [row["prompt"] for row in rows]}
+        stacked = {}
+        for position, row in enumerate(rows):
+            index = row.get(ROW_COLUMN, position)
+            if f"{self.image_columns[0]}_{LATENT_STATS[0]}" in row:
+                images = cached_images(row, index, self.image_columns, self.random_flip)
+            else:
+                images = self.transform(row, index, self.random_flip)
+            for side, values in images.items():
+                for key, value in values.items():
+                    stacked.setdefault(self._batch_key(side, key), []).append(torch.as_tensor(value))
+        batch.update({key: torch.stack(tensors) for key, tensors in stacked.items()})
+        if self.prompt_embeddings is not None:
+            batch["prompt_embeds"] = self.prompt_embeddings(batch["prompt"])
+        return batch
+
+    def transform(self, row: dict, index: int, random_flip: bool, generator=None) -> dict:
+        """Decode and transform a row's image columns together (one crop and flip); per column its pixels, original
+        size and crop. Also what `caching.precompute_latents` encodes (without flip, with a per-row generator)."""
+        images = [load_image(row[side], index, side) for side in self.image_columns]
+        pixels, sizes, crops = paired_transform(images, self.resolution, self.random_crop, random_flip, generator)
+        return {
+            side: {"pixel_values": px, "original_size": size, "crop_top_left": crop}
+            for side, px, size, crop in zip(self.image_columns, pixels, sizes, crops)
+        }
+
+    def _batch_key(self, side: str, key: str) -> str:
+        return f"{side}_{key}"
+
+
+class UnpairedCollator(PreferenceCollator):
+    """Turns unpaired rows into tensors: one image per row, so each image gets its own crop and flip (the images are
+    independent), and the batch keys carry no side prefix (`pixel_values`, `latent_mean`, ...) plus `label`.
+
+    Cached rows (`caching.precompute_latents(..., image_columns=("image",))`) and `prompt_embeddings` are handled
+    as in `PreferenceCollator`.
+    """
+
+    image_columns = ("image",)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = super().__call__(rows)
+        batch["label"] = torch.tensor([bool(row["label"]) for row in rows], dtype=torch.bool)
+        return batch
+
+    def _batch_key(self, side: str, key: str) -> str:
+        return key

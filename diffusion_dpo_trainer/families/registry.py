@@ -1,0 +1,67 @@
+"""Finding the family of a pipeline, and the ONE pipeline loader of the package (trainer, sampling, AI feedback,
+evaluation and the CLI all load through `load_pipeline` / `load_family`)."""
+
+import os
+
+import torch
+from diffusers import DiffusionPipeline
+
+from .base import REGISTRY, DiffusionFamily
+
+
+def family_class_for(pipeline_class_name: str) -> type[DiffusionFamily]:
+    """The family that trains pipelines of this class, or a clear error listing the supported ones."""
+    family = REGISTRY.get(pipeline_class_name)
+    if family is None:
+        raise ValueError(
+            f"Pipeline class {pipeline_class_name!r} is not supported by DiffusionDPOTrainer; "
+            f"supported pipeline classes: {', '.join(REGISTRY)}."
+        )
+    return family
+
+
+def _resolve_dtypes(kwargs: dict | None) -> dict:
+    """Accept dtype names as strings ("bfloat16"), as YAML and the command line give them."""
+    kwargs = dict(kwargs or {})
+    for key in ("torch_dtype", "dtype"):
+        if isinstance(kwargs.get(key), str) and kwargs[key] != "auto":
+            kwargs[key] = getattr(torch, kwargs[key])
+    return kwargs
+
+
+def load_pipeline(model, init_kwargs: dict | None = None, require_family: bool = False) -> DiffusionPipeline:
+    """`model` as given if it is a pipeline, else loaded (safetensors only) from a hub id or local path.
+
+    The pipeline class is read from `model_index.json` before any weights load, so with `require_family` an
+    unsupported model fails fast; a supported one is loaded with its family's `load_kwargs` (e.g. no SD1.5 safety
+    checker). Sampling and evaluation accept any pipeline class (`require_family=False`); training does not.
+    """
+    if isinstance(model, DiffusionPipeline):
+        if require_family:
+            family_class_for(type(model).__name__)
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"`model` must be a hub id, a local path or a diffusers pipeline, got {type(model).__name__}.")
+    kwargs = _resolve_dtypes(init_kwargs)
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+    try:
+        config = DiffusionPipeline.load_config(model, **hub_kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"Could not read a diffusers pipeline (model_index.json) from {str(model)!r}: {exc}") from exc
+    class_name = config.get("_class_name", "<missing _class_name>")
+    family = family_class_for(class_name) if require_family else REGISTRY.get(class_name)
+    if require_family:
+        family.check_pipeline_config(config)
+    load_kwargs = family.load_kwargs if family is not None else {}
+    return DiffusionPipeline.from_pretrained(model, **{**load_kwargs, "use_safetensors": True, **kwargs})
+
+
+def load_family(model, args=None) -> DiffusionFamily:
+    """Load `model` (hub id, local path or a pipeline instance) and wrap it in its family.
+
+    `args` is the `DiffusionDPOConfig`: `model_init_kwargs` go to `from_pretrained`, and the family reads its options
+    from it. Only safetensors weights are accepted.
+    """
+    init_kwargs = args.model_init_kwargs if args is not None else None
+    pipeline = load_pipeline(model, init_kwargs, require_family=True)
+    return family_class_for(type(pipeline).__name__)(pipeline, args)

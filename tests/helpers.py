@@ -1,0 +1,124 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py): configs, adapters, metrics, rendering, and a
+recorder of denoiser calls and noise draws. Test modules import from here, never from each other."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+
+from diffusion_dpo_trainer import DiffusionDPOConfig
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LN2 = math.log(2.0)  # the first DPO loss, while the policy still equals the reference
+
+
+def make_args(tmp_path, **overrides):
+    """A small CPU training config under tmp_path; each test overrides what it exercises."""
+    values = {"output_dir": str(tmp_path / "out"), "resolution": 32, "per_device_train_batch_size": 2, "max_steps": 2,
+              "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none", "save_strategy": "no", "seed": 0,
+              "dataloader_pin_memory": False}
+    values.update(overrides)
+    return DiffusionDPOConfig(**values)
+
+
+def lora(**overrides):
+    return LoraConfig(**{"r": 4, "lora_alpha": 4, "init_lora_weights": "gaussian", "target_modules": LORA_TARGETS,
+                         **overrides})
+
+
+def forbid(module, name):
+    """Make `module` raise if it runs: proves a cached step never calls a frozen encoder."""
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} was called during training")
+
+    module.forward = fail
+    if hasattr(module, "encode"):
+        module.encode = fail
+
+
+def forbid_frozen_encoders(family):
+    """Make the family's VAE and text encoders raise if they run (a cached run must never call them)."""
+    forbid(family.vae, "the VAE")
+    for i, encoder in enumerate(family.text_encoders):
+        forbid(encoder, f"text encoder {i}")
+
+
+def assert_cached_run_matches_uncached(make_trainer, image_column: str):
+    """Train twice with the same seed, without and with `precompute_latents` + `precompute_text_embeddings`
+    (`make_trainer(cached)` builds each trainer): the cached run trains from latents (its `image_column` is gone), moves
+    the encoders off the accelerator, never calls them, and logs the same loss at every step; both evaluate."""
+    runs = {}
+    for cached in (False, True):
+        trainer = make_trainer(cached)
+        if cached:
+            assert image_column not in trainer.train_dataset.column_names  # trained from latents: images unread
+            assert all(next(m.parameters()).device.type == "cpu" for m in trainer.family.frozen_modules)
+            forbid_frozen_encoders(trainer.family)
+        trainer.train()
+        runs[cached] = losses_of(trainer)
+        assert math.isfinite(trainer.evaluate()["eval_loss"])
+    assert runs[True] == pytest.approx(runs[False], abs=1e-5)
+    assert len(set(np.round(runs[False], 4))) > 1  # the model did train
+    return runs
+
+
+def losses_of(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    after = module.state_dict()
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+def render(pipe, prompt="a solid red square", size=32, **call_kwargs):
+    """A fixed-seed 2-step sample as a numpy array (images, or a video pipeline's frames)."""
+    generator = torch.Generator().manual_seed(0)
+    output = pipe(prompt, num_inference_steps=2, height=size, width=size, output_type="np", generator=generator,
+                  **call_kwargs)
+    return output.images if hasattr(output, "images") else output.frames
+
+
+class DenoiserRecorder:
+    """Records every denoiser call's tensor inputs, and every draw of noise and timesteps, during `trainer.train()`.
+
+    Use as a context manager around training; `calls` holds one dict of tensors (positional args as `arg0`, ...) per
+    forward, `draws` one `(noise, timesteps, family_extra)` per step, where `family_extra` is the flow families'
+    sigmas (None for the others).
+    """
+
+    def __init__(self, trainer):
+        self.family = trainer.family
+        self.calls, self.draws = [], []
+
+    def _record(self, module, args, kwargs):
+        tensors = {f"arg{i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+        tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        for key, value in kwargs.items():  # SDXL's added conditioning is a dict of tensors
+            if isinstance(value, dict):
+                tensors.update({f"{key}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
+        self.calls.append({k: v.detach().clone() for k, v in tensors.items()})
+
+    def __enter__(self):
+        family = self.family
+        self._handle = family.denoiser.register_forward_pre_hook(self._record, with_kwargs=True)
+        original = self._original = family.noisy_latents_and_target
+
+        def spy(x0, noise, timesteps):
+            sigmas = family.sigmas_for(timesteps) if hasattr(family, "sigmas_for") else None
+            self.draws.append((noise.clone(), timesteps.clone(), sigmas))
+            return original(x0, noise, timesteps)
+
+        family.noisy_latents_and_target = spy
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        del self.family.noisy_latents_and_target  # back to the class's method
+        return False
