@@ -5,8 +5,9 @@ from .config import DiffusionDPOConfig
 from .evaluation import RewardEvaluationCallback, evaluate_win_rate
 from .feedback import build_preference_pairs
 from .formats import load_preference_folder, prepare_preference_dataset, prepare_unpaired_dataset, to_preference_pairs
-from .rewards import CLIPScore, PickScore, load_reward
+from .rewards import CLIPScore, PickScore, frame_averaged, load_reward
 from .trainer import DiffusionDPOTrainer
+from .video_data import VideoPreferenceCollator, VideoUnpairedCollator
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,8 @@ __all__ = [
     "DiffusionDPOTrainer",
     "PreferenceCollator",
     "UnpairedCollator",
+    "VideoPreferenceCollator",
+    "VideoUnpairedCollator",
     "load_preference_folder",
     "prepare_preference_dataset",
     "prepare_unpaired_dataset",
@@ -24,5 +27,6 @@ __all__ = [
     "RewardEvaluationCallback",
     "build_preference_pairs",
     "evaluate_win_rate",
+    "frame_averaged",
     "load_reward",
 ]

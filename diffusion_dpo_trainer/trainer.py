@@ -58,7 +58,9 @@ class DiffusionDPOTrainer(Trainer):
         train_dataset, eval_dataset: for paired losses, preference pairs in any format `to_preference_pairs` reads
             (TRL-style prompt/chosen/rejected, Pick-a-Pic, or a path to an image folder), stored normalised as in
             TRL; a streamed `datasets.IterableDataset` of the first two is normalised as it streams (set `max_steps`);
-            for `loss_type="kto"`, labelled images (`prompt`, `image`, `label` True when desirable).
+            for `loss_type="kto"`, labelled images (`prompt`, `image`, `label` True when desirable). For a video model
+            (Wan) the same columns hold videos (files, bytes, `datasets.Video` or frames; kto rows use `video`), cut
+            to `num_frames`-frame clips with one window, crop and flip per pair: see docs/video.md.
         Other arguments are those of `transformers.Trainer`.
     """
 
