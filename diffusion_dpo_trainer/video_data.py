@@ -119,7 +119,8 @@ class _Video:
                     if index in wanted:
                         scale = resolution / min(frame.width, frame.height)
                         found[index] = frame.to_image(width=max(resolution, round(frame.width * scale)),
-                                                      height=max(resolution, round(frame.height * scale)))
+                                                      height=max(resolution, round(frame.height * scale)),
+                                                      interpolation="BICUBIC")  # as images are resized
                     if index >= indices[-1]:
                         break
         except Exception as exc:
