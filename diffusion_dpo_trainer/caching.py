@@ -179,13 +179,14 @@ class PromptEmbeddingCache:
 
 
 def precompute_prompt_embeddings(
-    datasets_to_encode: list[datasets.Dataset], family, device: torch.device, batch_size: int = 8
+    datasets_to_encode: list[datasets.Dataset], family, device: torch.device, batch_size: int = 8, extra_prompts=()
 ) -> PromptEmbeddingCache:
-    """Encode every distinct prompt of the datasets once with `family.encode_prompt`, keeping every tensor it returns.
+    """Encode every distinct prompt of the datasets (and `extra_prompts`, e.g. the "" of prompt dropout) once with
+    `family.encode_prompt`, keeping every tensor it returns.
 
     Stored next to the first on-disk dataset's cache files (reused across runs), in memory otherwise.
     """
-    prompts = sorted({prompt for dataset in datasets_to_encode for prompt in dataset["prompt"]})
+    prompts = sorted({prompt for dataset in datasets_to_encode for prompt in dataset["prompt"]} | set(extra_prompts))
     encoders = family.text_encoders
     tokenizers = [c for c in family.pipeline.components.values() if hasattr(c, "get_vocab")]
     fingerprint = Hasher.hash(
@@ -239,8 +240,10 @@ def precompute_for_training(family, train_dataset, eval_dataset, collator, args,
             family.vae.to("cpu")
         if args.precompute_text_embeddings:
             every = [d for d in (train_dataset, *eval_datasets(eval_dataset)) if d is not None]
+            # Prompt dropout turns prompts into "" at collate time: its embedding is cached too.
+            dropout = getattr(collator, "proportion_empty_prompts", 0) > 0
             collator.prompt_embeddings = precompute_prompt_embeddings(
-                every, family, device, args.per_device_train_batch_size
+                every, family, device, args.per_device_train_batch_size, extra_prompts=[""] if dropout else ()
             )
             for encoder in family.text_encoders:
                 encoder.to("cpu")

@@ -13,6 +13,7 @@ A subcommand is a name, a one-line help and a function of the remaining argument
 import argparse
 import dataclasses
 import difflib
+import os
 import re
 import sys
 import typing
@@ -28,7 +29,10 @@ from .config import DiffusionDPOConfig
 from .formats import FOLDER_METADATA, load_preference_folder
 
 PROG = "diffusion-dpo"
-DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+#: Set to 1 (or pass `diffusion-dpo --debug COMMAND ...`) to see the traceback behind an error message.
+DEBUG_ENV = "DIFFUSION_DPO_DEBUG"
+#: Errors about the user's input or environment, whose message says what to fix: printed without a traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
 # Local files that `datasets` reads with a builder named after their format.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -56,6 +60,12 @@ class ScriptArguments:
     dataset_test_split: str | None = field(
         default=None, metadata={"help": "Split to evaluate on; used only when `eval_strategy` is not `no`."}
     )
+    dataset_streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the dataset (`datasets.load_dataset(..., streaming=True)`) instead of downloading "
+                  "and preparing it first: training starts after the first rows arrive. Needs `max_steps`; rules "
+                  "out split slices, `precompute_latents` and `precompute_text_embeddings`."},
+    )
     vae_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Replace the pipeline's VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16 (the "
@@ -72,10 +82,11 @@ class ScriptArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
-        metadata={"help": "Names of the denoiser's modules that get an adapter. The default, the attention "
-                  "projections, exists in every supported UNet and transformer."},
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Names of the denoiser's modules that get an adapter. Default: the model family's own, as "
+                  "in Python: to_q to_k to_v to_out.0 for SD1.x/2.x and SDXL, plus add_q_proj add_k_proj "
+                  "add_v_proj to_add_out for SD3 and FLUX."},
     )
 
 
@@ -152,24 +163,27 @@ def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, DiffusionDPOConf
     return script_args, training_args
 
 
-def load_split(name: str, config: str | None, split: str) -> datasets.Dataset:
-    """One split from a hub id, an image folder with a metadata.jsonl, a `save_to_disk` directory or a data file."""
+def load_split(
+    name: str, config: str | None, split: str, streaming: bool = False
+) -> datasets.Dataset | datasets.IterableDataset:
+    """One split from a hub id, an image folder with a metadata.jsonl, a `save_to_disk` directory or a data file;
+    with `streaming`, as a `datasets.IterableDataset` that is read while training."""
     path = Path(name)
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"Cannot read {name!r}: supported files are {', '.join(FILE_BUILDERS)}.")
-        return datasets.load_dataset(builder, data_files=str(path), split=split)
+        return datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming)
     if (path / FOLDER_METADATA).is_file():
-        return load_preference_folder(path)
+        return load_preference_folder(path, streaming=streaming)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
                 raise ValueError(f"{name!r} has splits {list(data)}, not {split!r}.")
             data = data[split]
-        return data
-    return datasets.load_dataset(name, config, split=split)
+        return data.to_iterable_dataset() if streaming else data
+    return datasets.load_dataset(name, config, split=split, streaming=streaming)
 
 
 def load_model(script_args: ScriptArguments, training_args: DiffusionDPOConfig):
@@ -187,13 +201,19 @@ def load_model(script_args: ScriptArguments, training_args: DiffusionDPOConfig):
 
 def train(argv: list[str]) -> int:
     script_args, training_args = parse_train_args(argv)
+    if script_args.dataset_streaming:
+        _check_streaming_options(script_args, training_args)
+    from .families import family_class_of
+
+    # A wrong model is reported before the dataset is downloaded or prepared, which can take hours.
+    family_class_of(script_args.model_name_or_path, training_args.model_init_kwargs)
     from peft import LoraConfig
 
     from .trainer import DiffusionDPOTrainer
 
     def load(split):
         # Any supported layout (TRL pairs, Pick-a-Pic, labelled images for kto): the trainer detects and normalises it.
-        return load_split(script_args.dataset_name, script_args.dataset_config, split)
+        return load_split(script_args.dataset_name, script_args.dataset_config, split, script_args.dataset_streaming)
 
     evaluate = script_args.dataset_test_split is not None and training_args.eval_strategy != "no"
     peft_config = None
@@ -217,6 +237,22 @@ def train(argv: list[str]) -> int:
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return 0
+
+
+def _check_streaming_options(script_args: ScriptArguments, training_args: DiffusionDPOConfig) -> None:
+    """Before anything is downloaded: the options a stream rules out, named."""
+    for split in (script_args.dataset_train_split, script_args.dataset_test_split):
+        if split and "[" in split:
+            raise ValueError(f"dataset_streaming reads whole splits, so the slice {split!r} is not available: pass "
+                             "the split's name and bound the run with max_steps.")
+    if training_args.max_steps <= 0:
+        raise ValueError("dataset_streaming needs max_steps: a stream has no length to count epochs from. Set "
+                         "--max_steps, or turn streaming off (--dataset_streaming false) to train for num_train_epochs.")
+    cached = [f for f in ("precompute_latents", "precompute_text_embeddings") if getattr(training_args, f)]
+    if cached:
+        raise ValueError(f"dataset_streaming cannot be combined with {' and '.join(cached)}: a stream is read once "
+                         "per pass, so there is nothing to cache. Turn streaming off (--dataset_streaming false) to "
+                         "cache, or the cache off to stream.")
 
 
 # name -> (one-line help, function of the arguments after the name, returning an exit code)
@@ -331,9 +367,19 @@ def main(argv: list[str] | None = None) -> int:
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"Show the full traceback when a command fails (or set {DEBUG_ENV}=1).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, _) in COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
-    # Only the command name is parsed here; the command parses (and documents) the rest.
-    args = parser.parse_args(argv[:1])
-    return COMMANDS[args.command][1](argv[1:])
+    # Only the options before the command and its name are parsed here; the command parses (and documents) the rest.
+    name_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
+    args = parser.parse_args(argv[:name_at + 1])
+    try:
+        return COMMANDS[args.command][1](argv[name_at + 1:])
+    except USER_ERRORS as exc:
+        if args.debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
+        print(f"{PROG} {args.command}: error: {exc}\n(for the traceback: {PROG} --debug {args.command} ..., or "
+              f"{DEBUG_ENV}=1)", file=sys.stderr)
+        return 2

@@ -1,10 +1,26 @@
 """Collators: canonical rows (decoded images, or cached latents) to the tensors `compute_loss` reads."""
 
+import numpy as np
 import torch
 
 from .caching import LATENT_STATS, cached_images
 from .formats import IMAGE_COLUMNS, ROW_COLUMN
 from .transforms import load_image, paired_transform
+
+#: A constant of the prompt-dropout draw's seed, so it is independent of other per-row draws (e.g. cached crops).
+_PROMPT_DROPOUT_STREAM = 0x70D
+
+
+def prompt_dropped(seed: int, row: int, proportion: float) -> bool:
+    """Whether row `row`'s prompt is replaced by "" (prompt dropout, `proportion_empty_prompts`).
+
+    One draw per (seed, row), from its own generator rather than the global one: it does not depend on batching,
+    processes or what ran before, so a resumed run and a run from cached embeddings drop exactly the same rows.
+    """
+    if proportion <= 0:
+        return False
+    seed_sequence = np.random.SeedSequence([seed % 2**63, int(row), _PROMPT_DROPOUT_STREAM])
+    return bool(np.random.default_rng(seed_sequence).random() < proportion)
 
 
 class PreferenceCollator:
@@ -12,17 +28,21 @@ class PreferenceCollator:
 
     Rows with cached latents (see `caching.precompute_latents`) are passed through, with the pair's flip drawn here as
     for decoded images; `prompt_embeddings` (a callable, e.g. `caching.PromptEmbeddingCache`) adds the cached prompt
-    embeddings as `batch["prompt_embeds"]`.
+    embeddings as `batch["prompt_embeds"]`. With `proportion_empty_prompts`, a row's one prompt (shared by both images
+    of a pair) becomes "" as `prompt_dropped(seed, row_index)` decides.
     """
 
     #: The image columns of a row, transformed together with one crop and flip.
     image_columns = IMAGE_COLUMNS
 
-    def __init__(self, resolution: int, random_crop: bool = False, random_flip: bool = False, prompt_embeddings=None):
+    def __init__(self, resolution: int, random_crop: bool = False, random_flip: bool = False, prompt_embeddings=None,
+                 proportion_empty_prompts: float = 0.0, seed: int = 0):
         self.resolution = resolution
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.prompt_embeddings = prompt_embeddings
+        self.proportion_empty_prompts = proportion_empty_prompts
+        self.seed = seed
 
     @property
     def pixel_shape(self) -> tuple[int, ...]:
@@ -35,10 +55,11 @@ class PreferenceCollator:
         return ()
 
     def __call__(self, rows: list[dict]) -> dict:
-        batch = {"prompt": [row["prompt"] for row in rows]}
+        indices = [int(row.get(ROW_COLUMN, position)) for position, row in enumerate(rows)]
+        batch = {"prompt": ["" if prompt_dropped(self.seed, index, self.proportion_empty_prompts) else row["prompt"]
+                            for index, row in zip(indices, rows)]}
         stacked = {}
-        for position, row in enumerate(rows):
-            index = row.get(ROW_COLUMN, position)
+        for index, row in zip(indices, rows):
             if f"{self.image_columns[0]}_{LATENT_STATS[0]}" in row:
                 images = cached_images(row, index, self.image_columns, self.random_flip)
             else:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 
@@ -21,7 +22,8 @@ class DiffusionDPOConfig(TrainingArguments):
     Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the collator needs the image
     columns), `label_names=[]` (there are no labels), `logging_steps=10`, and unless set,
     `accelerator_config.dispatch_batches=False` (batches hold prompt strings, which accelerate cannot concatenate to
-    dispatch a streamed dataset's batches from one process; each process reads the stream and keeps its share).
+    dispatch a streamed dataset's batches from one process; each process reads the stream and keeps its share), and
+    `dataloader_pin_memory=False` when there is no accelerator (or `use_cpu`), where pinning does nothing but warn.
     `activation_checkpointing` (alias `gradient_checkpointing`) switches on the denoiser's own diffusers
     checkpointing.
     """
@@ -93,6 +95,15 @@ class DiffusionDPOConfig(TrainingArguments):
     random_flip: bool = field(
         default=False,
         metadata={"help": "Flip both images of a pair horizontally together with probability 0.5."},
+    )
+    proportion_empty_prompts: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability in [0, 1] that a pair's prompt is replaced by the empty prompt \"\" (both images keep "
+            "the same prompt; for kto, per labelled image). Trains the unconditional prediction that classifier-free "
+            "guidance uses at inference. The draw depends only on `seed` and the row, so it is the same in every epoch "
+            "and after a resume. The reference Diffusion-DPO code uses 0.2; 0 (the default) keeps every prompt."
+        },
     )
     precompute_latents: bool = field(
         default=False,
@@ -180,8 +191,13 @@ class DiffusionDPOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if self.accelerator_config.dispatch_batches is None:
             self.accelerator_config.dispatch_batches = False
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.accelerator.is_available()):
+            # Pinned memory only speeds up copies to an accelerator; without one the DataLoader warns on every run.
+            self.dataloader_pin_memory = False
 
     # Overridden TrainingArguments defaults.
     remove_unused_columns: bool = field(

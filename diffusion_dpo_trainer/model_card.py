@@ -131,6 +131,8 @@ def card_hyperparameters(args, loss_types, loss_params, steps: int, resolution: 
         "mixed_precision": mixed_precision,
         "seed": args.seed,
     })
+    if args.proportion_empty_prompts:
+        values["proportion_empty_prompts"] = args.proportion_empty_prompts
     if lora_config is not None:
         values.update({"lora_rank": lora_config.r, "lora_alpha": lora_config.lora_alpha,
                        "lora_target_modules": sorted(lora_config.target_modules)})

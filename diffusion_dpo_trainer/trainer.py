@@ -136,13 +136,17 @@ class DiffusionDPOTrainer(Trainer):
             check_num_frames(self.num_frames, self.family.temporal_compression)
             if not self.paired:
                 prepare_dataset = functools.partial(prepare_unpaired_dataset, column="video")
-            if data_collator is None:
-                collator_class = VideoPreferenceCollator if self.paired else VideoUnpairedCollator
-                data_collator = collator_class(self.resolution, self.num_frames, args.frame_stride, args.video_fps,
-                                               args.random_crop, args.random_flip)
-        elif data_collator is None:
+            collator_class = VideoPreferenceCollator if self.paired else VideoUnpairedCollator
+            make_collator = functools.partial(collator_class, self.resolution, self.num_frames, args.frame_stride,
+                                              args.video_fps, args.random_crop, args.random_flip)
+        else:
             collator_class = PreferenceCollator if self.paired else UnpairedCollator
-            data_collator = collator_class(self.resolution, args.random_crop, args.random_flip)
+            make_collator = functools.partial(collator_class, self.resolution, args.random_crop, args.random_flip)
+        if data_collator is None:
+            data_collator = make_collator(proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed)
+        elif args.proportion_empty_prompts and not isinstance(data_collator, PreferenceCollator):
+            warnings.warn("proportion_empty_prompts is applied by the default collator; the data_collator passed in "
+                          "decides the prompts itself, so no prompt is dropped unless it does so.")
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, "train_dataset")
         eval_dataset = map_eval_datasets(eval_dataset, prepare_dataset)
@@ -167,11 +171,11 @@ class DiffusionDPOTrainer(Trainer):
         device = self.accelerator.device
         # A half-precision VAE overflows in fp16 (the known SDXL VAE NaNs); bf16 is safe.
         vae_dtype = torch.bfloat16 if args.bf16 else torch.float32
-        self.family.vae.to(device, dtype=vae_dtype)
+        _move(self.family.vae, device, vae_dtype)
         for encoder in self.family.text_encoders:
-            encoder.to(device, dtype=self.weight_dtype)
+            _move(encoder, device, self.weight_dtype)
         if self.ref_model is not None:
-            self.ref_model.to(device, dtype=self.weight_dtype)
+            _move(self.ref_model, device, self.weight_dtype)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if args.precompute_latents or args.precompute_text_embeddings:
             self.train_dataset, self.eval_dataset = precompute_for_training(
@@ -417,6 +421,15 @@ class DiffusionDPOTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """`module.to(device, dtype)`, casting only when the dtype changes: diffusers warns on every dtype cast of a
+    model (even to its own dtype), so an unneeded cast would print a warning on every run."""
+    if {p.dtype for p in module.parameters()} == {dtype}:
+        module.to(device)
+    else:
+        module.to(device, dtype=dtype)
 
 
 def _check_safetensors(path: str) -> None:

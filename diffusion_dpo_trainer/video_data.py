@@ -187,8 +187,9 @@ class VideoPreferenceCollator(PreferenceCollator):
     prompt embeddings are handled by the parent."""
 
     def __init__(self, resolution: int, num_frames: int, frame_stride: int = 1, fps: float | None = None,
-                 random_crop: bool = False, random_flip: bool = False, prompt_embeddings=None):
-        super().__init__(resolution, random_crop, random_flip, prompt_embeddings)
+                 random_crop: bool = False, random_flip: bool = False, prompt_embeddings=None,
+                 proportion_empty_prompts: float = 0.0, seed: int = 0):
+        super().__init__(resolution, random_crop, random_flip, prompt_embeddings, proportion_empty_prompts, seed)
         if frame_stride < 1:
             raise ValueError(f"frame_stride must be >= 1, got {frame_stride}.")
         if fps is not None and frame_stride != 1:

@@ -3,7 +3,9 @@
     accelerate launch examples/train_flux_dpo.py --output_dir flux-dpo-lora
 
 Every `DiffusionDPOConfig` / `TrainingArguments` field is a flag too (`--help` lists them); the defaults below are the
-recipe. The full Pick-a-Pic v2 train split is a very large download: `--max_train_samples` trains on its first rows.
+recipe. Pick-a-Pic v2 (hundreds of GB) is streamed, so training starts without downloading it first;
+`--dataset_streaming False` downloads and stores it instead (for several epochs, or to cache latents and embeddings
+with `--precompute_latents True --precompute_text_embeddings True`). `--max_train_samples` trains on its first rows.
 FLUX.1-dev is a gated model: accept its license on the Hub and log in first. Load the result with:
 
     pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
@@ -52,6 +54,9 @@ class ScriptArguments:
     model: str = field(default="black-forest-labs/FLUX.1-dev", metadata={"help": "Base model (or a local path)."})
     dataset: str = field(default="yuvalkirstain/pickapic_v2", metadata={"help": "A Pick-a-Pic layout dataset."})
     dataset_split: str = field(default="train")
+    dataset_streaming: bool = field(
+        default=True, metadata={"help": "Stream the dataset instead of downloading it first (needs max_steps)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
     rank: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (defaults to the rank)."})
@@ -83,8 +88,10 @@ def make_lora_config(options: ScriptArguments) -> LoraConfig | None:
 
 def load_train_dataset(options: ScriptArguments):
     """The raw Pick-a-Pic rows: the trainer detects the layout, drops ties (label_0 == 0.5) and makes the pairs."""
-    dataset = load_dataset(options.dataset, split=options.dataset_split)
+    dataset = load_dataset(options.dataset, split=options.dataset_split, streaming=options.dataset_streaming)
     if options.max_train_samples is not None:
+        if options.dataset_streaming:
+            return dataset.take(options.max_train_samples)
         dataset = dataset.select(range(min(options.max_train_samples, len(dataset))))
     return dataset
 

@@ -4,7 +4,9 @@
     accelerate launch examples/train_sd35_dpo.py --model stabilityai/stable-diffusion-3.5-large --beta 1000
 
 Every `DiffusionDPOConfig` / `TrainingArguments` field is a flag too (`--help` lists them); the defaults below are the
-recipe. The full Pick-a-Pic v2 train split is a very large download: `--max_train_samples` trains on its first rows.
+recipe. Pick-a-Pic v2 (hundreds of GB) is streamed, so training starts without downloading it first;
+`--dataset_streaming False` downloads and stores it instead (for several epochs, or to cache latents and embeddings
+with `--precompute_latents True --precompute_text_embeddings True`). `--max_train_samples` trains on its first rows.
 Load the result with:
 
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium")
@@ -53,6 +55,9 @@ class ScriptArguments:
     )
     dataset: str = field(default="yuvalkirstain/pickapic_v2", metadata={"help": "A Pick-a-Pic layout dataset."})
     dataset_split: str = field(default="train")
+    dataset_streaming: bool = field(
+        default=True, metadata={"help": "Stream the dataset instead of downloading it first (needs max_steps)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
     rank: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (defaults to the rank)."})
@@ -84,8 +89,10 @@ def make_lora_config(options: ScriptArguments) -> LoraConfig | None:
 
 def load_train_dataset(options: ScriptArguments):
     """The raw Pick-a-Pic rows: the trainer detects the layout, drops ties (label_0 == 0.5) and makes the pairs."""
-    dataset = load_dataset(options.dataset, split=options.dataset_split)
+    dataset = load_dataset(options.dataset, split=options.dataset_split, streaming=options.dataset_streaming)
     if options.max_train_samples is not None:
+        if options.dataset_streaming:
+            return dataset.take(options.max_train_samples)
         dataset = dataset.select(range(min(options.max_train_samples, len(dataset))))
     return dataset
 

@@ -51,3 +51,19 @@ def wan_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pairs():
     return make_preference_dataset(n=8, size=32)
+
+
+@pytest.fixture
+def trainers(monkeypatch):
+    """The trainers the CLI builds, to look at their log history and datasets."""
+    import diffusion_dpo_trainer.trainer as trainer_module
+
+    created = []
+
+    class Recording(trainer_module.DiffusionDPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(trainer_module, "DiffusionDPOTrainer", Recording)
+    return created

@@ -1,6 +1,7 @@
 """Helpers shared by the test modules (fixtures live in conftest.py): configs, adapters, metrics, rendering, and a
 recorder of denoiser calls and noise draws. Test modules import from here, never from each other."""
 
+import json
 import math
 
 import numpy as np
@@ -122,3 +123,16 @@ class DenoiserRecorder:
         self._handle.remove()
         del self.family.noisy_latents_and_target  # back to the class's method
         return False
+
+
+def write_jsonl_pairs(directory, pairs):
+    """`pairs` as a .jsonl file of prompts and image file paths (the images written next to it); returns its path."""
+    rows = []
+    for i, row in enumerate(pairs):
+        for side in ("chosen", "rejected"):
+            row[side].save(directory / f"{side}{i}.png")
+        rows.append({"prompt": row["prompt"], "chosen": str(directory / f"chosen{i}.png"),
+                     "rejected": str(directory / f"rejected{i}.png")})
+    path = directory / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path

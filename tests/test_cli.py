@@ -14,7 +14,7 @@ import torch
 import yaml
 from datasets import DatasetDict
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
-from helpers import render
+from helpers import render, write_jsonl_pairs
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, cli
 
@@ -173,22 +173,6 @@ def test_vae_name_or_path_replaces_the_pipeline_vae(tmp_path, sdxl_path):
 
 
 # ----- end to end --------------------------------------------------------------------------------------------------
-@pytest.fixture
-def trainers(monkeypatch):
-    """The trainers the CLI builds, to look at their log history."""
-    import diffusion_dpo_trainer.trainer as trainer_module
-
-    created = []
-
-    class Recording(trainer_module.DiffusionDPOTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    monkeypatch.setattr(trainer_module, "DiffusionDPOTrainer", Recording)
-    return created
-
-
 def test_sd_cli_run_writes_a_loadable_lora_and_evaluates(tmp_path, sd_path, pairs, trainers):
     data = tmp_path / "data"
     DatasetDict({"train": pairs, "test": pairs.select(range(2))}).save_to_disk(str(data))
@@ -211,15 +195,9 @@ def test_sd_cli_run_writes_a_loadable_lora_and_evaluates(tmp_path, sd_path, pair
 
 
 def test_sdxl_cli_run_from_jsonl_with_image_paths_writes_a_loadable_lora(tmp_path, sdxl_path, pairs):
-    rows = []
-    for i, row in enumerate(pairs):
-        for side in ("chosen", "rejected"):
-            row[side].save(tmp_path / f"{side}{i}.png")
-        rows.append({"prompt": row["prompt"], "chosen": str(tmp_path / f"chosen{i}.png"),
-                     "rejected": str(tmp_path / f"rejected{i}.png")})
-    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = write_jsonl_pairs(tmp_path, pairs)
     out = tmp_path / "out"
-    code = cli.main(["train", "--model_name_or_path", sdxl_path, "--dataset_name", str(tmp_path / "pairs.jsonl"),
+    code = cli.main(["train", "--model_name_or_path", sdxl_path, "--dataset_name", str(data),
                      "--output_dir", str(out), *TINY_RUN])
     assert code == 0
 

@@ -2,6 +2,7 @@
 
 What every family must do (LoRA, reference inputs, saving, caching) is in test_family_conformance.py."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -186,6 +187,26 @@ def test_example_defaults_are_the_recommended_recipe(name, model_id, beta):
     assert set(lora_config["target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
                                                   "add_v_proj", "to_add_out"}
     assert lora_config["r"] == lora_config["lora_alpha"] == 16
+
+
+@pytest.mark.parametrize("name", ["train_sd35_dpo", "train_flux_dpo"])
+def test_examples_stream_by_default_and_take_their_first_rows(tmp_path, monkeypatch, name):
+    import datasets
+
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps({"caption": f"p{i}"}) for i in range(5)))
+    # The example's own load call, pointed at a local file.
+    monkeypatch.setattr(example, "load_dataset", lambda name, **kwargs: datasets.load_dataset(
+        "json", data_files=str(tmp_path / "rows.jsonl"), **kwargs))
+    options, _ = example.parse_args(["--use_cpu", "True", "--max_train_samples", "3"])
+    streamed = example.load_train_dataset(options)
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert [row["caption"] for row in streamed] == ["p0", "p1", "p2"]
+    options.dataset_streaming = False
+    stored = example.load_train_dataset(options)
+    assert isinstance(stored, datasets.Dataset) and stored["caption"] == ["p0", "p1", "p2"]
 
 
 def test_example_flags_override_the_recipe():

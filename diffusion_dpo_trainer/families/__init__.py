@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 
 from .base import FAMILIES, REGISTRY, DiffusionFamily
-from .registry import family_class_for, load_family, load_pipeline
+from .registry import family_class_for, family_class_of, load_family, load_pipeline
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -29,6 +29,7 @@ __all__ = [
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "family_class_for",
+    "family_class_of",
     "load_family",
     "load_pipeline",
 ]

@@ -2,6 +2,7 @@
 evaluation and the CLI all load through `load_pipeline` / `load_family`)."""
 
 import os
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
@@ -43,17 +44,47 @@ def load_pipeline(model, init_kwargs: dict | None = None, require_family: bool =
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"`model` must be a hub id, a local path or a diffusers pipeline, got {type(model).__name__}.")
     kwargs = _resolve_dtypes(init_kwargs)
+    if require_family:
+        family = family_class_of(model, init_kwargs)
+    else:
+        family = REGISTRY.get(_pipeline_config(model, kwargs).get("_class_name"))
+    load_kwargs = family.load_kwargs if family is not None else {}
+    return DiffusionPipeline.from_pretrained(model, **{**load_kwargs, "use_safetensors": True, **kwargs})
+
+
+def family_class_of(model: str | os.PathLike, init_kwargs: dict | None = None) -> type[DiffusionFamily]:
+    """The family of the pipeline at a hub id or local path, from its `model_index.json` alone (no weights loaded),
+    or a clear error: a cheap check to run before anything slow. The family may refuse the checkpoint from its
+    config (`check_pipeline_config`, e.g. Wan 2.2's two experts)."""
+    config = _pipeline_config(model, _resolve_dtypes(init_kwargs))
+    family = family_class_for(config.get("_class_name", "<missing _class_name>"))
+    family.check_pipeline_config(config)
+    return family
+
+
+def _pipeline_config(model: str | os.PathLike, kwargs: dict) -> dict:
+    """The pipeline's `model_index.json`, read without loading weights."""
+    _check_local_path(model)
     hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
     try:
         config = DiffusionPipeline.load_config(model, **hub_kwargs)
     except (OSError, ValueError) as exc:
         raise ValueError(f"Could not read a diffusers pipeline (model_index.json) from {str(model)!r}: {exc}") from exc
-    class_name = config.get("_class_name", "<missing _class_name>")
-    family = family_class_for(class_name) if require_family else REGISTRY.get(class_name)
-    if require_family:
-        family.check_pipeline_config(config)
-    load_kwargs = family.load_kwargs if family is not None else {}
-    return DiffusionPipeline.from_pretrained(model, **{**load_kwargs, "use_safetensors": True, **kwargs})
+    return config
+
+
+def _check_local_path(model) -> None:
+    """A local path that is not a pipeline gets its own message, instead of the hub's 'could not connect'."""
+    name, path = str(model), Path(model)
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ValueError(f"{name!r} is a directory without a model_index.json: expected a diffusers pipeline saved "
+                         "with `pipeline.save_pretrained(...)`, or a hub id such as stabilityai/stable-diffusion-xl-"
+                         "base-1.0.")
+    # Hub ids are `name` or `owner/name`: anything else that does not exist is a mistyped local path.
+    if not path.exists() and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+        raise ValueError(f"{name!r} does not exist: expected a local directory with a model_index.json (a pipeline "
+                         "saved with `save_pretrained`) or a hub id such as stabilityai/stable-diffusion-xl-base-1.0. "
+                         "Check the path.")
 
 
 def load_family(model, args=None) -> DiffusionFamily:

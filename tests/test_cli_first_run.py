@@ -1,0 +1,151 @@
+"""What a new user meets first: the CLI's LoRA targets, its error messages and exit codes, streaming, and a quiet run."""
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import datasets
+import pytest
+from datasets import Dataset
+from helpers import lora, write_jsonl_pairs
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors import safe_open
+
+from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+# A few steps at the tiny models' 32 px, no reporting, no checkpoints.
+TINY_RUN = ["--max_steps", "1", "--resolution", "32", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+            "--report_to", "none", "--save_strategy", "no", "--lora_r", "4", "--lora_alpha", "4", "--seed", "0"]
+
+
+def lora_modules(keys) -> set[str]:
+    """Names of the modules that carry an adapter, from PEFT-format state-dict keys."""
+    return {key.split(".lora_")[0].removeprefix("transformer.").removeprefix("unet.") for key in keys}
+
+
+# ----- LoRA targets ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family_path", ["sd3_path", "flux_path"])
+def test_cli_trains_the_same_lora_modules_as_python(tmp_path, request, pairs, family_path):
+    """Without --lora_target_modules the CLI gets the family's default targets, exactly as the Python API does."""
+    model = request.getfixturevalue(family_path)
+    pairs.save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "out"
+    assert cli.main(["train", "--model_name_or_path", model, "--dataset_name", str(tmp_path / "data"),
+                     "--output_dir", str(out), *TINY_RUN]) == 0
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        from_cli = lora_modules(f.keys())
+
+    trainer = DiffusionDPOTrainer(model=model, args=DiffusionDPOConfig(output_dir=str(tmp_path / "py")),
+                                  train_dataset=pairs, peft_config=LoraConfig(r=4, lora_alpha=4))
+    from_python = lora_modules(get_peft_model_state_dict(trainer.model).keys())
+    assert from_cli == from_python
+    # ... and those are the family's documented targets, every one of them present.
+    targets = trainer.family.lora_target_modules
+    assert len(targets) == 8 and {"add_q_proj", "to_add_out"} <= set(targets)
+    matched = {next(t for t in targets if name == t or name.endswith("." + t)) for name in from_cli}
+    assert matched == set(targets)
+
+
+def test_explicit_lora_target_modules_still_apply(tmp_path, sd3_path):
+    script_args, _ = cli.parse_train_args(["--model_name_or_path", sd3_path, "--dataset_name", "d", "--output_dir",
+                                           str(tmp_path), "--lora_target_modules", "to_q", "to_v"])
+    assert script_args.lora_target_modules == ["to_q", "to_v"]
+    script_args, _ = cli.parse_train_args(["--model_name_or_path", sd3_path, "--dataset_name", "d", "--output_dir",
+                                           str(tmp_path)])
+    assert script_args.lora_target_modules is None
+
+
+# ----- errors ------------------------------------------------------------------------------------------------------
+def train_argv(model, data, out):
+    return ["train", "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
+            *TINY_RUN]
+
+
+def single_error(capsys) -> str:
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    errors = [line for line in out.err.splitlines() if "error:" in line]
+    assert len(errors) == 1, out.err
+    return errors[0]
+
+
+def test_missing_model_path_is_one_message_and_exit_2(tmp_path, pairs, capsys):
+    pairs.save_to_disk(str(tmp_path / "data"))
+    missing = tmp_path / "no-such-model"
+    assert cli.main(train_argv(missing, tmp_path / "data", tmp_path / "out")) == 2
+    message = single_error(capsys)
+    assert f"'{missing}' does not exist" in message and "model_index.json" in message
+    # A directory that is not a pipeline is named as such.
+    (tmp_path / "not-a-pipeline").mkdir()
+    assert cli.main(train_argv(tmp_path / "not-a-pipeline", tmp_path / "data", tmp_path / "out")) == 2
+    assert "without a model_index.json" in single_error(capsys)
+
+
+def test_dataset_matching_no_format_is_one_message_and_exit_2(tmp_path, sd_path, capsys, monkeypatch):
+    Dataset.from_dict({"text": ["a", "b"], "picture": ["x.png", "y.png"]}).save_to_disk(str(tmp_path / "data"))
+    assert cli.main(train_argv(sd_path, tmp_path / "data", tmp_path / "out")) == 2
+    message = single_error(capsys)
+    assert "match no supported format" in message and "['prompt', 'chosen', 'rejected']" in message
+    # --debug (before the command) and DIFFUSION_DPO_DEBUG=1 let the exception (and its traceback) through.
+    with pytest.raises(ValueError, match="match no supported format"):
+        cli.main(["--debug", *train_argv(sd_path, tmp_path / "data", tmp_path / "out")])
+    monkeypatch.setenv("DIFFUSION_DPO_DEBUG", "1")
+    with pytest.raises(ValueError, match="match no supported format"):
+        cli.main(train_argv(sd_path, tmp_path / "data", tmp_path / "out"))
+
+
+def test_error_exit_status_of_the_installed_command(tmp_path):
+    """The real process exits with status 2 and prints no traceback."""
+    Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "data"))
+    argv = [sys.executable, "-m", "diffusion_dpo_trainer", *train_argv(tmp_path / "missing", tmp_path / "data",
+                                                                        tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("DIFFUSION_DPO_DEBUG", None)
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+# ----- streaming ---------------------------------------------------------------------------------------------------
+def test_cli_streams_a_local_dataset(tmp_path, sd_path, pairs, trainers):
+    data = write_jsonl_pairs(tmp_path, pairs)
+    out = tmp_path / "out"
+    argv = train_argv(sd_path, data, out) + ["--dataset_streaming", "true", "--max_steps", "3"]
+    assert cli.main(argv) == 0
+    (trainer,) = trainers
+    assert isinstance(trainer.train_dataset, datasets.IterableDataset)
+    assert trainer.state.global_step == 3
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    # A save_to_disk directory streams too.
+    pairs.save_to_disk(str(tmp_path / "saved"))
+    streamed = cli.load_split(str(tmp_path / "saved"), None, "train", streaming=True)
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert [row["prompt"] for row in streamed] == pairs["prompt"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max_steps", "-1"], "dataset_streaming needs max_steps"),
+    (["--precompute_latents", "true"], "cannot be combined with precompute_latents"),
+    (["--dataset_train_split", "train[:4]"], "the slice 'train[:4]' is not available"),
+])
+def test_options_streaming_rules_out_are_named(tmp_path, pairs, capsys, extra, message):
+    pairs.save_to_disk(str(tmp_path / "data"))
+    argv = train_argv(tmp_path / "never-loaded", tmp_path / "data", tmp_path / "out")
+    assert cli.main([*argv, "--dataset_streaming", "true", *extra]) == 2
+    assert message in single_error(capsys)
+
+
+# ----- a quiet first run -------------------------------------------------------------------------------------------
+def test_a_cpu_run_prints_no_warning_of_ours(tmp_path, sd_path, pairs, capfd):
+    """Neither diffusers' 'modules ... should be kept in float32' (from casting the VAE to its own dtype) nor the
+    DataLoader's pin_memory warning (pinning without an accelerator): both came from our calls."""
+    args = DiffusionDPOConfig(output_dir=str(tmp_path / "out"), resolution=32, per_device_train_batch_size=2,
+                              max_steps=1, report_to="none", save_strategy="no", disable_tqdm=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs, peft_config=lora()).train()
+    messages = [str(w.message) for w in caught] + capfd.readouterr().err.splitlines()
+    assert not [m for m in messages if "pin_memory" in m or "should be kept in float32" in m], messages
