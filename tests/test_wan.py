@@ -13,7 +13,7 @@ from datasets import Dataset, Features, Value
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from helpers import LN2, lora, losses_of, make_args
 
-from diffusion_dpo_trainer import DiffusionDPOTrainer
+from diffusion_dpo_trainer import DiffusionDPOTrainer, cli
 from diffusion_dpo_trainer.families import load_family
 from diffusion_dpo_trainer.families.wan import WanFamily
 from diffusion_dpo_trainer.testing.wan import (
@@ -125,7 +125,7 @@ def test_num_frames_must_fit_the_temporal_compression(tmp_path, wan_path, videos
         DiffusionDPOTrainer(model=wan_path, args=wan_args(tmp_path, num_frames=num_frames), train_dataset=videos)
 
 
-def test_wan22_two_expert_checkpoints_are_refused_before_any_weight_loads(tmp_path, wan_path):
+def test_wan22_two_expert_checkpoints_are_refused_before_any_weight_loads(tmp_path, wan_path, capsys):
     # Only model_index.json: loading any weights would fail differently.
     folder = tmp_path / "a14b"
     folder.mkdir()
@@ -134,6 +134,10 @@ def test_wan22_two_expert_checkpoints_are_refused_before_any_weight_loads(tmp_pa
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"Wan 2\.2 A14B .*transformer_2.*\(Wan-AI/Wan2\.1-T2V-1\.3B-Diffusers"):
         load_family(folder)
+    # The command line refuses it in one line (exit 2) before it reads the (here missing) dataset.
+    assert cli.main(["train", "--model_name_or_path", str(folder), "--dataset_name", str(tmp_path / "none"),
+                     "--output_dir", str(tmp_path / "out")]) == 2
+    assert "Wan 2.2 A14B checkpoints" in capsys.readouterr().err
     # A pipeline object with a second expert is refused the same way.
     pipe = WanPipeline.from_pretrained(wan_path)
     two_experts = WanPipeline(**{**pipe.components, "transformer_2": pipe.transformer}, boundary_ratio=0.875)
