@@ -1,5 +1,16 @@
 from setuptools import find_packages, setup
 
+TEST = ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15"]
+OPTIONAL = {
+    "deepspeed": ["deepspeed>=0.19"],
+    # QLoRA on a torchao-quantized base (int8 / float8 weight-only): quant_backend "torchao".
+    "torchao": ["torchao>=0.18"],
+    # The reward models run on transformers; HPSv2 also needs ftfy to clean prompts as open_clip does.
+    "rewards": ["ftfy>=6"],
+    # Video models (Wan): PyAV decodes and encodes mp4/webm without torchvision or torchcodec.
+    "video": ["av>=12"],
+}
+
 setup(
     name="diffusion-dpo-trainer",
     version="0.1.0",
@@ -20,18 +31,18 @@ setup(
         "peft>=0.21",
         "datasets>=5.0",
         "trl>=1.16",
-        "bitsandbytes>=0.44",
+        # 0.48+: quantized models move between devices (the denoiser steps aside while caches are encoded).
+        "bitsandbytes>=0.48",
         "safetensors>=0.4",
         "pillow>=10",
         "tqdm",
     ],
     entry_points={"console_scripts": ["diffusion-dpo=diffusion_dpo_trainer.cli:main"]},
     extras_require={
-        # Video models (Wan): PyAV decodes and encodes mp4/webm without torchvision or torchcodec.
-        "video": ["av>=12"],
-        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15", "av>=12"],
-        "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15", "av>=12",
-                "ruff"],
+        **OPTIONAL,
+        # The test suite runs every optional path, so CI installs them all.
+        "test": TEST + [req for reqs in OPTIONAL.values() for req in reqs],
+        "dev": TEST + [req for reqs in OPTIONAL.values() for req in reqs] + ["ruff"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

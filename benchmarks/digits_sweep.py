@@ -9,7 +9,9 @@ VALIDATION sampling seeds (2e9 + s): disjoint from the pair-sampling seeds and f
         "reward=logistic,beta=5000,dpo_learning_rate=1e-3,dpo_steps=150" reward=svm
 
 A setting is comma-separated overrides of the demo's `Settings` fields, plus `reward=svm` (the demo's calibrated
-RBF-SVM) or `reward=logistic` (a logistic regression, C=0.5). Prints one JSON line per run, then a Markdown table;
+RBF-SVM) or `reward=logistic` (a logistic regression, C=0.5), and `online=1` for on-policy DPO (the demo's --online;
+`online_iterations`, `images_per_group`, `dpo_batch_size` set its sampling). Prints one JSON line per run, then a
+Markdown table;
 "judge agrees with pair labels" is the share of AI-feedback pairs whose chosen image the judge also scores higher.
 """
 
@@ -19,6 +21,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +38,21 @@ _spec.loader.exec_module(demo)
 VALIDATION_SEED_OFFSET = 2 * 10**9
 
 
-def parse_setting(text: str) -> tuple[str, demo.Settings]:
+def parse_setting(text: str) -> tuple[str, bool, demo.Settings]:
     fields = {f.name: f.type for f in dataclasses.fields(demo.Settings)}
-    reward, overrides = "svm", {}
+    reward, online, overrides = "svm", False, {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key == "reward" and value in ("svm", "logistic"):
             reward = value
+        elif key == "online":
+            online = value == "1"
         elif key in fields:
             overrides[key] = (int if fields[key] in (int, "int") else float)(value)
         else:
-            raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic or {sorted(fields)}")
-    return reward, dataclasses.replace(demo.FULL, **overrides)
+            raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic, online=1 or "
+                             f"{sorted(fields)}")
+    return reward, online, dataclasses.replace(demo.FULL, **overrides)
 
 
 def main(argv=None) -> list[dict]:
@@ -74,17 +80,24 @@ def main(argv=None) -> list[dict]:
         }
         pairs, agreement = {}, {}  # agreement: share of pairs whose chosen image the judge also scores higher
         for text in args.settings:
-            reward, settings = parse_setting(text)
+            reward, online, settings = parse_setting(text)
             key = (reward, settings.groups_per_digit, settings.images_per_group)
-            if key not in pairs:
+            if not online and key not in pairs:
                 pairs[key] = demo.ai_feedback_pairs(base_path, rewards[reward], settings, seed)
                 chosen = judge(pairs[key]["chosen"], pairs[key]["prompt"])
                 rejected = judge(pairs[key]["rejected"], pairs[key]["prompt"])
                 agreement[key] = float(np.mean(np.array(chosen) > np.array(rejected)))
             for dpo_seed in args.dpo_seeds:
-                trainer = demo.dpo_trainer(base_path, pairs[key], settings, seed + dpo_seed,
-                                           os.path.join(work_dir, "lora"), disable_tqdm=True)
+                output_dir = os.path.join(work_dir, "lora")
+                if online:
+                    trainer = demo.online_dpo_trainer(base_path, rewards[reward], settings, seed + dpo_seed,
+                                                      output_dir, disable_tqdm=True)
+                else:
+                    trainer = demo.dpo_trainer(base_path, pairs[key], settings, seed + dpo_seed, output_dir,
+                                               disable_tqdm=True)
+                start = time.perf_counter()
                 trainer.train()
+                train_s = time.perf_counter() - start
                 result = evaluate_win_rate(trainer.pipeline, None, demo.PROMPTS, judge, seeds, return_images=True,
                                            batch_size=settings.batch_size, **demo.sampling_kwargs(settings))
                 prompts = [c["prompt"] for c in result["comparisons"]]
@@ -96,7 +109,8 @@ def main(argv=None) -> list[dict]:
                 row = {"setting": text, "seed": seed, "dpo_seed": dpo_seed, "win_rate": result["win_rate"],
                        "accuracy": [base["accuracy"], dpo["accuracy"]],
                        "diversity": [base["diversity"], dpo["diversity"]], "reward_model_win_rate": reward_win_rate,
-                       "pair_judge_agreement": agreement[key]}
+                       "pair_judge_agreement": agreement.get(key) if not online else None,
+                       "images_sampled": demo.images_sampled(settings, online), "train_s": round(train_s, 1)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print("\n| setting | judged win rates (validation) | mean | min | judge accuracy base -> DPO | diversity "
@@ -106,7 +120,7 @@ def main(argv=None) -> list[dict]:
         runs = [r for r in rows if r["setting"] == text]
         wins = [r["win_rate"] for r in runs]
         acc, div = np.mean([r["accuracy"] for r in runs], 0), np.mean([r["diversity"] for r in runs], 0)
-        agree = sorted({r["pair_judge_agreement"] for r in runs})
+        agree = sorted({r["pair_judge_agreement"] for r in runs if r["pair_judge_agreement"] is not None})
         print(f"| `{text}` | {', '.join(f'{w:.1%}' for w in wins)} | {np.mean(wins):.1%} | {min(wins):.1%} | "
               f"{acc[0]:.1%} -> {acc[1]:.1%} | {div[0]:.2f} -> {div[1]:.2f} | {', '.join(f'{a:.1%}' for a in agree)} |")
     return rows

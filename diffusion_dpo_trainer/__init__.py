@@ -5,6 +5,9 @@ from .config import DiffusionDPOConfig
 from .evaluation import RewardEvaluationCallback, evaluate_win_rate
 from .feedback import build_preference_pairs
 from .formats import load_preference_folder, prepare_preference_dataset, prepare_unpaired_dataset, to_preference_pairs
+from .online_config import DiffusionOnlineDPOConfig
+from .online_trainer import DiffusionOnlineDPOTrainer
+from .protocol import evaluate_protocol
 from .rewards import CLIPScore, PickScore, frame_averaged, load_reward
 from .trainer import DiffusionDPOTrainer
 from .video_data import VideoPreferenceCollator, VideoUnpairedCollator
@@ -14,6 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DiffusionDPOConfig",
     "DiffusionDPOTrainer",
+    "DiffusionOnlineDPOConfig",
+    "DiffusionOnlineDPOTrainer",
     "PreferenceCollator",
     "UnpairedCollator",
     "VideoPreferenceCollator",
@@ -26,6 +31,7 @@ __all__ = [
     "PickScore",
     "RewardEvaluationCallback",
     "build_preference_pairs",
+    "evaluate_protocol",
     "evaluate_win_rate",
     "frame_averaged",
     "load_reward",

@@ -16,6 +16,7 @@ The write side (`precompute_latents`, `precompute_prompt_embeddings`, `precomput
 (`cached_images`, `PromptEmbeddingCache`, used by the collators) of the layout live here together.
 """
 
+import contextlib
 import hashlib
 import os
 
@@ -221,30 +222,56 @@ def precompute_prompt_embeddings(
 
 def precompute_for_training(family, train_dataset, eval_dataset, collator, args, resolution: int, device):
     """What `DiffusionDPOTrainer` runs when `precompute_latents`/`precompute_text_embeddings` is set: encode every
-    dataset once (main process first; `datasets` caches the result), hand the prompt cache to the collator, and move
-    the encoders off the accelerator. Returns the (train, eval) datasets with latents in place of images."""
+    dataset once (main process first; `datasets` caches the result) and hand the prompt cache to the collator. Each
+    encoder is on the accelerator only while it encodes, with the denoiser waiting on the CPU meanwhile; afterwards it
+    goes back to the CPU or, with `release_cached_encoders`, is dropped. Returns the (train, eval) datasets with
+    latents in place of images."""
     if not hasattr(collator, "image_columns"):
         raise TypeError("precompute_latents/precompute_text_embeddings need the default collator "
                         "(PreferenceCollator, or UnpairedCollator for kto).")
     if any(isinstance(d, datasets.IterableDataset) for d in (train_dataset, *eval_datasets(eval_dataset))):
         raise ValueError("precompute_latents/precompute_text_embeddings need a map-style datasets.Dataset: a "
                          "streamed dataset is read once per pass, so there is nothing to store and reuse.")
-    with args.main_process_first(desc="precomputing latents and prompt embeddings"):
+    with args.main_process_first(desc="precomputing latents and prompt embeddings"), _denoisers_aside(family):
         if args.precompute_latents:
             def encode(dataset, name=None):
                 return precompute_latents(dataset, family, resolution, args.random_crop, args.random_flip, args.seed,
                                           args.per_device_train_batch_size, collator=collator)
 
+            family.vae.to(device)
             train_dataset = None if train_dataset is None else encode(train_dataset)
             eval_dataset = map_eval_datasets(eval_dataset, encode)
-            family.vae.to("cpu")
+            if args.release_cached_encoders:
+                family.release(vae=True)
+            else:
+                family.vae.to("cpu")
         if args.precompute_text_embeddings:
             every = [d for d in (train_dataset, *eval_datasets(eval_dataset)) if d is not None]
+            for encoder in family.text_encoders:
+                encoder.to(device)
             # Prompt dropout turns prompts into "" at collate time: its embedding is cached too.
             dropout = getattr(collator, "proportion_empty_prompts", 0) > 0
             collator.prompt_embeddings = precompute_prompt_embeddings(
                 every, family, device, args.per_device_train_batch_size, extra_prompts=[""] if dropout else ()
             )
-            for encoder in family.text_encoders:
-                encoder.to("cpu")
+            if args.release_cached_encoders:
+                family.release(text_encoders=True)
+            else:
+                for encoder in family.text_encoders:
+                    encoder.to("cpu")
     return train_dataset, eval_dataset
+
+
+@contextlib.contextmanager
+def _denoisers_aside(family):
+    """The denoiser and a frozen reference copy wait on the CPU, so an encoder never shares the accelerator with them
+    (FLUX.2 [dev]: a 24B text encoder next to a 32B transformer); then they go back where they were."""
+    modules = [m for m in (family.denoiser, family.ref_model) if m is not None]
+    devices = [next(m.parameters()).device for m in modules]
+    for module in modules:
+        module.to("cpu")
+    try:
+        yield
+    finally:
+        for module, device in zip(modules, devices):
+            module.to(device)

@@ -33,6 +33,9 @@ PROG = "diffusion-dpo"
 DEBUG_ENV = "DIFFUSION_DPO_DEBUG"
 #: Errors about the user's input or environment, whose message says what to fix: printed without a traceback.
 USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+DEFAULT_REWARD = "pickscore"
+# What `evaluate --prompt_set` reports by default: the rewards papers on Diffusion-DPO and its successors quote.
+PROTOCOL_REWARDS = ["pickscore", "hpsv2.1", "imagereward", "aesthetic", "clip"]
 # Local files that `datasets` reads with a builder named after their format.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -256,16 +259,24 @@ def _check_streaming_options(script_args: ScriptArguments, training_args: Diffus
 
 
 # name -> (one-line help, function of the arguments after the name, returning an exit code)
-def _sampling_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _sampling_parser(prog: str, description: str, prompt_sets: bool = False) -> argparse.ArgumentParser:
     """Options shared by the commands that sample from a pipeline and score the images with a reward."""
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--model", required=True, help="Pipeline to sample from: a hub id or a local path.")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="A prompt (repeat the flag for several).")
     prompts.add_argument("--prompts_file", help="A text file with one prompt per line.")
-    parser.add_argument("--reward", default="pickscore",
-                        help="Reward: 'pickscore', 'clip:<id or path>' or 'package.module:function'.")
-    parser.add_argument("--num_inference_steps", type=int, default=30)
+    if prompt_sets:
+        prompts.add_argument(
+            "--prompt_set", action="append", help="A published prompt set (parti, pickapic-test, "
+            "pickapic-validation, hpsv2, drawbench), a .txt/.json/.jsonl file or a dataset id (repeat for several). "
+            "Runs the protocol.")
+    parser.add_argument("--reward", default=None,
+                        help="Reward (default pickscore): pickscore, hpsv2, hpsv2.1, imagereward, aesthetic, clip, "
+                        "'<name>:<id or path>', 'http://host:port/path', 'package.module:function' or weights "
+                        "'pickscore:1,hpsv2.1:0.5'.")
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help="Denoising steps; default 30 (with --prompt_set: the paper's for the model family).")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Defaults to the pipeline's own.")
     parser.add_argument("--resolution", type=int, default=None, help="Image height and width; the model's default.")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call and per reward call.")
@@ -281,7 +292,7 @@ def _sampling_kwargs(args) -> tuple[list[str], dict]:
         prompts = [p for p in prompts if p]
     else:
         prompts = args.prompt
-    kwargs = {"num_inference_steps": args.num_inference_steps}
+    kwargs = {"num_inference_steps": args.num_inference_steps or 30}
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
     if args.resolution is not None:
@@ -295,7 +306,8 @@ def _reward(args):
     """The named reward, averaged over frames when the samples are videos."""
     from .rewards import frame_averaged
 
-    return args.reward if args.num_frames is None else frame_averaged(args.reward)
+    reward = args.reward or DEFAULT_REWARD
+    return reward if args.num_frames is None else frame_averaged(reward)
 
 
 def build_pairs(argv: list[str]) -> int:
@@ -312,7 +324,8 @@ def build_pairs(argv: list[str]) -> int:
 
     prompts, kwargs = _sampling_kwargs(args)
     pairs = build_preference_pairs(
-        args.model, prompts, _reward(args), num_images_per_prompt=args.num_images_per_prompt, strategy=args.strategy,
+        args.model, prompts, _reward(args), num_images_per_prompt=args.num_images_per_prompt,
+        strategy=args.strategy,
         min_score_gap=args.min_score_gap, seed=args.seed, batch_size=args.batch_size, output_path=args.output_dir,
         **kwargs,
     )
@@ -322,17 +335,35 @@ def build_pairs(argv: list[str]) -> int:
 
 def evaluate(argv: list[str]) -> int:
     parser = _sampling_parser(f"{PROG} evaluate", "Win rate of a trained model over its reference, judged by a "
-                              "reward on the same prompts and seeds; ties count as half a win.")
+                              "reward on the same prompts and seeds; ties count as half a win. With --prompt_set, the "
+                              "full protocol papers report: several rewards on published prompt sets, report.json and "
+                              "report.html in --output_dir (resumable).", prompt_sets=True)
     reference = parser.add_mutually_exclusive_group(required=True)
     reference.add_argument("--lora", help="A trained LoRA (folder or hub id): the policy is --model with it loaded, "
                            "the reference is --model with the adapter switched off.")
     reference.add_argument("--reference_model", help="A separate reference pipeline (e.g. after a full fine-tune, "
                            "--model is the fine-tuned pipeline and this the base).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    reference.add_argument("--denoiser", help="A fine-tuned denoiser folder (unet/transformer) to compare with "
+                           "--model's own (protocol only).")
+    reference.add_argument("--base_only", action="store_true", help="Score --model alone (protocol only).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="Seeds per prompt; default 0 1 2 3 (0 with --prompt_set).")
     parser.add_argument("--output_file", help="Also write the full result (every comparison) as JSON here.")
+    parser.add_argument("--rewards", nargs="+", help="Protocol: the rewards to report, each separately "
+                        "(default: --reward if given, else pickscore hpsv2.1 imagereward aesthetic clip).")
+    parser.add_argument("--output_dir", help="Protocol: where report.json, report.html, images and scores go.")
+    parser.add_argument("--scheduler", help="Protocol: a diffusers scheduler class (default: the pipeline's own).")
+    parser.add_argument("--max_prompts", type=int, help="Protocol: the first N prompts of each set.")
+    parser.add_argument("--device", help="Protocol: where the pipeline and the rewards run, e.g. cuda.")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="Protocol: the pipeline's precision (rewards stay float32).")
     args = parser.parse_args(argv)
     import json
 
+    if args.prompt_set:
+        return _evaluate_protocol(parser, args)
+    if args.denoiser or args.base_only:
+        parser.error("--denoiser and --base_only need --prompt_set (the protocol).")
     from .evaluation import evaluate_win_rate
     from .families import load_pipeline
 
@@ -340,12 +371,67 @@ def evaluate(argv: list[str]) -> int:
     policy = load_pipeline(args.model)
     if args.lora:
         policy.load_lora_weights(args.lora)
-    result = evaluate_win_rate(policy, args.reference_model, prompts, _reward(args), seeds=args.seeds,
-                               batch_size=args.batch_size, **kwargs)
+    result = evaluate_win_rate(policy, args.reference_model, prompts, _reward(args),
+                               seeds=args.seeds or [0, 1, 2, 3], batch_size=args.batch_size, **kwargs)
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(result, indent=2), encoding="utf-8")
     summary = {k: result[k] for k in ("win_rate", "wins", "losses", "ties", "reward", "reward_reference")}
     print(json.dumps(summary))
+    return 0
+
+
+def _evaluate_protocol(parser, args) -> int:
+    if not args.output_dir:
+        parser.error("--prompt_set needs --output_dir (where the report and the resumable state go).")
+    import json
+
+    from .protocol import evaluate_protocol
+
+    rewards = args.rewards or ([args.reward] if args.reward else PROTOCOL_REWARDS)
+    report = evaluate_protocol(
+        args.model, args.prompt_set, rewards, args.output_dir, lora=args.lora,
+        denoiser=args.denoiser, reference=args.reference_model, seeds=args.seeds or [0], scheduler=args.scheduler,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
+        max_prompts=args.max_prompts, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+    )
+    for set_name, rewards in report["results"].items():
+        for reward, entry in rewards.items():
+            win = entry.get("win_rate", {}).get("value")
+            print(json.dumps({"set": set_name, "reward": reward, "base": entry["base"]["mean"],
+                              "tuned": entry.get("tuned", {}).get("mean"), "win_rate": win}))
+    print(f"report: {Path(args.output_dir) / 'report.html'}")
+    return 0
+
+
+def serve_reward(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"{PROG} serve-reward", allow_abbrev=False, description="Serve a reward "
+                                     "model over HTTP (JSON prompts and base64 PNG images in, scores out), for "
+                                     "`--reward http://HOST:PORT/` on another machine.")
+    parser.add_argument("--reward", required=True, help="Any name `load_reward` takes, e.g. hpsv2.1 or imagereward.")
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on; 0.0.0.0 for every one.")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default=None, help="Device of the reward model, e.g. cuda.")
+    parser.add_argument("--batch_size", type=int, default=None, help="Images per reward forward pass.")
+    parser.add_argument("--max_batch_size", type=int, default=256, help="Refuse requests with more images.")
+    parser.add_argument("--max_requests", type=int, default=None, help="Exit after this many requests.")
+    args = parser.parse_args(argv)
+    from .rewards import load_reward
+    from .rewards.http import make_reward_server
+
+    kwargs = {k: v for k, v in (("device", args.device), ("batch_size", args.batch_size)) if v is not None}
+    server = make_reward_server(load_reward(args.reward, **kwargs), args.host, args.port, name=args.reward,
+                                max_batch_size=args.max_batch_size)
+    host, port = server.server_address[:2]
+    print(f"serving {args.reward} on http://{host}:{port}/", flush=True)
+    try:
+        if args.max_requests is None:
+            server.serve_forever()
+        for _ in range(args.max_requests or 0):
+            server.handle_request()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -354,6 +440,7 @@ COMMANDS = {
     "build-pairs": ("Build AI-feedback preference pairs by sampling a pipeline and scoring with a reward.",
                     build_pairs),
     "evaluate": ("Win rate of a trained model over its reference, judged by a reward.", evaluate),
+    "serve-reward": ("Serve a reward model over HTTP for another machine's training or evaluation.", serve_reward),
 }
 
 

@@ -1,6 +1,8 @@
 """`DiffusionDPOConfig`: TrainingArguments plus what Diffusion-DPO needs, with diffusion-friendly defaults."""
 
+import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -112,6 +114,7 @@ class DiffusionDPOConfig(TrainingArguments):
             "in a training step. The latent distribution (mean and std) is stored and sampled at every step; with "
             "`random_flip` both orientations are stored; with `random_crop` each pair's (for kto, each image's) "
             "crop is drawn once, at cache time. Stored with `datasets`, reused across runs for datasets on disk. "
+            "The VAE is on the accelerator only while it encodes (the denoiser waits on the CPU meanwhile). "
             "See docs/datasets.md."
         },
     )
@@ -119,7 +122,18 @@ class DiffusionDPOConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "Encode every distinct prompt once with the text encoders before training and train from the "
-            "cache: no text encoder forward in a training step. Stored with `datasets`, reused across runs."
+            "cache: no text encoder forward in a training step. Stored with `datasets`, reused across runs. The "
+            "text encoders are on the accelerator only while they encode (the denoiser waits on the CPU meanwhile)."
+        },
+    )
+    release_cached_encoders: bool = field(
+        default=False,
+        metadata={
+            "help": "Once the caches exist, drop the encoders they replace instead of keeping them on the CPU: the "
+            "text encoders after `precompute_text_embeddings`, the VAE after `precompute_latents` (set to None in "
+            "the pipeline, so their memory, CPU RAM included, is freed). Training, evaluation on the cached datasets "
+            "and saving work as before; sampling from `trainer.pipeline`, or data that was not cached, needs them "
+            "back (reload the pipeline). See docs/memory.md."
         },
     )
     max_prompt_length: int | None = field(
@@ -164,8 +178,9 @@ class DiffusionDPOConfig(TrainingArguments):
     guidance_scale: float = field(
         default=3.5,
         metadata={
-            "help": "Guidance value fed to guidance-distilled FLUX checkpoints (FLUX.1-dev: `guidance_embeds=True`) "
-            "during training; 3.5 is the FluxPipeline default at inference. Ignored by other models."
+            "help": "Guidance value fed to guidance-distilled FLUX checkpoints (`guidance_embeds=True`: FLUX.1-dev, "
+            "FLUX.2 [dev]) during training; 3.5 is the FluxPipeline default at inference (Flux2Pipeline's is 4.0, "
+            "diffusers' FLUX.2 script trains at 3.5). Ignored by other models (FLUX.2 [klein] has no guidance input)."
         },
     )
 
@@ -214,3 +229,16 @@ class DiffusionDPOConfig(TrainingArguments):
             "help": "Log every X update steps. An integer, or a float in [0, 1) read as a ratio of total steps."
         },
     )
+
+
+def config_defaults() -> SimpleNamespace:
+    """Every `DiffusionDPOConfig` field at its default, without constructing a config: `TrainingArguments.__post_init__`
+    sets up accelerate's process state, which must not happen again while a Trainer runs (a family built for sampling
+    or evaluation in the middle of training reads its options from here)."""
+    values = {}
+    for f in dataclasses.fields(DiffusionDPOConfig):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    return SimpleNamespace(**values)

@@ -34,6 +34,39 @@ FEATURES = datasets.Features(
 )
 
 
+def candidate_pairs(
+    scores: Sequence[float],
+    strategy: str = "best_vs_worst",
+    num_pairs: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> list[tuple[int, int]]:
+    """The (winner, loser) index pairs a strategy considers among the images of one prompt, before the score-gap
+    test of `select_pairs`: their number depends only on the strategy and the group size, never on the scores.
+
+    NaN scores (an image no reward scored) lose every comparison and fail every gap test.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}; expected one of {STRATEGIES}.")
+    scores = np.asarray(scores, dtype=np.float64)
+    if strategy == "best_vs_worst":
+        finite = np.isfinite(scores)
+        if not finite.any():
+            return [(0, 0)]
+        ranked = np.where(finite, scores, -np.inf), np.where(finite, scores, np.inf)
+        return [(int(np.argmax(ranked[0])), int(np.argmin(ranked[1])))]
+    candidates = list(combinations(range(len(scores)), 2))
+    if strategy == "random":
+        rng = rng if rng is not None else np.random.default_rng()
+        count = len(candidates) if num_pairs is None else min(num_pairs, len(candidates))
+        candidates = [candidates[i] for i in rng.choice(len(candidates), size=count, replace=False)]
+    return [(i, j) if scores[i] >= scores[j] else (j, i) for i, j in candidates]
+
+
+def is_preference(chosen_score: float, rejected_score: float, min_score_gap: float = 0.0) -> bool:
+    """A pair counts only if the chosen score exceeds the rejected one by MORE than the gap (never on a tie or NaN)."""
+    return bool(chosen_score - rejected_score > min_score_gap)
+
+
 def select_pairs(
     scores: Sequence[float],
     strategy: str = "best_vs_worst",
@@ -51,25 +84,11 @@ def select_pairs(
     - `random`: `num_pairs` unordered pairs drawn without replacement with `rng` (all of them if `None`), then
       labelled by score; pairs that fail the gap are dropped, not redrawn.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy!r}; expected one of {STRATEGIES}.")
     if min_score_gap < 0:
         raise ValueError(f"min_score_gap must be >= 0 (a tie is not a preference), got {min_score_gap}.")
     scores = [float(s) for s in scores]
-    if strategy == "best_vs_worst":
-        candidates = [(int(np.argmax(scores)), int(np.argmin(scores)))]
-    else:
-        candidates = list(combinations(range(len(scores)), 2))
-        if strategy == "random":
-            rng = rng if rng is not None else np.random.default_rng()
-            count = len(candidates) if num_pairs is None else min(num_pairs, len(candidates))
-            candidates = [candidates[i] for i in rng.choice(len(candidates), size=count, replace=False)]
-    pairs = []
-    for i, j in candidates:
-        winner, loser = (i, j) if scores[i] >= scores[j] else (j, i)
-        if scores[winner] - scores[loser] > min_score_gap:
-            pairs.append((winner, loser))
-    return pairs
+    return [(winner, loser) for winner, loser in candidate_pairs(scores, strategy, num_pairs, rng)
+            if is_preference(scores[winner], scores[loser], min_score_gap)]
 
 
 #: Video pairs store mp4 bytes (decoded by the trainer with PyAV; `decode=False` because decoding a `datasets.Video`

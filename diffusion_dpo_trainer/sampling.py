@@ -53,9 +53,14 @@ def iter_sample_batches(
     seeds: Sequence[int],
     batch_size: int = 8,
     progress: bool | str = True,
+    return_latents: bool = False,
     **pipeline_kwargs,
-) -> Iterator[list[Image.Image]]:
-    """Yield the images of `sample_images` one batch at a time, so callers can score and drop them as they come."""
+) -> Iterator[list[Image.Image]] | Iterator[tuple[list[Image.Image], torch.Tensor]]:
+    """Yield the images of `sample_images` one batch at a time, so callers can score and drop them as they come.
+
+    With `return_latents`, yield `(images, latents)`: the final latents the pipeline decoded into those images, as
+    the denoiser produced them (captured with `callback_on_step_end`, so nothing is re-encoded).
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"Got {len(prompts)} prompts but {len(seeds)} seeds; expected one seed per prompt.")
     if batch_size < 1:
@@ -65,12 +70,21 @@ def iter_sample_batches(
         for start in range(0, len(prompts), batch_size):
             batch_prompts = list(prompts[start : start + batch_size])
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+            final = {}
+            if return_latents:
+                def keep_latents(pipe, step, timestep, tensors, final=final):
+                    final["latents"] = tensors["latents"]
+                    return tensors
+
+                pipeline_kwargs = {**pipeline_kwargs, "callback_on_step_end": keep_latents,
+                                   "callback_on_step_end_tensor_inputs": ["latents"]}
             # Entered per batch, so nothing stays switched while the caller works on a yielded batch.
             with sampling_mode(pipeline):
                 output = pipeline(prompt=batch_prompts, generator=generators, output_type="pil", **pipeline_kwargs)
             bar.update(len(batch_prompts))
             # Video pipelines (Wan) return `frames`: one list of PIL frames per video.
-            yield output.images if hasattr(output, "images") else output.frames
+            images = output.images if hasattr(output, "images") else output.frames
+            yield (images, final["latents"]) if return_latents else images
 
 
 def sample_images(

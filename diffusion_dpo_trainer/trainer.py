@@ -11,9 +11,12 @@ import functools
 import os
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 
 import datasets
 import torch
+from accelerate.utils import get_module_children_bottom_up
+from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
@@ -21,7 +24,9 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.trainer_utils import enable_full_determinism, set_seed
+from trl.models import prepare_deepspeed, prepare_fsdp
 
 from . import losses
 from .caching import precompute_for_training
@@ -30,6 +35,7 @@ from .config import DiffusionDPOConfig
 from .families import load_family
 from .formats import map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
 from .model_card import card_hyperparameters, render_model_card
+from .quantization import is_quantized
 from .video_data import VideoPreferenceCollator, VideoUnpairedCollator, check_num_frames
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -85,7 +91,8 @@ class DiffusionDPOTrainer(Trainer):
         self.args = args  # the precision properties read it before `Trainer.__init__` sets it (to the same object)
         # Seed before the adapter is initialised, so one seed gives one run (Trainer seeds only after this).
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-        self.family = load_family(model, args)
+        with _loaded_whole(args):
+            self.family = load_family(model, args)
         # Resolved once; everything reads `self.beta`, never `args.beta` (None means the family's default).
         self.beta = float(args.beta) if args.beta is not None else float(self.family.default_beta)
         self.base_model_id = model if isinstance(model, (str, os.PathLike)) else self.family.pipeline.name_or_path
@@ -97,6 +104,13 @@ class DiffusionDPOTrainer(Trainer):
         for module in self.family.frozen_modules:
             module.requires_grad_(False)
             module.eval()
+        quantized = is_quantized(denoiser)
+        if quantized and peft_config is None:
+            raise ValueError(
+                f"The {self.family.denoiser_name} was loaded quantized (model_init_kwargs['quantization_config']), so "
+                "it cannot be fully fine-tuned: its 4/8-bit weights take no gradient updates. Pass a peft_config to "
+                "train a LoRA adapter on the quantized base (QLoRA), or load it without quantization_config."
+            )
         if peft_config is not None:
             if hasattr(peft_config, "target_modules") and peft_config.target_modules is None:
                 # The family's documented default targets (attention projections).
@@ -114,10 +128,11 @@ class DiffusionDPOTrainer(Trainer):
             warnings.warn(f"`ref_model` is ignored: loss_type {args.loss_type!r} needs no reference model.")
 
         if self.is_lora and self.weight_dtype != torch.float32:
-            # Frozen base weights in half precision; the adapter stays in float32 for stable updates. A denoiser loaded
-            # in that dtype is left as loaded: diffusers keeps some modules in float32 (Wan's norms, rope, time
-            # embedding).
-            if denoiser.dtype != self.weight_dtype:
+            # Frozen base weights in half precision; the adapter stays in float32 for stable updates. A quantized base
+            # keeps the dtypes it was loaded with (`torch_dtype` for its unquantized layers): it cannot be cast. A
+            # denoiser loaded in that dtype is left as loaded: diffusers keeps some modules in float32 (Wan's norms,
+            # rope, time embedding).
+            if not quantized and denoiser.dtype != self.weight_dtype:
                 denoiser.to(dtype=self.weight_dtype)
             cast_training_params(denoiser, dtype=torch.float32)
 
@@ -128,14 +143,11 @@ class DiffusionDPOTrainer(Trainer):
 
         self.resolution = args.resolution or self.family.native_resolution()
         self.family.check_resolution(self.resolution)
-        prepare_dataset = prepare_preference_dataset if self.paired else prepare_unpaired_dataset
         #: Frames per training clip of a video model (None for image models).
         self.num_frames = None
         if self.family.temporal_compression is not None:
             self.num_frames = self.family.default_num_frames if args.num_frames is None else args.num_frames
             check_num_frames(self.num_frames, self.family.temporal_compression)
-            if not self.paired:
-                prepare_dataset = functools.partial(prepare_unpaired_dataset, column="video")
             collator_class = VideoPreferenceCollator if self.paired else VideoUnpairedCollator
             make_collator = functools.partial(collator_class, self.resolution, self.num_frames, args.frame_stride,
                                               args.video_fps, args.random_crop, args.random_flip)
@@ -148,8 +160,8 @@ class DiffusionDPOTrainer(Trainer):
             warnings.warn("proportion_empty_prompts is applied by the default collator; the data_collator passed in "
                           "decides the prompts itself, so no prompt is dropped unless it does so.")
         if train_dataset is not None:
-            train_dataset = prepare_dataset(train_dataset, "train_dataset")
-        eval_dataset = map_eval_datasets(eval_dataset, prepare_dataset)
+            train_dataset = self._prepare_dataset(train_dataset, "train_dataset")
+        eval_dataset = map_eval_datasets(eval_dataset, self._prepare_dataset)
 
         super().__init__(
             model=denoiser,
@@ -171,11 +183,13 @@ class DiffusionDPOTrainer(Trainer):
         device = self.accelerator.device
         # A half-precision VAE overflows in fp16 (the known SDXL VAE NaNs); bf16 is safe.
         vae_dtype = torch.bfloat16 if args.bf16 else torch.float32
-        _move(self.family.vae, device, vae_dtype)
+        # Encoders whose outputs get cached wait on the CPU: the caching runs them while the denoiser steps aside.
+        _move(self.family.vae, "cpu" if args.precompute_latents else device, vae_dtype)
         for encoder in self.family.text_encoders:
-            _move(encoder, device, self.weight_dtype)
+            _move(encoder, "cpu" if args.precompute_text_embeddings else device, self.weight_dtype)
         if self.ref_model is not None:
             _move(self.ref_model, device, self.weight_dtype)
+            self.family.set_reference(self._shard_reference(self.ref_model))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if args.precompute_latents or args.precompute_text_embeddings:
             self.train_dataset, self.eval_dataset = precompute_for_training(
@@ -194,10 +208,31 @@ class DiffusionDPOTrainer(Trainer):
         no selected loss needs one). Owned by the family: `self.family.reference()` is the one switch."""
         return self.family.ref_model
 
+    def _prepare_dataset(self, dataset, name: str):
+        """Validate a train/eval dataset and normalise its rows for the collator (pairs, or labelled images)."""
+        if self.paired:
+            return prepare_preference_dataset(dataset, name)
+        return prepare_unpaired_dataset(dataset, name, column="image" if self.num_frames is None else "video")
+
     @property
     def mixed_precision(self) -> str:
         """'bf16', 'fp16' or 'no', as accelerate names it."""
         return "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"
+
+    def _shard_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
+        """A frozen reference sharded like the policy under FSDP and ZeRO-3 (TRL's `prepare_fsdp` and
+        `prepare_deepspeed`), so a full fine-tune does not hold a whole copy per process. Under FSDP2 each block the
+        wrap policy names is sharded first, so a reference forward gathers one block at a time, not all of them."""
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(reference, self.accelerator)
+        if not self.is_fsdp_enabled:
+            return reference
+        plugin = self.accelerator.state.fsdp_plugin
+        wrap = fsdp2_prepare_auto_wrap_policy(plugin, reference) if plugin.fsdp_version == 2 else None
+        for module in get_module_children_bottom_up(reference)[:-1] if wrap is not None else []:
+            if wrap(module):
+                prepare_fsdp(module, self.accelerator)
+        return prepare_fsdp(reference, self.accelerator)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -238,12 +273,15 @@ class DiffusionDPOTrainer(Trainer):
         """
         sides = ("chosen_", "rejected_") if self.paired else ("",)  # the collators' batch-key prefixes
         groups = len(sides)
-        if f"{sides[0]}latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
-            mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
-            std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
+        if f"{sides[0]}latents" in inputs:  # sampled by the policy (online DPO): the latents as generated
+            x0 = torch.cat([inputs[f"{side}latents"] for side in sides])
         else:
-            mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
-        x0 = self._sample_latents(mean, std, groups)
+            if f"{sides[0]}latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
+                mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
+                std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
+            else:
+                mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
+            x0 = self._sample_latents(mean, std, groups)
         per_group, world = x0.shape[0] // groups, self.accelerator.num_processes
         draw_shape = (world * per_group, *x0.shape[1:])
         noise = self._own_share(torch.randn(draw_shape, device=x0.device, dtype=x0.dtype))
@@ -338,22 +376,32 @@ class DiffusionDPOTrainer(Trainer):
         if not self.args.should_save:
             return
         denoiser = self.accelerator.unwrap_model(self.model)
-        self._check_finite_weights(denoiser, output_dir)
+        # `state_dict` is the gathered one under FSDP and DeepSpeed (the module's own parameters are shards there).
+        trained = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        if state_dict is not None:
+            trained = {name: state_dict[name] for name in trained if name in state_dict}
+        self._check_finite_weights(trained, output_dir)
         os.makedirs(output_dir, exist_ok=True)
         if self.is_lora:
             # PEFT-format keys (`lora_A`/`lora_B`), as diffusers' own LoRA scripts save for transformers: every
             # `load_lora_weights` reads them, whereas `convert_state_dict_to_diffusers` renames only to_q/k/v/out.0 and
-            # a file that mixes both formats loads only partly. `state_dict` is the gathered one under FSDP and ZeRO-3.
+            # a file that mixes both formats loads only partly.
             lora_layers = get_peft_model_state_dict(denoiser, state_dict=state_dict)
             metadata = denoiser.peft_config["default"].to_dict()
             self.family.save_lora_weights(output_dir, lora_layers, metadata)
         else:
+            if state_dict is not None:
+                # diffusers' save_pretrained writes the module's own tensors: give it a plain module that holds the
+                # gathered ones (built on the meta device and assigned, so nothing is copied).
+                with torch.device("meta"):
+                    denoiser = type(denoiser).from_config(denoiser.config)
+                denoiser.load_state_dict(state_dict, assign=True)
             denoiser.save_pretrained(os.path.join(output_dir, self.family.denoiser_name), safe_serialization=True)
         self._write_model_card(output_dir)
 
-    def _check_finite_weights(self, denoiser: torch.nn.Module, output_dir: str) -> None:
+    def _check_finite_weights(self, trained: dict[str, torch.Tensor], output_dir: str) -> None:
         """Refuse to write non-finite trained weights: a NaN model must never replace a good checkpoint."""
-        trained = [(name, p) for name, p in denoiser.named_parameters() if p.requires_grad]
+        trained = list(trained.items())
         if not trained:
             return
         finite = torch.stack([torch.isfinite(p).all() for _, p in trained])
@@ -395,6 +443,8 @@ class DiffusionDPOTrainer(Trainer):
         """Restore the policy only: the reference stays the initial weights (or the adapter-disabled base)."""
         if not os.path.isdir(resume_from_checkpoint):
             raise ValueError(f"Cannot resume: checkpoint directory {resume_from_checkpoint!r} does not exist.")
+        if self.is_fsdp_enabled:  # the sharded policy from the Trainer's own FSDP checkpoint (pytorch_model_fsdp*)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.is_lora:
             path = os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME)
@@ -424,12 +474,29 @@ class DiffusionDPOTrainer(Trainer):
 
 
 def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
-    """`module.to(device, dtype)`, casting only when the dtype changes: diffusers warns on every dtype cast of a
-    model (even to its own dtype), so an unneeded cast would print a warning on every run."""
-    if {p.dtype for p in module.parameters()} == {dtype}:
+    """`module.to(device, dtype)`, casting only when the dtype changes (diffusers warns on every dtype cast of a
+    model, even to its own dtype, so an unneeded cast would print a warning on every run) and never for a model loaded
+    quantized (it cannot be cast)."""
+    if is_quantized(module) or {p.dtype for p in module.parameters()} == {dtype}:
         module.to(device)
     else:
         module.to(device, dtype=dtype)
+
+
+@contextmanager
+def _loaded_whole(args):
+    """Load the pipeline unpartitioned under a ZeRO-3 config: transformers partitions every model it loads while one is
+    active (`zero.Init`, whatever `zero3_init_flag` says), but DeepSpeed gathers only the model it is given, so the frozen
+    text encoders would run with empty weights. The denoiser is partitioned when DeepSpeed takes it."""
+    hf_config = getattr(getattr(args, "deepspeed_plugin", None), "dschf", None)
+    if hf_config is None or not hf_config.is_zero3():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_config)
 
 
 def _check_safetensors(path: str) -> None:

@@ -2,6 +2,7 @@
 
     python examples/digits_alignment.py                 # full run (a few minutes on 2 CPU cores)
     python examples/digits_alignment.py --quick         # smoke run (about a minute), numbers not meaningful
+    python examples/digits_alignment.py --online        # on-policy DPO instead of pairs from the base model
 
 Data: scikit-learn's handwritten digits (`sklearn.datasets.load_digits`, 1797 real 8x8 scans), split in two
 stratified halves A and B.
@@ -15,7 +16,9 @@ stratified halves A and B.
 3. AI feedback: `build_preference_pairs` samples several images per prompt from the base model and pairs the best
    against the worst by the reward model.
 4. Diffusion-DPO with `DiffusionDPOTrainer` and a LoRA adapter; `RewardEvaluationCallback` tracks the reward-model
-   win rate during training.
+   win rate during training. With `--online`, steps 3 and 4 are one: `DiffusionOnlineDPOTrainer` samples groups from
+   the policy being trained and pairs them by the same reward model as it goes, for the same number of sampled
+   images (each batch of samples is reused for `online_iterations` optimizer steps).
 5. Evaluation on held-out seeds (never used for pairs): for every (prompt, seed) the judge scores the DPO sample
    and the base sample drawn from the same starting noise; `win_rate` counts ties as half a win. Also: mean judge
    score, per-digit accuracy (judge's argmax == prompted digit) and a diversity figure (mean pairwise pixel
@@ -39,6 +42,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,7 +54,12 @@ from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from diffusion_dpo_trainer import (
+    DiffusionDPOConfig,
+    DiffusionDPOTrainer,
+    DiffusionOnlineDPOConfig,
+    DiffusionOnlineDPOTrainer,
+)
 from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, evaluate_win_rate
 from diffusion_dpo_trainer.feedback import build_preference_pairs
 from diffusion_dpo_trainer.testing import write_clip_tokenizer
@@ -75,13 +84,17 @@ class Settings:
     beta: float = 2500.0
     dpo_learning_rate: float = 5e-4
     lora_rank: int = 8
+    # --online: samples are drawn every `online_iterations` optimizer steps for `dpo_batch_size` prompts,
+    # `images_per_group` images each: (dpo_steps / online_iterations) * dpo_batch_size * images_per_group images in
+    # all, as many as the offline pairs are built from (groups_per_digit * 10 * images_per_group).
+    online_iterations: int = 10
 
 
 # The reward model and DPO strength were chosen with benchmarks/digits_sweep.py on other data splits (--seed 3, 4) and
 # validation sampling seeds, never on the held-out seeds this demo reports (docs/alignment-demo.md).
 FULL = Settings(vae_steps=200, unet_steps=800, groups_per_digit=48, images_per_group=4, dpo_steps=300, eval_seeds=40)
 QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_group=4, dpo_steps=4, eval_seeds=4,
-                 inference_steps=4, batch_size=32, dpo_batch_size=4)
+                 inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2)
 
 
 # ----- data ---------------------------------------------------------------------------------------------------------
@@ -241,18 +254,47 @@ def ai_feedback_pairs(base_path, reward, settings: Settings, seed: int):
     )
 
 
-def dpo_trainer(base_path, pairs, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionDPOTrainer:
-    args = DiffusionDPOConfig(
+def training_config(settings: Settings, seed: int, output_dir: str) -> dict:
+    """What offline and online DPO share: strength, steps, batch (pairs, or prompts giving one pair each), logging."""
+    return dict(
         output_dir=output_dir, beta=settings.beta, resolution=SIZE, per_device_train_batch_size=settings.dpo_batch_size,
         max_steps=settings.dpo_steps, learning_rate=settings.dpo_learning_rate, lr_scheduler_type="constant",
         logging_steps=max(settings.dpo_steps // 15, 1), save_strategy="no", report_to="none", seed=seed,
-        dataloader_pin_memory=False, **config,
+        dataloader_pin_memory=False,
     )
-    lora = LoraConfig(
+
+
+def lora_config(settings: Settings) -> LoraConfig:
+    return LoraConfig(
         r=settings.lora_rank, lora_alpha=settings.lora_rank, init_lora_weights="gaussian",
         target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"],
     )
-    return DiffusionDPOTrainer(model=base_path, args=args, train_dataset=pairs, peft_config=lora)
+
+
+def dpo_trainer(base_path, pairs, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionDPOTrainer:
+    args = DiffusionDPOConfig(**training_config(settings, seed, output_dir), **config)
+    return DiffusionDPOTrainer(model=base_path, args=args, train_dataset=pairs, peft_config=lora_config(settings))
+
+
+def online_dpo_trainer(base_path, reward, settings: Settings, seed: int, output_dir: str,
+                       **config) -> DiffusionOnlineDPOTrainer:
+    """On-policy DPO: every `online_iterations` steps, `images_per_group` policy samples for each of `dpo_batch_size`
+    prompts, best against worst by the reward model; the same LoRA, beta and learning rate as offline."""
+    args = DiffusionOnlineDPOConfig(
+        **training_config(settings, seed, output_dir), num_images_per_prompt=settings.images_per_group,
+        num_iterations=settings.online_iterations, **sampling_kwargs(settings), **config,
+    )
+    prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    return DiffusionOnlineDPOTrainer(model=base_path, reward_funcs=reward, args=args, train_dataset=prompts,
+                                     peft_config=lora_config(settings))
+
+
+def images_sampled(settings: Settings, online: bool) -> int:
+    """The sampling budget: images drawn from a model to train on (pairs offline, policy groups online)."""
+    if online:
+        generations = -(-settings.dpo_steps // settings.online_iterations)
+        return generations * settings.dpo_batch_size * settings.images_per_group
+    return 10 * settings.groups_per_digit * settings.images_per_group
 
 
 # ----- figures ------------------------------------------------------------------------------------------------------
@@ -362,6 +404,8 @@ def parse_args(argv):
     parser.add_argument("--output-dir", default="digits-dpo", help="Where everything is written (default ./digits-dpo).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for data split, models, pair sampling and DPO.")
     parser.add_argument("--quick", action="store_true", help="Tiny settings for CI: finishes in about a minute.")
+    parser.add_argument("--online", action="store_true",
+                        help="On-policy DPO (DiffusionOnlineDPOTrainer) instead of pairs sampled from the base model.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice).")
     return parser.parse_args(argv)
 
@@ -396,14 +440,16 @@ def main(argv=None) -> dict:
     }
     lap("classifiers")
 
-    # (c) AI-feedback pairs from the base model, labelled by the reward model
+    # (c) AI-feedback pairs from the base model, labelled by the reward model (online: sampled while training)
     sampling = sampling_kwargs(settings)
-    pairs = ai_feedback_pairs(base_path, reward, settings, args.seed)
-    gaps = np.array(pairs["chosen_score"]) - np.array(pairs["rejected_score"])
-    lap("build_pairs")
-
-    # (d) Diffusion-DPO with LoRA
-    trainer = dpo_trainer(base_path, pairs, settings, args.seed, lora_path)
+    if args.online:
+        trainer = online_dpo_trainer(base_path, reward, settings, args.seed, lora_path)
+    else:
+        pairs = ai_feedback_pairs(base_path, reward, settings, args.seed)
+        gaps = np.array(pairs["chosen_score"]) - np.array(pairs["rejected_score"])
+        lap("build_pairs")
+        # (d) Diffusion-DPO with LoRA
+        trainer = dpo_trainer(base_path, pairs, settings, args.seed, lora_path)
     monitor = RewardEvaluationCallback(
         trainer, PROMPTS, reward, seeds=[EVAL_SEED_OFFSET - 1 - s for s in range(4)],
         eval_steps=max(settings.dpo_steps // 5, 2), batch_size=settings.batch_size, **sampling,
@@ -447,12 +493,16 @@ def main(argv=None) -> dict:
             [h["step"], h["eval_win_rate"]] for h in trainer.state.log_history if "eval_win_rate" in h
         ],
         "classifier_accuracy": classifier_accuracy,
-        "num_pairs": len(pairs),
-        "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0,
+        **(online_figures(trainer.state.log_history) if args.online else {
+            "num_pairs": len(pairs), "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0}),
+        "images_sampled": images_sampled(settings, args.online),
+        "mode": "online" if args.online else "offline",
         "seed": args.seed,
         "quick": args.quick,
         "settings": asdict(settings),
-        "timings_s": {**timings, "total": round(time.perf_counter() - start, 1)},
+        # process CPU time: with one thread, the wall time the run takes on an idle core, whatever else the machine runs
+        "timings_s": {**timings, "total": round(time.perf_counter() - start, 1),
+                      "cpu": round(time.process_time(), 1)},
         "torch_threads": torch.get_num_threads(),
         "files": {"base_pipeline": "base-pipeline", "lora": "dpo-lora", "samples": "samples.png",
                   "training_curves": "training_curves.png"},
@@ -461,6 +511,29 @@ def main(argv=None) -> dict:
         json.dump(report, f, indent=2)
     print_summary(report)
     return report
+
+
+def online_figures(log_history: list) -> dict:
+    """Pairs and reward gaps of an online run, from what the trainer logged while sampling."""
+    logged = [h for h in log_history if "objective/scores" in h]
+    return {
+        "mean_pair_reward_gap": float(np.mean([h["objective/scores_margin"] for h in logged
+                                               if "objective/scores_margin" in h])),
+        "no_pair_fraction": float(np.mean([h["objective/no_pair_fraction"] for h in logged])),
+        "reward_model_score_while_training": [[h["step"], h["objective/scores"]] for h in logged],
+        "sampling_s": round(logged_total(log_history, "time/generation"), 1),
+        "training_s": round(logged_total(log_history, "time/training"), 1),
+    }
+
+
+def logged_total(log_history: list, key: str) -> float:
+    """The sum over steps of a per-step figure the trainer logs as a mean over each logging window."""
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if key in entry:
+            total += entry[key] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total
 
 
 def print_summary(report: dict) -> None:
@@ -480,7 +553,8 @@ def print_summary(report: dict) -> None:
                         ("base_correct", "judge read the base sample as the right digit")):
         if split[name]["comparisons"]:
             print(f"win rate where the {label}: {split[name]['win_rate']:.1%} of {split[name]['comparisons']}")
-    print(f"pairs: {report['num_pairs']}; time: {report['timings_s']['total']:.0f} s {report['timings_s']}")
+    print(f"{report['mode']} DPO; images sampled to train on: {report['images_sampled']}; "
+          f"time: {report['timings_s']['total']:.0f} s {report['timings_s']}")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def changed(before, module):
 def render(pipe, prompt="a solid red square", size=32, **call_kwargs):
     """A fixed-seed 2-step sample as a numpy array (images, or a video pipeline's frames)."""
     generator = torch.Generator().manual_seed(0)
-    output = pipe(prompt, num_inference_steps=2, height=size, width=size, output_type="np", generator=generator,
+    output = pipe(prompt=prompt, num_inference_steps=2, height=size, width=size, output_type="np", generator=generator,
                   **call_kwargs)
     return output.images if hasattr(output, "images") else output.frames
 

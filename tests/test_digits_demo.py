@@ -50,3 +50,20 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
     pipe.load_lora_weights(out / "dpo-lora")
     assert os.path.isfile(out / "dpo-lora" / "README.md")
+
+
+def test_quick_online_run_reports_its_sampling_budget(tmp_path):
+    out = tmp_path / "digits-online"
+    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--online", "--output-dir", str(out), "--seed", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    settings = report["settings"]
+    assert report["mode"] == "online" and is_fraction(report["win_rate"])
+    # 4 steps, new samples every 2: 2 generations of dpo_batch_size prompts x images_per_group images.
+    assert report["images_sampled"] == 2 * settings["dpo_batch_size"] * settings["images_per_group"]
+    assert is_fraction(report["no_pair_fraction"]) and report["mean_pair_reward_gap"] > 0
+    assert [step for step, _ in report["reward_model_score_while_training"]] == [1, 3]
+    assert 0 < report["sampling_s"] < report["timings_s"]["dpo_training"]
+    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
+    pipe.load_lora_weights(out / "dpo-lora")

@@ -8,6 +8,7 @@ import torch
 from diffusers import DiffusionPipeline
 from helpers import LORA_TARGETS, lora, losses_of, make_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import TrainerCallback
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
 from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, compare_rewards, evaluate_win_rate
@@ -67,6 +68,21 @@ def test_reference_none_is_the_adapter_disabled_policy(sd_path):
     again = evaluate_win_rate(pipe, base, PROMPTS[:1], brightness, seeds=[3], return_images=True, progress=False,
                               **SAMPLING)
     np.testing.assert_array_equal(np.asarray(again["images"][0]), np.asarray(result["images"][0]))
+
+
+def test_a_standalone_evaluation_in_the_middle_of_training_leaves_the_trainer_working(tmp_path, sd_path, pairs):
+    """`evaluate_win_rate(trainer.pipeline, None, ...)` from a callback builds a family for the pipeline; that must not
+    reset accelerate's process state under the running Trainer."""
+
+    class EvaluateEveryStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            evaluate_win_rate(trainer.pipeline, None, PROMPTS[:1], brightness, seeds=[0], progress=False, **SAMPLING)
+
+    trainer = DiffusionDPOTrainer(model=sd_path, args=args_for(tmp_path, max_steps=2), train_dataset=pairs,
+                                  peft_config=lora(), callbacks=[EvaluateEveryStep()])
+    trainer.train()
+    assert len(losses_of(trainer)) == 2
+    assert trainer.accelerator.device.type == "cpu"
 
 
 def test_callback_logs_metrics_and_images_without_changing_training(tmp_path, sd_path, pairs):

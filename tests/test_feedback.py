@@ -167,8 +167,8 @@ def test_load_reward_resolves_names(clip_path, monkeypatch):
     module.brightness = brightness
     monkeypatch.setitem(sys.modules, "my_rewards", module)
     assert load_reward("my_rewards:brightness") is brightness
-    with pytest.raises(ValueError, match="Unknown reward 'imagereward'"):
-        load_reward("imagereward")
+    with pytest.raises(ValueError, match="Unknown reward 'not-a-reward'"):
+        load_reward("not-a-reward")
     with pytest.raises(ValueError, match="Could not import reward"):
         load_reward("my_rewards:missing")
 

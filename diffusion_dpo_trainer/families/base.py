@@ -24,6 +24,9 @@ REGISTRY: dict[str, type["DiffusionFamily"]] = {}
 #: Every registered family class, in definition order (the public list, kept for `from ... import FAMILIES`).
 FAMILIES: list[type["DiffusionFamily"]] = []
 
+#: Pipeline attributes that may hold a text encoder.
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
 
 class _FamilyMeta(abc.ABCMeta):
     """Checks and registers each concrete family when its class statement runs (after ABCMeta has worked out the
@@ -66,6 +69,8 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     denoiser_name: ClassVar[str]
     #: The beta used when `DiffusionDPOConfig.beta` is None, in the mean-reduced `-beta/2` convention.
     default_beta: ClassVar[float]
+    #: Sampler settings papers evaluate this family with (`diffusion-dpo evaluate`'s defaults); empty: the pipeline's.
+    evaluation_sampling: ClassVar[dict] = {}
     #: LoRA `target_modules` used when a `peft_config` leaves them unset.
     lora_target_modules: ClassVar[tuple[str, ...]]
     #: Extra keyword arguments for `from_pretrained`, e.g. to skip a safety checker we never run.
@@ -77,16 +82,21 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     def __init__(self, pipeline: DiffusionPipeline, args=None):
         if args is None:
-            from ..config import DiffusionDPOConfig  # the config imports nothing of ours; only the default is lazy
+            from ..config import config_defaults  # the config imports nothing of ours; only the default is lazy
 
-            args = DiffusionDPOConfig()
+            args = config_defaults()
         self.pipeline = pipeline
         self.args = args
         self.vae = pipeline.vae
+        # Kept apart from the VAE: cached latents are scaled with it after the VAE itself may have been released.
+        self.vae_config = self.vae.config
         self.vae_scale_factor = self.spatial_compression()
         #: The explicit or frozen reference denoiser; None means the policy with its adapters switched off.
         self.ref_model: torch.nn.Module | None = None
         self._adapter_layers: list[BaseTunerLayer] | None = None
+        #: A LoRA adapter that holds the reference (online DPO's synced reference): the reference switches to it
+        #: instead of switching the adapters off.
+        self.reference_adapter: str | None = None
 
     @classmethod
     def check_pipeline_config(cls, config: dict) -> None:
@@ -94,7 +104,7 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     def spatial_compression(self) -> int:
         """Pixels per latent pixel along each side."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
     @property
     def max_prompt_length(self) -> int | None:
@@ -107,13 +117,22 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-        return [getattr(self.pipeline, n) for n in names if getattr(self.pipeline, n, None) is not None]
+        return [getattr(self.pipeline, n) for n in TEXT_ENCODER_NAMES if getattr(self.pipeline, n, None) is not None]
 
     @property
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Everything but the denoiser: never trained, moved and cast by the trainer."""
-        return [self.vae, *self.text_encoders]
+        return [m for m in (self.vae, *self.text_encoders) if m is not None]
+
+    def release(self, vae: bool = False, text_encoders: bool = False) -> None:
+        """Drop the VAE and/or the text encoders (their outputs are cached) from the pipeline and this family, so
+        nothing here keeps them alive and their memory is freed; the pipeline can then no longer encode or decode."""
+        if vae:
+            self.pipeline.vae = self.vae = None
+        if text_encoders:
+            for name in TEXT_ENCODER_NAMES:
+                if getattr(self.pipeline, name, None) is not None:
+                    setattr(self.pipeline, name, None)
 
     def native_resolution(self) -> int:
         sample_size = self.denoiser.config.sample_size
@@ -127,7 +146,7 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     def latent_shape(self, pixel_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of one sample's latents for one sample's pixels (C, H, W), without running the VAE."""
-        return (self.vae.config.latent_channels, *(side // self.vae_scale_factor for side in pixel_shape[-2:]))
+        return (self.vae_config.latent_channels, *(side // self.vae_scale_factor for side in pixel_shape[-2:]))
 
     def check_resolution(self, resolution: int) -> None:
         multiple = self.resolution_multiple()
@@ -153,7 +172,9 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
             )
         else:
             raise TypeError(f"`ref_model` must be a pipeline, a module or an id/path, got {type(ref_model).__name__}.")
-        self.ref_model = module.requires_grad_(False).eval()
+        module.requires_grad_(False)
+        module.eval()  # not chained: a DeepSpeed engine's eval() returns None
+        self.ref_model = module
 
     def freeze_reference_copy(self) -> None:
         """A frozen copy of the denoiser as it is now: the reference of a full fine-tune."""
@@ -165,8 +186,9 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     @contextmanager
     def reference(self):
-        """The reference denoiser: the explicit/frozen one, or the policy with its LoRA adapters switched off (no
-        second copy in memory). The one reference switch of the library: training, sampling and evaluation use it."""
+        """The reference denoiser: the explicit/frozen one, the policy's `reference_adapter` if set, or the policy with
+        its LoRA adapters switched off (no second copy in memory). The one reference switch of the library: training,
+        sampling and evaluation use it."""
         if self.ref_model is not None:
             yield self.ref_model
             return
@@ -178,6 +200,10 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         if self._adapter_layers is None:
             # Found once: `disable_adapters()` walks every module (~2000 in SD1.5's UNet) on every call.
             self._adapter_layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        if self.reference_adapter is not None:
+            with self._adapter_active(self.reference_adapter):
+                yield self.denoiser
+            return
         for layer in self._adapter_layers:
             layer.enable_adapters(False)
         try:
@@ -185,6 +211,18 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         finally:
             for layer in self._adapter_layers:
                 layer.enable_adapters(True)
+
+    @contextmanager
+    def _adapter_active(self, name: str):
+        """Another adapter active (and frozen) for the duration; the policy's adapter active and trainable after."""
+        active = [layer.active_adapters for layer in self._adapter_layers]
+        for layer in self._adapter_layers:
+            layer.set_adapter(name, inference_mode=True)
+        try:
+            yield
+        finally:
+            for layer, names in zip(self._adapter_layers, active, strict=True):
+                layer.set_adapter(names)
 
     @contextmanager
     def reference_pipeline(self):
@@ -208,13 +246,21 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     @torch.no_grad()
     def encode_pixels(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the VAE's latent distribution (unscaled), so a cache can sample later."""
+        if self.vae is None:
+            raise ValueError("The VAE was released once the latents were cached (release_cached_encoders=True): only "
+                             "the datasets cached then can be used; reload the pipeline to encode other images.")
         dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents to the denoiser's latent space (shift, then scale)."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        shift = getattr(self.vae_config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae_config.scaling_factor
+
+    def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+        """The final latents of a pipeline call (as `callback_on_step_end` sees them) in the denoiser-space
+        (B, C, H, W) layout training uses; most pipelines already keep them that way."""
+        return latents
 
     def time_conditioning(self, batch: dict, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-image conditioning other than the prompt (SDXL's micro-conditioning); rows: winners, then losers."""

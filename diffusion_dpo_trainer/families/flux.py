@@ -19,6 +19,10 @@ class FluxFamily(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
+    def sampled_latents(self, latents, resolution):
+        """FluxPipeline denoises packed 2x2 patch tokens: unpack them to (B, C, H, W)."""
+        return type(self.pipeline)._unpack_latents(latents, resolution, resolution, self.vae_scale_factor)
+
     @torch.no_grad()
     def encode_prompt(self, prompts, device):
         length = {"max_sequence_length": self.max_prompt_length} if self.max_prompt_length else {}

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from ..quantization import pipeline_quantization_config
 from .base import REGISTRY, DiffusionFamily
 
 
@@ -49,6 +50,10 @@ def load_pipeline(model, init_kwargs: dict | None = None, require_family: bool =
     else:
         family = REGISTRY.get(_pipeline_config(model, kwargs).get("_class_name"))
     load_kwargs = family.load_kwargs if family is not None else {}
+    if kwargs.get("quantization_config") is not None:
+        kwargs["quantization_config"] = pipeline_quantization_config(
+            kwargs["quantization_config"], family.denoiser_name if family is not None else None
+        )
     return DiffusionPipeline.from_pretrained(model, **{**load_kwargs, "use_safetensors": True, **kwargs})
 
 

@@ -16,6 +16,8 @@ class StableDiffusionFamily(DiffusionFamily):
     default_beta = 5000.0
     #: The UNet's attention projections, as diffusers' Diffusion-DPO and LoRA scripts target.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    #: Diffusion-DPO's evaluation (its quick_samples notebook): the pipeline's scheduler, 50 steps, guidance 7.5.
+    evaluation_sampling = {"num_inference_steps": 50, "guidance_scale": 7.5}
 
     def __init__(self, pipeline, args=None):
         super().__init__(pipeline, args)

@@ -8,6 +8,8 @@ from .sd import StableDiffusionFamily
 class StableDiffusionXLFamily(StableDiffusionFamily):
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     load_kwargs = {}
+    #: Diffusion-DPO's evaluation of SDXL: the pipeline's scheduler (Euler), 50 steps, guidance 5.
+    evaluation_sampling = {"num_inference_steps": 50, "guidance_scale": 5.0}
 
     @torch.no_grad()
     def encode_prompt(self, prompts, device):

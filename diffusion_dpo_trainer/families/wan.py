@@ -43,10 +43,10 @@ class WanFamily(FlowMatchingFamily):
         if getattr(pipeline, "transformer", None) is None:
             raise ValueError(TWO_EXPERT_MESSAGE)
         super().__init__(pipeline, args)
-        self.temporal_compression = int(self.vae.config.scale_factor_temporal)
-        channels = self.vae.config.z_dim
-        self._latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(1, channels, 1, 1, 1)
-        self._latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(1, channels, 1, 1, 1)
+        self.temporal_compression = int(self.vae_config.scale_factor_temporal)
+        channels = self.vae_config.z_dim
+        self._latents_mean = torch.tensor(self.vae_config.latents_mean, dtype=torch.float32).view(1, channels, 1, 1, 1)
+        self._latents_std = torch.tensor(self.vae_config.latents_std, dtype=torch.float32).view(1, channels, 1, 1, 1)
 
     @classmethod
     def check_pipeline_config(cls, config):
@@ -56,7 +56,7 @@ class WanFamily(FlowMatchingFamily):
             raise ValueError(TWO_EXPERT_MESSAGE)
 
     def spatial_compression(self):
-        return int(self.vae.config.scale_factor_spatial)
+        return int(self.vae_config.scale_factor_spatial)
 
     def training_scheduler(self):
         # Wan ships UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=...); a FlowMatchEuler config has `shift`.
@@ -75,7 +75,7 @@ class WanFamily(FlowMatchingFamily):
     def latent_shape(self, pixel_shape):
         _, frames, height, width = pixel_shape
         scale = self.vae_scale_factor
-        return (self.vae.config.z_dim, (frames - 1) // self.temporal_compression + 1, height // scale, width // scale)
+        return (self.vae_config.z_dim, (frames - 1) // self.temporal_compression + 1, height // scale, width // scale)
 
     def scale_latents(self, latents):
         mean = self._latents_mean.to(latents.device, latents.dtype)

@@ -25,8 +25,11 @@ from .registry import TINY_BUILDERS, TINY_CALL_KWARGS, TINY_DATA, tiny_builder
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
+from .distributed import allow_fsdp_on_cpu  # noqa: E402
 from .fixtures import make_clip_model, make_preference_dataset  # noqa: E402
 from .flux import make_flux_pipeline  # noqa: E402
+from .flux2 import make_flux2_klein_pipeline, make_flux2_pipeline  # noqa: E402
+from .rewards import make_aesthetic_model, make_hps_model, make_imagereward_model  # noqa: E402
 from .sd import make_sd_pipeline, make_sdxl_pipeline  # noqa: E402
 from .sd3 import make_sd3_pipeline  # noqa: E402
 
@@ -42,9 +45,15 @@ __all__ = [
     "TINY_BUILDERS",
     "TINY_CALL_KWARGS",
     "TINY_DATA",
+    "allow_fsdp_on_cpu",
     "build_tiny_pipeline",
+    "make_aesthetic_model",
     "make_clip_model",
+    "make_flux2_klein_pipeline",
+    "make_flux2_pipeline",
     "make_flux_pipeline",
+    "make_hps_model",
+    "make_imagereward_model",
     "make_preference_dataset",
     "make_sd3_pipeline",
     "make_sd_pipeline",
