@@ -7,6 +7,8 @@ OPTIONAL = {
     "torchao": ["torchao>=0.18"],
     # The reward models run on transformers; HPSv2 also needs ftfy to clean prompts as open_clip does.
     "rewards": ["ftfy>=6"],
+    # Video models (Wan): PyAV decodes and encodes mp4/webm without torchvision or torchcodec.
+    "video": ["av>=12"],
 }
 
 setup(

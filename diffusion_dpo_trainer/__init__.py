@@ -8,8 +8,9 @@ from .formats import load_preference_folder, prepare_preference_dataset, prepare
 from .online_config import DiffusionOnlineDPOConfig
 from .online_trainer import DiffusionOnlineDPOTrainer
 from .protocol import evaluate_protocol
-from .rewards import CLIPScore, PickScore, load_reward
+from .rewards import CLIPScore, PickScore, frame_averaged, load_reward
 from .trainer import DiffusionDPOTrainer
+from .video_data import VideoPreferenceCollator, VideoUnpairedCollator
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,8 @@ __all__ = [
     "DiffusionOnlineDPOTrainer",
     "PreferenceCollator",
     "UnpairedCollator",
+    "VideoPreferenceCollator",
+    "VideoUnpairedCollator",
     "load_preference_folder",
     "prepare_preference_dataset",
     "prepare_unpaired_dataset",
@@ -30,5 +33,6 @@ __all__ = [
     "build_preference_pairs",
     "evaluate_protocol",
     "evaluate_win_rate",
+    "frame_averaged",
     "load_reward",
 ]

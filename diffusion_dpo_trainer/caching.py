@@ -26,7 +26,7 @@ import torch
 from datasets.fingerprint import Hasher
 
 from .formats import IMAGE_COLUMNS, ROW_COLUMN, eval_datasets, map_eval_datasets
-from .transforms import flipped_crop_top_left, load_image, paired_transform
+from .transforms import flipped_crop_top_left
 
 #: Bump when the stored layout changes, so old caches are not read.
 CACHE_VERSION = 1
@@ -90,16 +90,25 @@ def precompute_latents(
     seed: int = 0,
     batch_size: int = 8,
     image_columns: tuple[str, ...] = IMAGE_COLUMNS,
+    collator=None,
 ) -> datasets.Dataset:
     """Replace the image columns by their VAE latent mean/std (and SDXL size/crop columns).
 
     `image_columns` are transformed together, with one crop and flip per row: a canonical pair's `chosen`/`rejected`
     (the default), or an unpaired row's single `image`. Adds per column `{side}_latent_mean`, `{side}_latent_std`,
     `{side}_original_size`, `{side}_crop_top_left`, and with `random_flip` the same latents and crop for the flipped
-    row (`*_flipped`). Returns the dataset in torch format.
+    row (`*_flipped`). Returns the dataset in torch format. Rows are decoded and transformed by `collator` (the
+    training collator, e.g. a video one, whose `image_columns`, resolution and crop setting then apply), by default a
+    `PreferenceCollator` for `image_columns`.
     """
+    if collator is None:
+        from .collators import PreferenceCollator  # the collators read this module's cache layout
+
+        collator = PreferenceCollator(resolution, random_crop)
+        collator.image_columns = tuple(image_columns)
+    image_columns = collator.image_columns
     orientations = ("", FLIPPED) if random_flip else ("",)
-    latent_shape = family.latent_shape(resolution)
+    latent_shape = family.latent_shape(collator.pixel_shape)
     size = datasets.List(datasets.Value("int64"), length=2)
     new_features = {}
     for side in image_columns:
@@ -112,18 +121,18 @@ def precompute_latents(
     )
     fingerprint = Hasher.hash(
         [CACHE_VERSION, "latents", dataset._fingerprint, module_fingerprint(family.vae), resolution, random_flip,
-         random_crop and seed]
+         random_crop and seed, collator.transform_settings]
     )
 
     def encode(batch):
         out = {key: [] for key in new_features if "latent" not in key}
         pixels = {side: [] for side in image_columns}
         for position, row in enumerate(batch[ROW_COLUMN]):
-            images = [load_image(batch[side][position], row, side) for side in image_columns]
             generator = _crop_generator(seed, row) if random_crop else None
-            pair_pixels, sizes, crops = paired_transform(images, resolution, random_crop, False, generator)
-            for side, px, original, crop in zip(image_columns, pair_pixels, sizes, crops):
-                pixels[side].append(px)
+            values = {side: batch[side][position] for side in image_columns}
+            for side, transformed in collator.transform(values, row, False, generator).items():
+                original, crop = transformed["original_size"], transformed["crop_top_left"]
+                pixels[side].append(transformed["pixel_values"])
                 out[f"{side}_original_size"].append(original)
                 out[f"{side}_crop_top_left"].append(crop)
                 if random_flip:
@@ -147,7 +156,7 @@ def precompute_latents(
         remove_columns=list(image_columns),
         features=features,
         new_fingerprint=fingerprint,
-        desc="Encoding images with the VAE",
+        desc="Encoding images/videos with the VAE",
     )
     return cached.with_format("torch", columns=list(new_features), output_all_columns=True)
 
@@ -227,7 +236,7 @@ def precompute_for_training(family, train_dataset, eval_dataset, collator, args,
         if args.precompute_latents:
             def encode(dataset, name=None):
                 return precompute_latents(dataset, family, resolution, args.random_crop, args.random_flip, args.seed,
-                                          args.per_device_train_batch_size, image_columns=collator.image_columns)
+                                          args.per_device_train_batch_size, collator=collator)
 
             family.vae.to(device)
             train_dataset = None if train_dataset is None else encode(train_dataset)

@@ -280,6 +280,9 @@ def _sampling_parser(prog: str, description: str, prompt_sets: bool = False) -> 
     parser.add_argument("--guidance_scale", type=float, default=None, help="Defaults to the pipeline's own.")
     parser.add_argument("--resolution", type=int, default=None, help="Image height and width; the model's default.")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call and per reward call.")
+    parser.add_argument("--num_frames", type=int, default=None,
+                        help="Video pipelines (Wan): frames per video, k*4 + 1. The image reward then scores 4 "
+                        "frames spread over each video and averages them.")
     return parser
 
 
@@ -294,7 +297,17 @@ def _sampling_kwargs(args) -> tuple[list[str], dict]:
         kwargs["guidance_scale"] = args.guidance_scale
     if args.resolution is not None:
         kwargs.update(height=args.resolution, width=args.resolution)
+    if args.num_frames is not None:
+        kwargs["num_frames"] = args.num_frames
     return prompts, kwargs
+
+
+def _reward(args):
+    """The named reward, averaged over frames when the samples are videos."""
+    from .rewards import frame_averaged
+
+    reward = args.reward or DEFAULT_REWARD
+    return reward if args.num_frames is None else frame_averaged(reward)
 
 
 def build_pairs(argv: list[str]) -> int:
@@ -311,7 +324,7 @@ def build_pairs(argv: list[str]) -> int:
 
     prompts, kwargs = _sampling_kwargs(args)
     pairs = build_preference_pairs(
-        args.model, prompts, args.reward or DEFAULT_REWARD, num_images_per_prompt=args.num_images_per_prompt,
+        args.model, prompts, _reward(args), num_images_per_prompt=args.num_images_per_prompt,
         strategy=args.strategy,
         min_score_gap=args.min_score_gap, seed=args.seed, batch_size=args.batch_size, output_path=args.output_dir,
         **kwargs,
@@ -358,7 +371,7 @@ def evaluate(argv: list[str]) -> int:
     policy = load_pipeline(args.model)
     if args.lora:
         policy.load_lora_weights(args.lora)
-    result = evaluate_win_rate(policy, args.reference_model, prompts, args.reward or DEFAULT_REWARD,
+    result = evaluate_win_rate(policy, args.reference_model, prompts, _reward(args),
                                seeds=args.seeds or [0, 1, 2, 3], batch_size=args.batch_size, **kwargs)
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -44,6 +44,16 @@ class PreferenceCollator:
         self.proportion_empty_prompts = proportion_empty_prompts
         self.seed = seed
 
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """Shape of one transformed image, (C, H, W): what a latent cache sizes its columns from."""
+        return (3, self.resolution, self.resolution)
+
+    @property
+    def transform_settings(self) -> tuple:
+        """Settings of `transform` beyond resolution and crop, for a latent cache's fingerprint."""
+        return ()
+
     def __call__(self, rows: list[dict]) -> dict:
         indices = [int(row.get(ROW_COLUMN, position)) for position, row in enumerate(rows)]
         batch = {"prompt": ["" if prompt_dropped(self.seed, index, self.proportion_empty_prompts) else row["prompt"]
@@ -53,7 +63,7 @@ class PreferenceCollator:
             if f"{self.image_columns[0]}_{LATENT_STATS[0]}" in row:
                 images = cached_images(row, index, self.image_columns, self.random_flip)
             else:
-                images = self._decoded_images(row, index)
+                images = self.transform(row, index, self.random_flip)
             for side, values in images.items():
                 for key, value in values.items():
                     stacked.setdefault(self._batch_key(side, key), []).append(torch.as_tensor(value))
@@ -62,9 +72,11 @@ class PreferenceCollator:
             batch["prompt_embeds"] = self.prompt_embeddings(batch["prompt"])
         return batch
 
-    def _decoded_images(self, row: dict, index: int) -> dict:
+    def transform(self, row: dict, index: int, random_flip: bool, generator=None) -> dict:
+        """Decode and transform a row's image columns together (one crop and flip); per column its pixels, original
+        size and crop. Also what `caching.precompute_latents` encodes (without flip, with a per-row generator)."""
         images = [load_image(row[side], index, side) for side in self.image_columns]
-        pixels, sizes, crops = paired_transform(images, self.resolution, self.random_crop, self.random_flip)
+        pixels, sizes, crops = paired_transform(images, self.resolution, self.random_crop, random_flip, generator)
         return {
             side: {"pixel_values": px, "original_size": size, "crop_top_left": crop}
             for side, px, size, crop in zip(self.image_columns, pixels, sizes, crops)

@@ -18,7 +18,7 @@ class DiffusionDPOConfig(TrainingArguments):
     reference denoising errors averaged over latent elements (mean reduction). With this convention the published
     default for SD1.5 and SDXL is `beta=5000`. An implementation that sums over latent elements instead needs a beta
     smaller by the number of latent elements; one without the `1/2` needs half of it. `beta=None` (the default) takes
-    the model family's default: 5000 for SD1.x/2.x and SDXL, 500 for SD3/SD3.5 and 1000 for FLUX.1, whose
+    the model family's default: 5000 for SD1.x/2.x and SDXL, 500 for SD3/SD3.5 and Wan, 1000 for FLUX.1, whose
     velocity errors are larger than epsilon errors (see docs/flow-models.md).
 
     Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the collator needs the image
@@ -38,7 +38,7 @@ class DiffusionDPOConfig(TrainingArguments):
             "help": "Strength of the KL regularisation towards the reference model, in the reference code's "
             "convention (per-sample mse averaged over latent elements, factor -beta/2). Larger beta keeps the model "
             "closer to the reference. None uses the model family's default: 5000 for SD1.x/2.x and SDXL (the "
-            "published value), 500 for SD3/SD3.5, 1000 for FLUX.1 (flow-matching errors are larger)."
+            "published value), 500 for SD3/SD3.5 and Wan, 1000 for FLUX.1 (flow-matching errors are larger)."
         },
     )
     loss_type: str | list[str] = field(
@@ -184,6 +184,26 @@ class DiffusionDPOConfig(TrainingArguments):
             "help": "Guidance value fed to guidance-distilled FLUX checkpoints (`guidance_embeds=True`: FLUX.1-dev, "
             "FLUX.2 [dev]) during training; 3.5 is the FluxPipeline default at inference (Flux2Pipeline's is 4.0, "
             "diffusers' FLUX.2 script trains at 3.5). Ignored by other models (FLUX.2 [klein] has no guidance input)."
+        },
+    )
+
+    # Video models (Wan): the clip taken from each video, the same window for both videos of a pair (docs/video.md).
+    num_frames: int | None = field(
+        default=None,
+        metadata={
+            "help": "Frames per training clip for video models. Must fit the VAE's temporal compression: k*4 + 1 "
+            "for Wan (e.g. 33, 49, 81). None uses the model's default (81 for Wan). Ignored by image models."
+        },
+    )
+    frame_stride: int = field(
+        default=1,
+        metadata={"help": "Take every n-th frame of a video (video models). Not together with `video_fps`."},
+    )
+    video_fps: float | None = field(
+        default=None,
+        metadata={
+            "help": "Resample videos to this frame rate by skipping frames (stride = the video's fps / video_fps), "
+            "e.g. 16 for Wan, whose clips are 16 fps. None keeps every `frame_stride`-th frame."
         },
     )
 

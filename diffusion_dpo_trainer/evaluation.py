@@ -112,10 +112,19 @@ def evaluate_win_rate(
     return result
 
 
+def frame_strip(frames: list[Image.Image], max_frames: int = 4) -> Image.Image:
+    """Up to `max_frames` frames of a video spread evenly over it (first and last included), side by side."""
+    picks = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    return make_image_grid([frames[i] for i in picks], rows=1, cols=len(picks))
+
+
 def comparison_grid(reference_images: list[Image.Image], images: list[Image.Image], max_columns: int = 8) -> Image.Image:
-    """Reference samples on the top row, policy samples from the same seeds below them."""
+    """Reference samples on the top row, policy samples from the same seeds below them; a video (a list of frames)
+    is shown as its `frame_strip`."""
     columns = min(max_columns, len(images))
-    return make_image_grid([*reference_images[:columns], *images[:columns]], rows=2, cols=columns)
+    samples = [frame_strip(s) if isinstance(s, (list, tuple)) else s
+               for s in [*reference_images[:columns], *images[:columns]]]
+    return make_image_grid(samples, rows=2, cols=columns)
 
 
 class RewardEvaluationCallback(TrainerCallback):
@@ -125,7 +134,7 @@ class RewardEvaluationCallback(TrainerCallback):
     - `eval/reward`, `eval/reward_reference`, `eval/win_rate` (logged as `eval_reward`, ... in `log_history`,
       shown under `eval/` by TensorBoard and wandb), with ties counted as half a win (see the module docstring);
     - an image grid (reference on top, policy below, same seeds) as `eval/samples` to TensorBoard and wandb when
-      they are in `report_to`.
+      they are in `report_to`; for a video pipeline each sample is a strip of 4 frames across the video.
 
     The reference is the adapter-disabled policy for LoRA runs (no second model), otherwise the trainer's frozen
     reference denoiser swapped into the pipeline for the duration. Sampling runs on the main process in eval mode,

@@ -17,6 +17,7 @@ import numpy as np
 from .families import load_pipeline
 from .rewards import RewardFn, load_reward
 from .sampling import iter_sample_batches
+from .video_data import encode_video
 
 STRATEGIES = ("best_vs_worst", "all_pairs", "random")
 
@@ -90,10 +91,19 @@ def select_pairs(
             if is_preference(scores[winner], scores[loser], min_score_gap)]
 
 
-def _png(image) -> dict:
-    """Encode once: a datasets.Image value that costs kilobytes instead of a decoded bitmap."""
+#: Video pairs store mp4 bytes (decoded by the trainer with PyAV; `decode=False` because decoding a `datasets.Video`
+#: needs torchcodec: cast to `datasets.Video()` to read them with it).
+VIDEO_FEATURES = datasets.Features(
+    {**FEATURES, "chosen": datasets.Video(decode=False), "rejected": datasets.Video(decode=False)}
+)
+
+
+def _encoded(sample) -> dict:
+    """Encode once: an image as PNG, a video (list of frames) as mp4: kilobytes instead of decoded bitmaps."""
+    if isinstance(sample, (list, tuple)):
+        return {"bytes": encode_video(sample), "path": None}
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    sample.save(buffer, format="PNG")
     return {"bytes": buffer.getvalue(), "path": None}
 
 
@@ -127,7 +137,9 @@ def build_preference_pairs(
         **pipeline_kwargs: passed to the pipeline call (`num_inference_steps`, `guidance_scale`, `height`, ...).
 
     Returns columns `prompt`, `chosen`, `rejected` (images), `chosen_score`, `rejected_score`, `chosen_seed`,
-    `rejected_seed`. Prompts whose images all score the same (within the gap) contribute no pair.
+    `rejected_seed`. Prompts whose images all score the same (within the gap) contribute no pair. A video pipeline
+    (e.g. `WanPipeline`, with `num_frames`, `height`, `width` in `pipeline_kwargs`) gives videos: `reward_fn` scores
+    lists of frames (see `rewards.frame_averaged`) and the pairs hold mp4 bytes (`VIDEO_FEATURES`).
     """
     if num_images_per_prompt < 2:
         raise ValueError(f"num_images_per_prompt must be at least 2 to make a pair, got {num_images_per_prompt}.")
@@ -146,11 +158,12 @@ def build_preference_pairs(
     rows = {name: [] for name in FEATURES}
     # Images are scored batch by batch and paired (then PNG-encoded) as soon as a prompt's group is complete, so
     # memory holds at most one batch plus one group of decoded images.
-    images, scores, done, prompt_index = [], [], 0, 0
+    images, scores, done, prompt_index, video = [], [], 0, 0, False
     batches = iter_sample_batches(
         pipeline, flat_prompts, flat_seeds, batch_size, progress and "Sampling", **pipeline_kwargs
     )
     for batch in batches:
+        video = isinstance(batch[0], (list, tuple))  # a video pipeline yields lists of frames
         batch_scores = [float(s) for s in reward_fn(batch, flat_prompts[done : done + len(batch)])]
         if len(batch_scores) != len(batch):
             raise ValueError(f"reward_fn returned {len(batch_scores)} scores for {len(batch)} images; expected one each.")
@@ -161,14 +174,14 @@ def build_preference_pairs(
             group_seeds = flat_seeds[prompt_index * n : (prompt_index + 1) * n]
             for w, l in select_pairs(scores[:n], strategy, min_score_gap, num_pairs_per_prompt, rng):
                 rows["prompt"].append(prompts[prompt_index])
-                rows["chosen"].append(_png(images[w]))
-                rows["rejected"].append(_png(images[l]))
+                rows["chosen"].append(_encoded(images[w]))
+                rows["rejected"].append(_encoded(images[l]))
                 rows["chosen_score"].append(scores[w])
                 rows["rejected_score"].append(scores[l])
                 rows["chosen_seed"].append(group_seeds[w])
                 rows["rejected_seed"].append(group_seeds[l])
             images, scores, prompt_index = images[n:], scores[n:], prompt_index + 1
-    dataset = datasets.Dataset.from_dict(rows, features=FEATURES)
+    dataset = datasets.Dataset.from_dict(rows, features=VIDEO_FEATURES if video else FEATURES)
     if output_path is not None:
         dataset.save_to_disk(os.fspath(output_path))
     return dataset

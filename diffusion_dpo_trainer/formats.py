@@ -31,10 +31,12 @@ def prepare_preference_dataset(dataset, name: str = "train_dataset"):
 
 
 def _undecoded(dataset, columns):
-    """Image columns cast to `datasets.Image(decode=False)`: the collator decodes them (and names a bad row)."""
+    """Image and video columns cast to `decode=False`: the collator decodes them (and names a bad row); a
+    `datasets.Video` column is then read with PyAV, without torchcodec."""
     for column in columns:
-        if dataset.features is not None and isinstance(dataset.features.get(column), datasets.Image):
-            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        feature = dataset.features.get(column) if dataset.features is not None else None
+        if isinstance(feature, (datasets.Image, datasets.Video)):
+            dataset = dataset.cast_column(column, type(feature)(decode=False))
     return dataset
 
 
@@ -206,15 +208,17 @@ def _pickapic_to_pairs(dataset: datasets.Dataset, name: str) -> datasets.Dataset
 UNPAIRED_COLUMNS = ("prompt", "image", "label")
 
 
-def prepare_unpaired_dataset(dataset: datasets.Dataset, name: str = "train_dataset") -> datasets.Dataset:
+def prepare_unpaired_dataset(dataset: datasets.Dataset, name: str = "train_dataset",
+                             column: str = "image") -> datasets.Dataset:
     """Validate an unpaired dataset (prompt, image, label: True = desirable) and make it ready for its collator.
 
     Labels must be real booleans: a 0/1 or a score column would silently mean something else, so it is rejected.
+    `column` names the media column (`video` for video models).
     """
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"`{name}` must be a datasets.Dataset, got {type(dataset).__name__}.")
-    _require_columns(dataset, UNPAIRED_COLUMNS, "unpaired (kto: label True for a desirable image, False for an "
-                     "undesirable one)", name)
+    _require_columns(dataset, ("prompt", column, "label"), f"unpaired (kto: label True for a desirable {column}, "
+                     f"False for an undesirable one)", name)
     if len(dataset) == 0:
         raise ValueError(f"`{name}` is empty: there are no labelled images to train on.")
     dataset = _with_row_index(dataset)
@@ -225,7 +229,7 @@ def prepare_unpaired_dataset(dataset: datasets.Dataset, name: str = "train_datas
                 f"Row {row}, column 'label': expected a bool (True = desirable, False = undesirable), "
                 f"got {label!r} of type {type(label).__name__}."
             )
-    return _undecoded(dataset, ("image",))
+    return _undecoded(dataset, (column,))
 
 
 def map_eval_datasets(eval_dataset, function):

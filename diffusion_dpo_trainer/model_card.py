@@ -29,13 +29,15 @@ def render_model_card(
     hyperparameters: dict,
     dataset: str | None = None,
     extra_tags: list[str] | None = None,
+    video: bool = False,
 ) -> str:
-    tags = ["diffusion-dpo", "diffusers", "text-to-image", *(["lora"] if is_lora else []), *(extra_tags or [])]
+    task = "text-to-video" if video else "text-to-image"
+    tags = ["diffusion-dpo", "diffusers", task, *(["lora"] if is_lora else []), *(extra_tags or [])]
     hub_id = _hub_id(base_model)
     data = ModelCardData(
         base_model=hub_id,
         library_name="diffusers",
-        pipeline_tag="text-to-image",
+        pipeline_tag=task,
         tags=list(dict.fromkeys(tags)),
         datasets=[dataset] if dataset else None,
     )
@@ -81,7 +83,8 @@ Diffusion-DPO using [diffusion-dpo-trainer](https://pypi.org/project/diffusion-d
 from diffusers import {pipeline_class}{"" if is_lora else ", " + denoiser_class}
 
 {usage}
-image = pipe("a photo of an astronaut riding a horse").images[0]
+{'video = pipe("a cat walking in the snow").frames[0]' if video else
+  'image = pipe("a photo of an astronaut riding a horse").images[0]'}
 ```
 
 ## Citation
@@ -113,7 +116,7 @@ def _format(value) -> str:
 
 
 def card_hyperparameters(args, loss_types, loss_params, steps: int, resolution: int, mixed_precision: str,
-                         lora_config=None) -> dict:
+                         lora_config=None, num_frames: int | None = None) -> dict:
     """What it takes to reproduce the run: the selected losses' own values, then the optimisation settings."""
     values = losses.loss_hyperparameters(loss_types, loss_params)
     values.update({
@@ -124,6 +127,7 @@ def card_hyperparameters(args, loss_types, loss_params, steps: int, resolution: 
         "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         "steps": steps,
         "resolution": resolution,
+        **({"num_frames": num_frames} if num_frames is not None else {}),
         "mixed_precision": mixed_precision,
         "seed": args.seed,
     })

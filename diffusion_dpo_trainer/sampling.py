@@ -82,7 +82,9 @@ def iter_sample_batches(
             with sampling_mode(pipeline):
                 output = pipeline(prompt=batch_prompts, generator=generators, output_type="pil", **pipeline_kwargs)
             bar.update(len(batch_prompts))
-            yield (output.images, final["latents"]) if return_latents else output.images
+            # Video pipelines (Wan) return `frames`: one list of PIL frames per video.
+            images = output.images if hasattr(output, "images") else output.frames
+            yield (images, final["latents"]) if return_latents else images
 
 
 def sample_images(
@@ -95,6 +97,7 @@ def sample_images(
 ) -> list[Image.Image]:
     """One image per (prompt, seed) pair, in order, generated `batch_size` at a time.
 
+    For a video pipeline each "image" is a video: a list of PIL frames (pass `num_frames`, `height`, `width`).
     `prompts` and `seeds` have the same length; image i is drawn from `torch.Generator().manual_seed(seeds[i])`,
     so it does not depend on the other images (up to float rounding when the batch size changes).
     `pipeline_kwargs` go to the pipeline call (`num_inference_steps`, `guidance_scale`, `height`, `width`, ...).

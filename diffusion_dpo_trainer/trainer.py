@@ -7,6 +7,7 @@ and timestep per image instead, and no loss that needs no reference ever runs on
 """
 
 import dataclasses
+import functools
 import os
 import warnings
 from collections import defaultdict
@@ -35,6 +36,7 @@ from .families import load_family
 from .formats import map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
 from .model_card import card_hyperparameters, render_model_card
 from .quantization import is_quantized
+from .video_data import VideoPreferenceCollator, VideoUnpairedCollator, check_num_frames
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 # The per-sample errors that make up the loss, named in the non-finite-loss error.
@@ -62,7 +64,9 @@ class DiffusionDPOTrainer(Trainer):
         train_dataset, eval_dataset: for paired losses, preference pairs in any format `to_preference_pairs` reads
             (TRL-style prompt/chosen/rejected, Pick-a-Pic, or a path to an image folder), stored normalised as in
             TRL; a streamed `datasets.IterableDataset` of the first two is normalised as it streams (set `max_steps`);
-            for `loss_type="kto"`, labelled images (`prompt`, `image`, `label` True when desirable).
+            for `loss_type="kto"`, labelled images (`prompt`, `image`, `label` True when desirable). For a video model
+            (Wan) the same columns hold videos (files, bytes, `datasets.Video` or frames; kto rows use `video`), cut
+            to `num_frames`-frame clips with one window, crop and flip per pair: see docs/video.md.
         Other arguments are those of `transformers.Trainer`.
     """
 
@@ -125,8 +129,10 @@ class DiffusionDPOTrainer(Trainer):
 
         if self.is_lora and self.weight_dtype != torch.float32:
             # Frozen base weights in half precision; the adapter stays in float32 for stable updates. A quantized base
-            # keeps the dtypes it was loaded with (`torch_dtype` for its unquantized layers): it cannot be cast.
-            if not quantized:
+            # keeps the dtypes it was loaded with (`torch_dtype` for its unquantized layers): it cannot be cast. A
+            # denoiser loaded in that dtype is left as loaded: diffusers keeps some modules in float32 (Wan's norms,
+            # rope, time embedding).
+            if not quantized and denoiser.dtype != self.weight_dtype:
                 denoiser.to(dtype=self.weight_dtype)
             cast_training_params(denoiser, dtype=torch.float32)
 
@@ -137,10 +143,19 @@ class DiffusionDPOTrainer(Trainer):
 
         self.resolution = args.resolution or self.family.native_resolution()
         self.family.check_resolution(self.resolution)
-        collator_class = PreferenceCollator if self.paired else UnpairedCollator
+        #: Frames per training clip of a video model (None for image models).
+        self.num_frames = None
+        if self.family.temporal_compression is not None:
+            self.num_frames = self.family.default_num_frames if args.num_frames is None else args.num_frames
+            check_num_frames(self.num_frames, self.family.temporal_compression)
+            collator_class = VideoPreferenceCollator if self.paired else VideoUnpairedCollator
+            make_collator = functools.partial(collator_class, self.resolution, self.num_frames, args.frame_stride,
+                                              args.video_fps, args.random_crop, args.random_flip)
+        else:
+            collator_class = PreferenceCollator if self.paired else UnpairedCollator
+            make_collator = functools.partial(collator_class, self.resolution, args.random_crop, args.random_flip)
         if data_collator is None:
-            data_collator = collator_class(self.resolution, args.random_crop, args.random_flip,
-                                           proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed)
+            data_collator = make_collator(proportion_empty_prompts=args.proportion_empty_prompts, seed=args.seed)
         elif args.proportion_empty_prompts and not isinstance(data_collator, PreferenceCollator):
             warnings.warn("proportion_empty_prompts is applied by the default collator; the data_collator passed in "
                           "decides the prompts itself, so no prompt is dropped unless it does so.")
@@ -195,7 +210,9 @@ class DiffusionDPOTrainer(Trainer):
 
     def _prepare_dataset(self, dataset, name: str):
         """Validate a train/eval dataset and normalise its rows for the collator (pairs, or labelled images)."""
-        return (prepare_preference_dataset if self.paired else prepare_unpaired_dataset)(dataset, name)
+        if self.paired:
+            return prepare_preference_dataset(dataset, name)
+        return prepare_unpaired_dataset(dataset, name, column="image" if self.num_frames is None else "video")
 
     @property
     def mixed_precision(self) -> str:
@@ -409,8 +426,10 @@ class DiffusionDPOTrainer(Trainer):
                 self.args, self.loss_types, self.loss_params, self.state.global_step, self.resolution,
                 self.mixed_precision,
                 self.accelerator.unwrap_model(self.model).peft_config["default"] if self.is_lora else None,
+                self.num_frames,
             ),
             dataset=dataset,
+            video=self.num_frames is not None,
         )
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)

@@ -15,6 +15,7 @@ from diffusion_dpo_trainer.testing import (  # noqa: E402
     make_sd_pipeline,
     make_sdxl_pipeline,
 )
+from diffusion_dpo_trainer.testing.wan import build_tiny_wan_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +41,11 @@ def sd3_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def flux_path(tmp_path_factory):
     return make_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def wan_path(tmp_path_factory):
+    return build_tiny_wan_pipeline(tmp_path_factory.mktemp("wan") / "pipe")
 
 
 @pytest.fixture(scope="session")

@@ -40,9 +40,15 @@ def family_lora():
     return lora(target_modules=None)  # the family's documented default targets
 
 
+def args_for(name, tmp_path, **overrides):
+    """`make_args`, with a video family's clip length equal to the one its tiny pipeline samples (`num_frames`)."""
+    frames = TINY_CALL_KWARGS.get(name, {}).get("num_frames")
+    return make_args(tmp_path, **({"num_frames": frames} if frames is not None else {}), **overrides)
+
+
 def test_lora_first_loss_is_ln2_and_the_saved_adapter_loads(tmp_path, built):
     name, path, data = built
-    args = make_args(tmp_path, max_steps=3)
+    args = args_for(name, tmp_path, max_steps=3)
     trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=data, peft_config=family_lora())
     assert type(trainer.family.pipeline).__name__ == name
     assert trainer.beta == type(trainer.family).default_beta
@@ -72,8 +78,8 @@ def test_lora_first_loss_is_ln2_and_the_saved_adapter_loads(tmp_path, built):
 
 
 def test_policy_and_reference_see_identical_inputs_and_one_draw_per_pair(tmp_path, built):
-    _, path, data = built
-    args = make_args(tmp_path, max_steps=2)
+    name, path, data = built
+    args = args_for(name, tmp_path, max_steps=2)
     trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=data, peft_config=family_lora())
     with DenoiserRecorder(trainer) as recorded:
         trainer.train()
@@ -95,7 +101,7 @@ def test_policy_and_reference_see_identical_inputs_and_one_draw_per_pair(tmp_pat
 
 def test_full_finetune_saves_a_denoiser_that_reloads(tmp_path, built):
     name, path, data = built
-    args = make_args(tmp_path, max_steps=2)
+    args = args_for(name, tmp_path, max_steps=2)
     trainer = DiffusionDPOTrainer(model=path, args=args, train_dataset=data)
     denoiser = trainer.family.denoiser
     before = {k: v.clone() for k, v in denoiser.state_dict().items()}
@@ -120,22 +126,22 @@ def test_full_finetune_saves_a_denoiser_that_reloads(tmp_path, built):
 
 def test_a_resolution_off_the_models_grid_names_the_multiple(tmp_path, built):
     name, path, data = built
-    trainer = DiffusionDPOTrainer(model=path, args=make_args(tmp_path), train_dataset=data)
+    trainer = DiffusionDPOTrainer(model=path, args=args_for(name, tmp_path), train_dataset=data)
     multiple = trainer.family.resolution_multiple()
     assert multiple > 1
     bad = 32 + multiple // 2
     with pytest.raises(ValueError, match=rf"resolution={bad} must be a multiple of {multiple} for {name}"):
-        DiffusionDPOTrainer(model=path, args=make_args(tmp_path, resolution=bad), train_dataset=data)
+        DiffusionDPOTrainer(model=path, args=args_for(name, tmp_path, resolution=bad), train_dataset=data)
 
 
 def test_cached_latents_and_embeddings_give_the_same_losses_without_the_encoders(tmp_path, built):
     """Same seed, full fine-tune (so losses move), flips on: the cache stores the VAE's mean and std and the prompt
     embeddings; a cached run never calls the VAE or a text encoder and logs the same loss at every step."""
-    _, path, data = built
+    name, path, data = built
 
     def make_trainer(cached):
-        args = make_args(tmp_path / str(cached), max_steps=3, random_flip=True, precompute_latents=cached,
-                         precompute_text_embeddings=cached)
+        args = args_for(name, tmp_path / str(cached), max_steps=3, random_flip=True, precompute_latents=cached,
+                        precompute_text_embeddings=cached)
         return DiffusionDPOTrainer(model=path, args=args, train_dataset=data, eval_dataset=data.select(range(2)))
 
     assert_cached_run_matches_uncached(make_trainer, "chosen")

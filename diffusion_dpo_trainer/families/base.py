@@ -75,6 +75,10 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     lora_target_modules: ClassVar[tuple[str, ...]]
     #: Extra keyword arguments for `from_pretrained`, e.g. to skip a safety checker we never run.
     load_kwargs: ClassVar[dict] = {}
+    #: Video families: frames per latent frame of the VAE (a clip of k * this + 1 frames encodes to k + 1 latent
+    #: frames), and the clip length used when `DiffusionDPOConfig.num_frames` is None. None for image families.
+    temporal_compression: int | None = None
+    default_num_frames: ClassVar[int | None] = None
 
     def __init__(self, pipeline: DiffusionPipeline, args=None):
         if args is None:
@@ -86,15 +90,22 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         self.vae = pipeline.vae
         # Kept apart from the VAE: cached latents are scaled with it after the VAE itself may have been released.
         self.vae_config = self.vae.config
-        # The pipeline's own factor: VAEs describe their depth differently (block_out_channels, temperal_downsample,
-        # encoder_block_out_channels), and every diffusers pipeline computes it for its VAE.
-        self.vae_scale_factor = pipeline.vae_scale_factor
+        self.vae_scale_factor = self.spatial_compression()
         #: The explicit or frozen reference denoiser; None means the policy with its adapters switched off.
         self.ref_model: torch.nn.Module | None = None
         self._adapter_layers: list[BaseTunerLayer] | None = None
         #: A LoRA adapter that holds the reference (online DPO's synced reference): the reference switches to it
         #: instead of switching the adapters off.
         self.reference_adapter: str | None = None
+
+    @classmethod
+    def check_pipeline_config(cls, config: dict) -> None:
+        """Refuse an unsupported checkpoint from its `model_index.json`, before any weights are downloaded."""
+
+    def spatial_compression(self) -> int:
+        """Pixels per latent pixel along each side: the pipeline's own factor (VAEs describe their depth differently:
+        block_out_channels, temperal_downsample, encoder_block_out_channels; every image pipeline computes it)."""
+        return int(self.pipeline.vae_scale_factor)
 
     @property
     def max_prompt_length(self) -> int | None:
@@ -134,9 +145,9 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         """Training resolutions must be multiples of this (in pixels)."""
         return self.vae_scale_factor
 
-    def latent_shape(self, resolution: int) -> tuple[int, ...]:
-        """Shape of one image's VAE latent (what `encode_pixels` returns per image) at a square resolution."""
-        return (self.vae_config.latent_channels,) + (resolution // self.vae_scale_factor,) * 2
+    def latent_shape(self, pixel_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of one sample's latents for one sample's pixels (C, H, W), without running the VAE."""
+        return (self.vae_config.latent_channels, *(side // self.vae_scale_factor for side in pixel_shape[-2:]))
 
     def check_resolution(self, resolution: int) -> None:
         multiple = self.resolution_multiple()

@@ -18,8 +18,8 @@ class QwenImageFamily(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
-    def latent_shape(self, resolution):
-        return (self.vae_config.z_dim,) + (resolution // self.vae_scale_factor,) * 2
+    def latent_shape(self, pixel_shape):
+        return (self.vae_config.z_dim, *(side // self.vae_scale_factor for side in pixel_shape[-2:]))
 
     @torch.no_grad()
     def encode_pixels(self, pixel_values):

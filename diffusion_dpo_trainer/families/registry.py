@@ -45,8 +45,10 @@ def load_pipeline(model, init_kwargs: dict | None = None, require_family: bool =
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"`model` must be a hub id, a local path or a diffusers pipeline, got {type(model).__name__}.")
     kwargs = _resolve_dtypes(init_kwargs)
-    class_name = _pipeline_class_name(model, kwargs)
-    family = family_class_for(class_name) if require_family else REGISTRY.get(class_name)
+    if require_family:
+        family = family_class_of(model, init_kwargs)
+    else:
+        family = REGISTRY.get(_pipeline_config(model, kwargs).get("_class_name"))
     load_kwargs = family.load_kwargs if family is not None else {}
     if kwargs.get("quantization_config") is not None:
         kwargs["quantization_config"] = pipeline_quantization_config(
@@ -57,19 +59,23 @@ def load_pipeline(model, init_kwargs: dict | None = None, require_family: bool =
 
 def family_class_of(model: str | os.PathLike, init_kwargs: dict | None = None) -> type[DiffusionFamily]:
     """The family of the pipeline at a hub id or local path, from its `model_index.json` alone (no weights loaded),
-    or a clear error: a cheap check to run before anything slow."""
-    return family_class_for(_pipeline_class_name(model, _resolve_dtypes(init_kwargs)))
+    or a clear error: a cheap check to run before anything slow. The family may refuse the checkpoint from its
+    config (`check_pipeline_config`, e.g. Wan 2.2's two experts)."""
+    config = _pipeline_config(model, _resolve_dtypes(init_kwargs))
+    family = family_class_for(config.get("_class_name", "<missing _class_name>"))
+    family.check_pipeline_config(config)
+    return family
 
 
-def _pipeline_class_name(model: str | os.PathLike, kwargs: dict) -> str:
-    """The pipeline class named in `model_index.json`, read without loading weights."""
+def _pipeline_config(model: str | os.PathLike, kwargs: dict) -> dict:
+    """The pipeline's `model_index.json`, read without loading weights."""
     _check_local_path(model)
     hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
     try:
         config = DiffusionPipeline.load_config(model, **hub_kwargs)
     except (OSError, ValueError) as exc:
         raise ValueError(f"Could not read a diffusers pipeline (model_index.json) from {str(model)!r}: {exc}") from exc
-    return config.get("_class_name", "<missing _class_name>")
+    return config
 
 
 def _check_local_path(model) -> None:

@@ -11,12 +11,16 @@ evaluation protocol (`evaluation.py`, `protocol.py`). `load_reward` builds the o
 | `aesthetic` | LAION improved aesthetic predictor on CLIP ViT-L/14 | AVA scale (about 1-10) |
 | `clip` | `openai/clip-vit-large-patch14` | 100 x cosine |
 
-The model classes import their weights lazily, so `import diffusion_dpo_trainer` stays light.
+The model classes import their weights lazily, so `import diffusion_dpo_trainer` stays light. For video pipelines
+the samples are videos (lists of PIL frames): any callable on lists of frames works, and `frame_averaged` turns an
+image reward into a video reward.
 """
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
+from itertools import pairwise
 
+import numpy as np
 from PIL import Image
 
 from .base import check_inputs
@@ -133,4 +137,24 @@ def load_reward(name, **kwargs) -> RewardFn:
     )
 
 
-__all__ = ["REWARDS", "CLIPScore", "PickScore", "RewardFn", "WeightedReward", "load_reward"]
+def frame_averaged(image_reward: RewardFn | str, num_frames: int = 4) -> RewardFn:
+    """A video reward from an image reward: per video (a list of frames, as video pipelines such as Wan return), the
+    mean of the image reward on `num_frames` frames spread evenly over it (first and last included; every frame of a
+    shorter video). All frames of a batch are scored in one call of `image_reward` (a callable or a `load_reward`
+    name)."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}.")
+    image_reward = load_reward(image_reward)
+
+    def reward(videos: list[list[Image.Image]], prompts: list[str]) -> list[float]:
+        picked = [[video[i] for i in np.linspace(0, len(video) - 1, min(num_frames, len(video))).round().astype(int)]
+                  for video in videos]
+        scores = [float(s) for s in image_reward([f for frames in picked for f in frames],
+                                                 [p for p, frames in zip(prompts, picked) for _ in frames])]
+        bounds = np.cumsum([0] + [len(frames) for frames in picked])
+        return [float(np.mean(scores[a:b])) for a, b in pairwise(bounds)]
+
+    return reward
+
+
+__all__ = ["REWARDS", "CLIPScore", "PickScore", "RewardFn", "WeightedReward", "frame_averaged", "load_reward"]
