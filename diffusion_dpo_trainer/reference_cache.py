@@ -63,7 +63,8 @@ def reference_fingerprint(family, reference: torch.nn.Module, settings: list) ->
     tokenizers = [c for c in family.pipeline.components.values() if hasattr(c, "get_vocab")]
     schedule = {k: v for k, v in family.pipeline.scheduler.config.items() if not k.startswith("_")}  # not the path
     # The family's own scalar settings: prediction type, flow-matching timestep sampling, prompt length, ...
-    family_settings = {k: v for k, v in vars(family).items() if isinstance(v, (bool, int, float, str, type(None)))}
+    family_settings = {k: v for k, v in vars(family).items()
+                       if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
     return Hasher.hash([
         CACHE_VERSION, "reference errors", type(family).__name__, family_settings, schedule,
         module_fingerprint(reference, ignore="lora_"),
