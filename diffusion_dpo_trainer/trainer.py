@@ -166,7 +166,8 @@ class DiffusionDPOTrainer(Trainer):
             _move(encoder, device, self.weight_dtype)
         if self.ref_model is not None:
             _move(self.ref_model, device, self.weight_dtype)
-            self.family.set_reference(self._shard_reference(self.ref_model))
+            if not args.precompute_ref_errors:  # precomputed: it runs in each process's own pass, then it is dropped
+                self.family.set_reference(self._shard_reference(self.ref_model))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if args.precompute_ref_errors and not args.precompute_latents:
             raise ValueError("precompute_ref_errors=True needs precompute_latents=True: the reference errors are "
@@ -240,7 +241,8 @@ class DiffusionDPOTrainer(Trainer):
                                              target).view(images, -1).T
 
         with self._initial_reference() as reference:
-            settings = [args.seed, args.random_flip, self.resolution, str(self.weight_dtype), self.mixed_precision]
+            settings = [args.seed, args.random_flip, self.resolution, str(self.weight_dtype), self.mixed_precision,
+                        args.proportion_empty_prompts]  # a dropped prompt is "" for the reference too
             fingerprint = reference_fingerprint(self.family, reference, settings)
 
         def cache(dataset, epochs):
