@@ -35,10 +35,11 @@ LATENT_STATS = ("latent_mean", "latent_std")
 FLIPPED = "_flipped"
 
 
-def cached_images(row: dict, index: int, columns: tuple[str, ...], random_flip: bool) -> dict:
-    """A cached row's latents per image column, with the row's flip drawn here: the same single draw as
+def cached_images(row: dict, index: int, columns: tuple[str, ...], random_flip: bool, flip: bool | None = None) -> dict:
+    """A cached row's latents per image column, with the row's flip drawn here (unless given): the same single draw as
     `paired_transform` makes without random crops (crops are fixed in the cache)."""
-    flip = bool(random_flip and torch.rand(()).item() < 0.5)
+    if flip is None:
+        flip = bool(random_flip and torch.rand(()).item() < 0.5)
     suffix = FLIPPED if flip else ""
     if flip and f"{columns[0]}_{LATENT_STATS[0]}{FLIPPED}" not in row:
         raise ValueError(
@@ -55,15 +56,18 @@ def cached_images(row: dict, index: int, columns: tuple[str, ...], random_flip: 
     }
 
 
-def module_fingerprint(*modules: torch.nn.Module) -> str:
+def module_fingerprint(*modules: torch.nn.Module, ignore: str | None = None) -> str:
     """Identity of frozen modules from their class, config, dtype and weights (the weights are hashed, not trusted
-    by path: a fine-tuned VAE saved at the same path must not reuse the old cache)."""
+    by path: a fine-tuned VAE saved at the same path must not reuse the old cache). Tensors whose name contains
+    `ignore` (e.g. "lora_": an adapter that is switched off) are left out."""
     identity, weights = [], hashlib.blake2b(digest_size=16)
     for module in modules:
         config = getattr(module, "config", None)
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
         identity.append([type(module).__name__, {k: v for k, v in config.items() if not k.startswith("_")}])
         for name, tensor in module.state_dict().items():
+            if ignore and ignore in name:
+                continue
             identity.append([name, str(tensor.dtype), tuple(tensor.shape)])
             weights.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
     return Hasher.hash([identity, weights.hexdigest()])
@@ -76,9 +80,10 @@ def _array_feature(shape: tuple[int, ...]):
     return array_types[len(shape)](shape=shape, dtype="float32")
 
 
-def _crop_generator(seed: int, row: int) -> torch.Generator:
-    """An independent stream per (seed, row), so a cached random crop does not depend on batching."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, row]).generate_state(1)[0]))
+def row_generator(seed: int, row: int, *key: int) -> torch.Generator:
+    """An independent stream per (seed, row, *key), so a row's draws depend neither on batching nor on order.
+    (SeedSequence ignores trailing zeros in its key: give each use a key that cannot end in one.)"""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, row, *key]).generate_state(1)[0]))
 
 
 def precompute_latents(
@@ -128,7 +133,7 @@ def precompute_latents(
         out = {key: [] for key in new_features if "latent" not in key}
         pixels = {side: [] for side in image_columns}
         for position, row in enumerate(batch[ROW_COLUMN]):
-            generator = _crop_generator(seed, row) if random_crop else None
+            generator = row_generator(seed, row) if random_crop else None
             values = {side: batch[side][position] for side in image_columns}
             for side, transformed in collator.transform(values, row, False, generator).items():
                 original, crop = transformed["original_size"], transformed["crop_top_left"]

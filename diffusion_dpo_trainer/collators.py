@@ -29,7 +29,10 @@ class PreferenceCollator:
     Rows with cached latents (see `caching.precompute_latents`) are passed through, with the pair's flip drawn here as
     for decoded images; `prompt_embeddings` (a callable, e.g. `caching.PromptEmbeddingCache`) adds the cached prompt
     embeddings as `batch["prompt_embeds"]`. With `proportion_empty_prompts`, a row's one prompt (shared by both images
-    of a pair) becomes "" as `prompt_dropped(seed, row_index)` decides.
+    of a pair) becomes "" as `prompt_dropped(seed, row_index)` decides. With `draws` (a `reference_cache.RowDraws`,
+    for `precompute_ref_errors`), each cached row's flip, timestep, noise and latent eps come from its own
+    (seed, row, epoch) stream and are added as `timesteps`, `noise`, `latent_eps`, with the row's precomputed
+    `ref_mse` for the epoch when present.
     """
 
     #: The image columns of a row, transformed together with one crop and flip.
@@ -43,6 +46,7 @@ class PreferenceCollator:
         self.prompt_embeddings = prompt_embeddings
         self.proportion_empty_prompts = proportion_empty_prompts
         self.seed = seed
+        self.draws = None
 
     @property
     def pixel_shape(self) -> tuple[int, ...]:
@@ -61,7 +65,13 @@ class PreferenceCollator:
         stacked = {}
         for index, row in zip(indices, rows):
             if f"{self.image_columns[0]}_{LATENT_STATS[0]}" in row:
-                images = cached_images(row, index, self.image_columns, self.random_flip)
+                draws = self._row_draws(row, index) if self.draws is not None else {"flip": None}
+                flip = draws.pop("flip")
+                for key, value in draws.items():
+                    stacked.setdefault(key, []).append(torch.as_tensor(value))
+                images = cached_images(row, index, self.image_columns, self.random_flip, flip)
+            elif self.draws is not None:
+                raise ValueError(f"Row {index}: precompute_ref_errors needs cached latents (precompute_latents=True).")
             else:
                 images = self.transform(row, index, self.random_flip)
             for side, values in images.items():
@@ -71,6 +81,20 @@ class PreferenceCollator:
         if self.prompt_embeddings is not None:
             batch["prompt_embeds"] = self.prompt_embeddings(batch["prompt"])
         return batch
+
+    def _row_draws(self, row: dict, index: int) -> dict:
+        latent_shape = tuple(torch.as_tensor(row[f"{self.image_columns[0]}_{LATENT_STATS[0]}"]).shape)
+        draws = self.draws(index, latent_shape, len(self.image_columns))
+        if "ref_mse" in row:  # (epochs, images): this epoch's errors
+            errors = torch.as_tensor(row["ref_mse"])
+            if self.draws.epoch >= len(errors):
+                raise ValueError(
+                    f"Row {index}: the reference errors were precomputed for {len(errors)} epoch(s), but training "
+                    f"reached epoch {self.draws.epoch}; the pass before training sizes them from max_steps or "
+                    "num_train_epochs, which must not change afterwards."
+                )
+            draws["ref_mse"] = errors[self.draws.epoch]
+        return draws
 
     def transform(self, row: dict, index: int, random_flip: bool, generator=None) -> dict:
         """Decode and transform a row's image columns together (one crop and flip); per column its pixels, original

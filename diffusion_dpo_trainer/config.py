@@ -136,6 +136,17 @@ class DiffusionDPOConfig(TrainingArguments):
             "back (reload the pipeline). See docs/memory.md."
         },
     )
+    precompute_ref_errors: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference model's errors in one pass before training and train without a reference "
+            "(TRL's `precompute_ref_log_probs`): no reference forward in a step, and a full fine-tune holds no frozen "
+            "copy of the denoiser. Each pair's (for kto, each image's) noise, timestep, latent sample and flip are "
+            "drawn per epoch from the seed, the row and the epoch, for the pass and for training alike. Needs "
+            "`precompute_latents`. Stored with `datasets`, so runs with the same seed, data, model and number of "
+            "epochs (e.g. a beta or learning-rate sweep) compute it once. See docs/performance.md."
+        },
+    )
     max_prompt_length: int | None = field(
         default=None,
         metadata={

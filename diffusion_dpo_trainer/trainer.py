@@ -8,6 +8,7 @@ and timestep per image instead, and no loss that needs no reference ever runs on
 
 import dataclasses
 import functools
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -36,6 +37,7 @@ from .families import load_family
 from .formats import map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
 from .model_card import card_hyperparameters, render_model_card
 from .quantization import is_quantized
+from .reference_cache import DrawEpochCallback, RowDraws, precompute_reference_errors, reference_fingerprint
 from .video_data import VideoPreferenceCollator, VideoUnpairedCollator, check_num_frames
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -122,7 +124,7 @@ class DiffusionDPOTrainer(Trainer):
         if losses.needs_reference(self.loss_types):
             if ref_model is not None:
                 self.family.set_reference(ref_model, args.ref_model_init_kwargs)
-            elif not self.is_lora:
+            elif not self.is_lora and not args.precompute_ref_errors:  # precomputed: the initial denoiser serves
                 self.family.freeze_reference_copy()
         elif ref_model is not None:
             warnings.warn(f"`ref_model` is ignored: loss_type {args.loss_type!r} needs no reference model.")
@@ -189,13 +191,20 @@ class DiffusionDPOTrainer(Trainer):
             _move(encoder, "cpu" if args.precompute_text_embeddings else device, self.weight_dtype)
         if self.ref_model is not None:
             _move(self.ref_model, device, self.weight_dtype)
-            self.family.set_reference(self._shard_reference(self.ref_model))
+            if not args.precompute_ref_errors:  # precomputed: it runs in each process's own pass, then it is dropped
+                self.family.set_reference(self._shard_reference(self.ref_model))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if args.precompute_ref_errors and not args.precompute_latents:
+            raise ValueError("precompute_ref_errors=True needs precompute_latents=True: the reference errors are "
+                             "computed for each pair's stored latents (and crop).")
         if args.precompute_latents or args.precompute_text_embeddings:
             self.train_dataset, self.eval_dataset = precompute_for_training(
                 self.family, self.train_dataset, self.eval_dataset, self.data_collator, args, self.resolution,
                 self.accelerator.device,
             )
+        if args.precompute_ref_errors:
+            with args.main_process_first(desc="precomputing the reference's errors"):
+                self._precompute_reference_errors()
 
     @property
     def pipeline(self) -> DiffusionPipeline:
@@ -239,6 +248,63 @@ class DiffusionDPOTrainer(Trainer):
         """The dtype of frozen weights (text encoders, a LoRA run's base, the reference) and cached embeddings."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[self.mixed_precision]
 
+    # ----- precomputed reference errors (see reference_cache.py) -----------------------------------------------------
+    def _precompute_reference_errors(self) -> None:
+        """Run the reference once on every row's per-epoch draws and store its errors, then drop it: training reads
+        the errors and never runs a reference."""
+        args = self.args
+        if not losses.needs_reference(self.loss_types):
+            raise ValueError(f"precompute_ref_errors=True, but loss_type {args.loss_type!r} uses no reference model.")
+        if args.dataloader_persistent_workers:
+            raise ValueError("precompute_ref_errors=True cannot use dataloader_persistent_workers: the workers would "
+                             "keep drawing with the epoch they started in.")
+        draws = RowDraws(args.seed, self.family.sample_timesteps, args.random_flip)
+        self.data_collator.draws = draws
+        self.add_callback(DrawEpochCallback(draws))
+        images = len(self.data_collator.image_columns)
+
+        def errors(inputs):  # (rows, images per row)
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.accelerator.autocast(), self._initial_reference() as reference:
+                x0, noise, timesteps, conditioning = self._denoiser_inputs(inputs)
+                noisy, target = self.family.noisy_latents_and_target(x0, noise, timesteps)
+                return losses.per_sample_mse(self.family.predict(reference, noisy, timesteps, conditioning),
+                                             target).view(images, -1).T
+
+        with self._initial_reference() as reference:
+            settings = [args.seed, args.random_flip, self.resolution, str(self.weight_dtype), self.mixed_precision,
+                        args.proportion_empty_prompts]  # a dropped prompt is "" for the reference too
+            fingerprint = reference_fingerprint(self.family, reference, settings)
+
+        def cache(dataset, epochs):
+            return precompute_reference_errors(dataset, self.data_collator, errors, epochs, fingerprint,
+                                               args.per_device_train_batch_size)
+
+        if self.train_dataset is not None:
+            self.train_dataset = cache(self.train_dataset, self._num_train_epochs())
+        # Evaluation uses epoch 0's draws: a fixed, comparable eval loss.
+        self.eval_dataset = map_eval_datasets(self.eval_dataset, lambda dataset, name: cache(dataset, 1))
+        self.family.set_reference(None)
+
+    @contextmanager
+    def _initial_reference(self):
+        """The reference for the pass before training: the family's, or in a full fine-tune (whose frozen copy is
+        never made) the denoiser itself, which still holds the initial weights."""
+        if self.ref_model is None and not self.family.has_adapters:
+            yield self.family.denoiser
+            return
+        with self.family.reference() as reference:
+            yield reference
+
+    def _num_train_epochs(self) -> int:
+        """The number of epochs `train()` will run, computed as the Trainer does (it is only known inside train())."""
+        args = self.args
+        per_batch = args.per_device_train_batch_size * args.world_size
+        rows = len(self.train_dataset)
+        batches = rows // per_batch if args.dataloader_drop_last else math.ceil(rows / per_batch)
+        updates = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+        return math.ceil(args.max_steps / updates) if args.max_steps > 0 else math.ceil(args.num_train_epochs)
+
     # ----- the loss -----------------------------------------------------------------------------------------------
     def _own_share(self, global_draw: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This process's slice of a random draw made for the whole global batch (pairs along `dim`).
@@ -251,12 +317,16 @@ class DiffusionDPOTrainer(Trainer):
             return global_draw
         return global_draw.chunk(self.accelerator.num_processes, dim)[self.accelerator.process_index]
 
-    def _sample_latents(self, mean, std, groups: int) -> torch.Tensor:
+    def _sample_latents(self, mean, std, groups: int, eps: torch.Tensor | None = None) -> torch.Tensor:
         """mean + std * eps, with eps drawn for the global batch (`groups` blocks: winners, losers) in a fixed layout,
-        so the draw depends neither on the process count nor on the memory layout of a cached or fresh encoding."""
-        per_group = mean.shape[0] // groups
-        shape = (groups, per_group * self.accelerator.num_processes, *mean.shape[1:])
-        eps = self._own_share(torch.randn(shape, device=mean.device, dtype=mean.dtype), dim=1).reshape(mean.shape)
+        so the draw depends neither on the process count nor on the memory layout of a cached or fresh encoding.
+        `eps` of shape (rows, groups, ...) is the rows' own draw (precompute_ref_errors)."""
+        if eps is not None:
+            eps = eps.transpose(0, 1).reshape(mean.shape)
+        else:
+            per_group = mean.shape[0] // groups
+            shape = (groups, per_group * self.accelerator.num_processes, *mean.shape[1:])
+            eps = self._own_share(torch.randn(shape, device=mean.device, dtype=mean.dtype), dim=1).reshape(mean.shape)
         # Contiguous latents: a channels-last VAE output (CPU) would otherwise send the denoiser down other kernels.
         return self.family.scale_latents(mean.contiguous() + std.contiguous() * eps)
 
@@ -265,11 +335,12 @@ class DiffusionDPOTrainer(Trainer):
             return {key: value.to(self.weight_dtype) for key, value in inputs["prompt_embeds"].items()}
         return self.family.encode_prompt(inputs["prompt"], self.accelerator.device)
 
-    def _denoising_errors(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-sample mse of policy and reference, shape (groups * B,).
+    def _denoiser_inputs(self, inputs):
+        """x0, noise, timesteps and conditioning of a batch, (groups * B) samples.
 
         Paired batches hold winners then losers (two groups) and draw ONE noise and ONE timestep per pair, shared by
         winner, loser, policy and reference; unpaired (KTO) images are independent: one group, a draw per image.
+        With `precompute_ref_errors` the batch carries each row's own draws instead.
         """
         sides = ("chosen_", "rejected_") if self.paired else ("",)  # the collators' batch-key prefixes
         groups = len(sides)
@@ -281,19 +352,31 @@ class DiffusionDPOTrainer(Trainer):
                 std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
             else:
                 mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
-            x0 = self._sample_latents(mean, std, groups)
-        per_group, world = x0.shape[0] // groups, self.accelerator.num_processes
-        draw_shape = (world * per_group, *x0.shape[1:])
-        noise = self._own_share(torch.randn(draw_shape, device=x0.device, dtype=x0.dtype))
+            x0 = self._sample_latents(mean, std, groups, inputs.get("latent_eps"))
+        if "noise" in inputs:  # each row's own draws (precompute_ref_errors)
+            noise, timesteps = inputs["noise"], inputs["timesteps"]
+        else:
+            per_group, world = x0.shape[0] // groups, self.accelerator.num_processes
+            noise = self._own_share(torch.randn((world * per_group, *x0.shape[1:]), device=x0.device, dtype=x0.dtype))
+            timesteps = self._own_share(self.family.sample_timesteps(world * per_group, x0.device))
         noise = noise.repeat(groups, *([1] * (x0.ndim - 1)))
-        timesteps = self._own_share(self.family.sample_timesteps(world * per_group, x0.device)).repeat(groups)
+        timesteps = timesteps.repeat(groups)
         conditioning = {key: torch.cat([value] * groups) for key, value in self._prompt_embeddings(inputs).items()}
         conditioning.update(self.family.time_conditioning(inputs, self.resolution, self.accelerator.device))
+        return x0, noise, timesteps, conditioning
 
+    def _denoising_errors(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample mse of policy and reference, shape (groups * B): ONE policy forward and, when a selected loss
+        needs a reference, ONE reference forward on exactly the policy's inputs, or the batch's precomputed errors."""
+        x0, noise, timesteps, conditioning = self._denoiser_inputs(inputs)
         noisy, target = self.family.noisy_latents_and_target(x0, noise, timesteps)
         policy_mse = losses.per_sample_mse(self.family.predict(model, noisy, timesteps, conditioning), target)
         ref_mse = None
-        if losses.needs_reference(self.loss_types):  # ONE reference forward, on exactly the policy's inputs
+        if "ref_mse" in inputs:  # (rows, groups) -> winners first
+            ref_mse = inputs["ref_mse"].T.reshape(-1)
+        elif self.args.precompute_ref_errors:
+            raise RuntimeError("precompute_ref_errors=True, but this batch carries no precomputed reference errors.")
+        elif losses.needs_reference(self.loss_types):
             with torch.no_grad(), self.family.reference() as reference:
                 ref_mse = losses.per_sample_mse(self.family.predict(reference, noisy, timesteps, conditioning), target)
         return policy_mse, ref_mse
@@ -366,7 +449,16 @@ class DiffusionDPOTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        draws = getattr(self.data_collator, "draws", None)
+        epoch = draws.epoch if draws is not None else None
+        if draws is not None:  # precompute_ref_errors: evaluation uses epoch 0's draws
+            draws.epoch = 0
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        finally:
+            if draws is not None:
+                draws.epoch = epoch
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._pop_metrics("eval").items()})
         return output
 

@@ -269,8 +269,9 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     # ----- the diffusion process ----------------------------------------------------------------------------------
     @abc.abstractmethod
-    def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """One training timestep per sample, as the denoiser takes it."""
+    def sample_timesteps(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
+        """One training timestep per sample, as the denoiser takes it; drawn from `generator` (on `device`) when
+        given, else from torch's global stream."""
 
     @abc.abstractmethod
     def noisy_latents_and_target(self, x0, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:

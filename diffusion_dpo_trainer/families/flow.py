@@ -49,13 +49,15 @@ class FlowMatchingFamily(DiffusionFamily, abstract=True):
         # Both transformers group latents in 2x2 patches (SD3's patch_size, FLUX's packing).
         return 2 * self.vae_scale_factor
 
-    def sample_timesteps(self, batch_size, device):
+    def sample_timesteps(self, batch_size, device, generator=None):
         u = compute_density_for_timestep_sampling(
             weighting_scheme=self.weighting_scheme,
             batch_size=batch_size,
             logit_mean=self.logit_mean,
             logit_std=self.logit_std,
             mode_scale=self.mode_scale,
+            device=generator.device if generator is not None else "cpu",
+            generator=generator,
         )
         # u can reach 1.0 (mode at u=0, a saturated sigmoid): clamp to the last index.
         indices = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)

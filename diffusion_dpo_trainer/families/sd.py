@@ -39,8 +39,8 @@ class StableDiffusionFamily(DiffusionFamily):
         embeds, _ = self.pipeline.encode_prompt(prompts, device, 1, False)
         return {"encoder_hidden_states": embeds}
 
-    def sample_timesteps(self, batch_size, device):
-        return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device)
+    def sample_timesteps(self, batch_size, device, generator=None):
+        return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device, generator=generator)
 
     def _coefficients(self, timesteps, like):
         if self._alpha.device != like.device:  # moved once, not every step
