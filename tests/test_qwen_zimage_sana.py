@@ -77,7 +77,7 @@ def test_the_family_prediction_drives_the_pipelines_own_sampler(name, paths):
     family = load_family(paths[name], args=make_args(Path("unused")))
     pipe = family.pipeline
     generator = torch.Generator().manual_seed(1)
-    channels, height, width = family.latent_shape(32)
+    channels, height, width = family.latent_shape((3, 32, 32))
     x = torch.randn(1, channels, height, width, generator=generator)
     packed = type(pipe)._pack_latents(x, 1, channels, *x.shape[2:]) if name == "qwenimage" else x
     stepped, t0, (s0, s1) = pipeline_first_step(pipe, name, packed)
@@ -95,7 +95,7 @@ def test_padding_of_longer_prompts_in_the_batch_changes_nothing(name, paths):
     cpu = torch.device("cpu")
     short, long = "a red cat", "a photo of a blue dog with a plain white background in a picture of a square"
     torch.manual_seed(0)
-    x, t = torch.randn(2, *family.latent_shape(32)), family.sample_timesteps(2, cpu)
+    x, t = torch.randn(2, *family.latent_shape((3, 32, 32))), family.sample_timesteps(2, cpu)
     with torch.no_grad():
         together = family.predict(family.denoiser, x, t, family.encode_prompt([short, long], cpu))
         alone = family.predict(family.denoiser, x[:1], t[:1], family.encode_prompt([short], cpu))
