@@ -3,6 +3,9 @@ recorder of denoiser calls and noise draws. Test modules import from here, never
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from peft import LoraConfig
 from diffusion_dpo_trainer import DiffusionDPOConfig
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LN2 = math.log(2.0)  # the first DPO loss, while the policy still equals the reference
 
 
@@ -22,6 +26,16 @@ def make_args(tmp_path, **overrides):
               "dataloader_pin_memory": False}
     values.update(overrides)
     return DiffusionDPOConfig(**values)
+
+
+def run_example(name, *flags):
+    """The example's own command line (`--dry_run` prints the resolved recipe as JSON without loading the model);
+    examples are scripts, not library modules. A failing command line raises SystemExit with its status."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--use_cpu", "True", "--dry_run", *flags],
+                          check=False, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        raise SystemExit(done.returncode)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def lora(**overrides):
