@@ -17,9 +17,9 @@ Markdown table;
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,11 +29,9 @@ from sklearn.linear_model import LogisticRegression
 
 from diffusion_dpo_trainer import evaluate_win_rate
 
-_spec = importlib.util.spec_from_file_location(
-    "digits_alignment", Path(__file__).resolve().parents[1] / "examples" / "digits_alignment.py"
-)
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+# The demo's building blocks live in examples/digits_common.py, a module the demo and this sweep share.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import digits_common as demo
 
 VALIDATION_SEED_OFFSET = 2 * 10**9
 

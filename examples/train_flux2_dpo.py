@@ -4,9 +4,9 @@
     accelerate launch examples/train_flux2_dpo.py --variant dev --output_dir flux2-dev-dpo-lora
 
 Every `DiffusionDPOConfig` / `TrainingArguments` field is a flag too (`--help` lists them); the defaults below are the
-recipe of the chosen variant. The full Pick-a-Pic v2 train split is a very large download: `--max_train_samples`
-trains on its first rows. FLUX.2 [dev] is gated (accept its license on the Hub and log in first); FLUX.2 [klein] base
-4B is Apache-2.0. Load the result with:
+recipe of the chosen variant (`--dry_run` prints it as JSON and exits without loading anything). The full Pick-a-Pic
+v2 train split is a very large download: `--max_train_samples` trains on its first rows. FLUX.2 [dev] is gated (accept
+its license on the Hub and log in first); FLUX.2 [klein] base 4B is Apache-2.0. Load the result with:
 
     pipe = Flux2KleinPipeline.from_pretrained("black-forest-labs/FLUX.2-klein-base-4B", torch_dtype=torch.bfloat16)
     pipe.load_lora_weights("flux2-klein-dpo-lora")
@@ -19,7 +19,8 @@ encoder (its cache takes 512 x 3 x hidden x 4 bytes per distinct prompt: ~16 MB 
 """
 
 import argparse
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 from datasets import load_dataset
 from peft import LoraConfig
@@ -81,6 +82,11 @@ class ScriptArguments:
         metadata={"help": "LoRA target modules; default: the family's (both attention streams of the double blocks, "
                   "the single blocks' fused input and output projections)."},
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Print the resolved recipe (these options with the model id, the training config and the "
+                  "LoRA config) as JSON and exit, without loading the model or the data."},
+    )
 
 
 def parse_args(argv=None) -> tuple[ScriptArguments, DiffusionDPOConfig]:
@@ -111,6 +117,14 @@ def load_train_dataset(options: ScriptArguments):
 
 def main(argv=None):
     options, config = parse_args(argv)
+    if options.dry_run:
+        lora_config = make_lora_config(options)
+        targets = lora_config.target_modules
+        print(json.dumps({"options": {**asdict(options), "model_id": model_id(options)},
+                          "config": json.loads(config.to_json_string()),
+                          "lora": {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
+                                   "target_modules": None if targets is None else sorted(targets)}}))
+        return
     trainer = DiffusionDPOTrainer(model=model_id(options), args=config, train_dataset=load_train_dataset(options),
                                   peft_config=make_lora_config(options))
     trainer.train()

@@ -6,12 +6,15 @@ Every `DiffusionDPOConfig` / `TrainingArguments` field is a flag too (`--help` l
 recipe. Pick-a-Pic v2 (hundreds of GB) is streamed, so training starts without downloading it first;
 `--dataset_streaming False` downloads and stores it instead (for several epochs, or to cache latents and embeddings
 with `--precompute_latents True --precompute_text_embeddings True`). `--max_train_samples` trains on its first rows.
+Local files in the same layout: `--dataset json --data_files pairs.jsonl` (or parquet, csv). `--dry_run` prints the
+resolved recipe as JSON (with `--data_files`, also the first training rows) and exits without loading the model.
 FLUX.1-dev is a gated model: accept its license on the Hub and log in first. Load the result with:
 
     pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
     pipe.load_lora_weights("flux-dpo-lora")
 """
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -53,6 +56,9 @@ RECIPE = dict(
 class ScriptArguments:
     model: str = field(default="black-forest-labs/FLUX.1-dev", metadata={"help": "Base model (or a local path)."})
     dataset: str = field(default="yuvalkirstain/pickapic_v2", metadata={"help": "A Pick-a-Pic layout dataset."})
+    data_files: list[str] | None = field(
+        default=None, metadata={"help": "Local files of a file-format --dataset (json, parquet, csv)."}
+    )
     dataset_split: str = field(default="train")
     dataset_streaming: bool = field(
         default=True, metadata={"help": "Stream the dataset instead of downloading it first (needs max_steps)."}
@@ -64,7 +70,7 @@ class ScriptArguments:
     dry_run: bool = field(
         default=False,
         metadata={"help": "Print the resolved recipe (these options, the training config and the LoRA config) as "
-                  "JSON and exit, without loading the model or the data."},
+                  "JSON and exit, without loading the model; with --data_files, also the first training rows."},
     )
     no_lora: bool = field(
         default=False,
@@ -88,7 +94,8 @@ def make_lora_config(options: ScriptArguments) -> LoraConfig | None:
 
 def load_train_dataset(options: ScriptArguments):
     """The raw Pick-a-Pic rows: the trainer detects the layout, drops ties (label_0 == 0.5) and makes the pairs."""
-    dataset = load_dataset(options.dataset, split=options.dataset_split, streaming=options.dataset_streaming)
+    dataset = load_dataset(options.dataset, data_files=options.data_files, split=options.dataset_split,
+                           streaming=options.dataset_streaming)
     if options.max_train_samples is not None:
         if options.dataset_streaming:
             return dataset.take(options.max_train_samples)
@@ -100,10 +107,14 @@ def main(argv=None):
     options, config = parse_args(argv)
     if options.dry_run:
         lora_config = make_lora_config(options)
-        print(json.dumps({"options": asdict(options), "config": json.loads(config.to_json_string()),
-                          "lora": None if lora_config is None else {
-                              "r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
-                              "target_modules": sorted(lora_config.target_modules)}}))
+        recipe = {"options": asdict(options), "config": json.loads(config.to_json_string()),
+                  "lora": None if lora_config is None else {
+                      "r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
+                      "target_modules": sorted(lora_config.target_modules)}}
+        if options.data_files:  # local files are cheap to read: show what training would get
+            dataset = load_train_dataset(options)
+            recipe["dataset"] = {"type": type(dataset).__name__, "first_rows": list(itertools.islice(dataset, 10))}
+        print(json.dumps(recipe, default=str))
         return
     trainer = DiffusionDPOTrainer(model=options.model, args=config, train_dataset=load_train_dataset(options),
                                   peft_config=make_lora_config(options))

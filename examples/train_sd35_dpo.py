@@ -7,12 +7,15 @@ Every `DiffusionDPOConfig` / `TrainingArguments` field is a flag too (`--help` l
 recipe. Pick-a-Pic v2 (hundreds of GB) is streamed, so training starts without downloading it first;
 `--dataset_streaming False` downloads and stores it instead (for several epochs, or to cache latents and embeddings
 with `--precompute_latents True --precompute_text_embeddings True`). `--max_train_samples` trains on its first rows.
+Local files in the same layout: `--dataset json --data_files pairs.jsonl` (or parquet, csv). `--dry_run` prints the
+resolved recipe as JSON (with `--data_files`, also the first training rows) and exits without loading the model.
 Load the result with:
 
     pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium")
     pipe.load_lora_weights("sd35-dpo-lora")
 """
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -54,6 +57,9 @@ class ScriptArguments:
         metadata={"help": "Base model: stabilityai/stable-diffusion-3.5-medium or -large (or a local path)."},
     )
     dataset: str = field(default="yuvalkirstain/pickapic_v2", metadata={"help": "A Pick-a-Pic layout dataset."})
+    data_files: list[str] | None = field(
+        default=None, metadata={"help": "Local files of a file-format --dataset (json, parquet, csv)."}
+    )
     dataset_split: str = field(default="train")
     dataset_streaming: bool = field(
         default=True, metadata={"help": "Stream the dataset instead of downloading it first (needs max_steps)."}
@@ -65,7 +71,7 @@ class ScriptArguments:
     dry_run: bool = field(
         default=False,
         metadata={"help": "Print the resolved recipe (these options, the training config and the LoRA config) as "
-                  "JSON and exit, without loading the model or the data."},
+                  "JSON and exit, without loading the model; with --data_files, also the first training rows."},
     )
     no_lora: bool = field(
         default=False,
@@ -89,7 +95,8 @@ def make_lora_config(options: ScriptArguments) -> LoraConfig | None:
 
 def load_train_dataset(options: ScriptArguments):
     """The raw Pick-a-Pic rows: the trainer detects the layout, drops ties (label_0 == 0.5) and makes the pairs."""
-    dataset = load_dataset(options.dataset, split=options.dataset_split, streaming=options.dataset_streaming)
+    dataset = load_dataset(options.dataset, data_files=options.data_files, split=options.dataset_split,
+                           streaming=options.dataset_streaming)
     if options.max_train_samples is not None:
         if options.dataset_streaming:
             return dataset.take(options.max_train_samples)
@@ -101,10 +108,14 @@ def main(argv=None):
     options, config = parse_args(argv)
     if options.dry_run:
         lora_config = make_lora_config(options)
-        print(json.dumps({"options": asdict(options), "config": json.loads(config.to_json_string()),
-                          "lora": None if lora_config is None else {
-                              "r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
-                              "target_modules": sorted(lora_config.target_modules)}}))
+        recipe = {"options": asdict(options), "config": json.loads(config.to_json_string()),
+                  "lora": None if lora_config is None else {
+                      "r": lora_config.r, "lora_alpha": lora_config.lora_alpha,
+                      "target_modules": sorted(lora_config.target_modules)}}
+        if options.data_files:  # local files are cheap to read: show what training would get
+            dataset = load_train_dataset(options)
+            recipe["dataset"] = {"type": type(dataset).__name__, "first_rows": list(itertools.islice(dataset, 10))}
+        print(json.dumps(recipe, default=str))
         return
     trainer = DiffusionDPOTrainer(model=options.model, args=config, train_dataset=load_train_dataset(options),
                                   peft_config=make_lora_config(options))

@@ -1,8 +1,14 @@
 """Helpers shared by the test modules (fixtures live in conftest.py): configs, adapters, metrics, rendering, and a
 recorder of denoiser calls and noise draws. Test modules import from here, never from each other."""
 
+import io
 import json
 import math
+import runpy
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ from peft import LoraConfig
 from diffusion_dpo_trainer import DiffusionDPOConfig
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LN2 = math.log(2.0)  # the first DPO loss, while the policy still equals the reference
 
 
@@ -22,6 +29,18 @@ def make_args(tmp_path, **overrides):
               "dataloader_pin_memory": False}
     values.update(overrides)
     return DiffusionDPOConfig(**values)
+
+
+def run_example(name, *flags):
+    """The example run as its command line runs it (`python examples/<name>.py --use_cpu True --dry_run ...`): as
+    `__main__`, with that argv, nothing imported from it; in this process, so it reuses the loaded libraries instead of
+    paying their import again. `--dry_run` prints the resolved recipe as JSON without loading the model; a bad flag
+    raises SystemExit as the command line exits."""
+    path = str(EXAMPLES / f"{name}.py")
+    printed = io.StringIO()
+    with patch.object(sys, "argv", [path, "--use_cpu", "True", "--dry_run", *flags]), redirect_stdout(printed):
+        runpy.run_path(path, run_name="__main__")
+    return json.loads(printed.getvalue().strip().splitlines()[-1])
 
 
 def lora(**overrides):

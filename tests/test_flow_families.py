@@ -2,11 +2,8 @@
 
 What every family must do (LoRA, reference inputs, saving, caching) is in test_family_conformance.py."""
 
-import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,14 +11,13 @@ import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
-from helpers import LN2, losses_of, make_args
+from helpers import LN2, losses_of, make_args, run_example
 from helpers import lora as _lora
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
 from diffusion_dpo_trainer.families import FluxFamily, StableDiffusion3Family, load_family
 from diffusion_dpo_trainer.testing import make_flux_pipeline
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FAMILIES = ("flux_path", "sd3_path")
 
 
@@ -161,15 +157,6 @@ def test_the_loss_receives_the_resolved_beta(tmp_path, sd3_path, pairs, monkeypa
 
 
 # ----- examples ----------------------------------------------------------------------------------------------------
-def run_example(name, *flags):
-    """The example's own command line (`--dry_run` prints the resolved recipe as JSON without loading anything)."""
-    done = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--use_cpu", "True", "--dry_run", *flags],
-                          capture_output=True, text=True, timeout=300)
-    if done.returncode:
-        raise SystemExit(done.returncode)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 # use_cpu: bf16 needs a GPU otherwise, and this machine has none.
 @pytest.mark.parametrize(
     "name, model_id, beta",
@@ -190,23 +177,16 @@ def test_example_defaults_are_the_recommended_recipe(name, model_id, beta):
 
 
 @pytest.mark.parametrize("name", ["train_sd35_dpo", "train_flux_dpo"])
-def test_examples_stream_by_default_and_take_their_first_rows(tmp_path, monkeypatch, name):
-    import datasets
-
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps({"caption": f"p{i}"}) for i in range(5)))
-    # The example's own load call, pointed at a local file.
-    monkeypatch.setattr(example, "load_dataset", lambda name, **kwargs: datasets.load_dataset(
-        "json", data_files=str(tmp_path / "rows.jsonl"), **kwargs))
-    options, _ = example.parse_args(["--use_cpu", "True", "--max_train_samples", "3"])
-    streamed = example.load_train_dataset(options)
-    assert isinstance(streamed, datasets.IterableDataset)
-    assert [row["caption"] for row in streamed] == ["p0", "p1", "p2"]
-    options.dataset_streaming = False
-    stored = example.load_train_dataset(options)
-    assert isinstance(stored, datasets.Dataset) and stored["caption"] == ["p0", "p1", "p2"]
+def test_examples_stream_by_default_and_take_their_first_rows(tmp_path, name):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"caption": f"p{i}"}) for i in range(5)))
+    # The example's own load call, pointed at a local file; the dry run reports what training would get.
+    local = ("--dataset", "json", "--data_files", str(rows), "--max_train_samples", "3")
+    streamed = run_example(name, *local)["dataset"]
+    assert streamed["type"] == "IterableDataset"
+    assert [row["caption"] for row in streamed["first_rows"]] == ["p0", "p1", "p2"]
+    stored = run_example(name, *local, "--dataset_streaming", "False")["dataset"]
+    assert stored["type"] == "Dataset" and [row["caption"] for row in stored["first_rows"]] == ["p0", "p1", "p2"]
 
 
 def test_example_flags_override_the_recipe():

@@ -2,13 +2,12 @@
 suite: the latent normalisation and packing against the pipeline's own code, the default LoRA targets, guidance, the
 native resolution, and the recipe."""
 
-import importlib.util
-from pathlib import Path
+import dataclasses
 
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
-from helpers import lora, make_args
+from helpers import lora, make_args, run_example
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 from diffusion_dpo_trainer.families import load_family
@@ -93,39 +92,36 @@ def test_default_beta_and_native_resolution(tmp_path, flux2, pairs):
     assert trainer.resolution == 128 * trainer.family.vae_scale_factor
 
 
-# ----- the recipe --------------------------------------------------------------------------------------------------
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ----- the recipe: the example's own command line ------------------------------------------------------------------
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(DiffusionDPOConfig) if f.init}
 
 
 @pytest.mark.parametrize("variant, model_id", [("dev", "black-forest-labs/FLUX.2-dev"),
                                                ("klein", "black-forest-labs/FLUX.2-klein-base-4B")])
 def test_recipe_defaults(variant, model_id):
-    example = load_example("train_flux2_dpo")
-    options, config = example.parse_args(["--variant", variant, "--use_cpu", "True"])
-    assert example.model_id(options) == model_id and isinstance(config, DiffusionDPOConfig)
-    assert config.beta == Flux2Family.default_beta and config.bf16 and config.gradient_checkpointing
-    assert config.resolution == 1024 and config.optim == "adamw_bnb_8bit"
-    assert config.output_dir == f"flux2-{variant}-dpo-lora"
-    assert example.make_lora_config(options).target_modules is None  # the family's defaults
-    quantization = config.model_init_kwargs.get("quantization_config")
+    recipe = run_example("train_flux2_dpo", "--variant", variant)
+    options, config = recipe["options"], recipe["config"]
+    assert options["model_id"] == model_id and set(config) == CONFIG_FIELDS  # a whole DiffusionDPOConfig
+    assert config["beta"] == Flux2Family.default_beta and config["bf16"] and config["gradient_checkpointing"]
+    assert config["resolution"] == 1024 and config["optim"] == "adamw_bnb_8bit"
+    assert config["output_dir"] == f"flux2-{variant}-dpo-lora"
+    assert recipe["lora"]["target_modules"] is None  # the family's defaults
+    quantization = config["model_init_kwargs"].get("quantization_config")
     if variant == "dev":  # the 32B transformer and the 24B text encoder in 4-bit; trained at the sampling guidance
         config_ = pipeline_quantization_config(quantization, "transformer")
         assert config_.quant_kwargs["load_in_4bit"] and config_.components_to_quantize == ["transformer", "text_encoder"]
-        assert config.guidance_scale == 4.0
+        assert config["guidance_scale"] == 4.0
     else:
         assert quantization is None
 
 
 def test_recipe_flags_override_the_variant():
-    example = load_example("train_flux2_dpo")
-    options, config = example.parse_args(["--variant", "dev", "--use_cpu", "True", "--model_init_kwargs", "{}",
-                                          "--precompute_text_embeddings", "True", "--release_cached_encoders", "True",
-                                          "--model", "local/flux2", "--rank", "8"])
-    assert config.model_init_kwargs == {} and config.precompute_text_embeddings and config.release_cached_encoders
-    assert example.model_id(options) == "local/flux2" and example.make_lora_config(options).r == 8
+    recipe = run_example("train_flux2_dpo", "--variant", "dev", "--model_init_kwargs", "{}",
+                         "--precompute_text_embeddings", "True", "--release_cached_encoders", "True",
+                         "--model", "local/flux2", "--rank", "8")
+    config = recipe["config"]
+    assert config["model_init_kwargs"] == {} and config["precompute_text_embeddings"]
+    assert config["release_cached_encoders"]
+    assert recipe["options"]["model_id"] == "local/flux2" and recipe["lora"]["r"] == 8
     with pytest.raises(SystemExit):
-        example.parse_args(["--variant", "schnell"])
+        run_example("train_flux2_dpo", "--variant", "schnell")

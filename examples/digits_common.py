@@ -1,0 +1,289 @@
+"""What the digits demo (digits_alignment.py) and its validation sweep (benchmarks/digits_sweep.py) share: the data
+split, the base model, the reward model and judge, AI feedback, the DPO trainers and the judged statistics.
+
+A module beside the demo, not part of the library: the demo imports it as a sibling script, the sweep puts examples/
+on its path.
+"""
+
+import tempfile
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.svm import SVC
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from diffusion_dpo_trainer import (
+    DiffusionDPOConfig,
+    DiffusionDPOTrainer,
+    DiffusionOnlineDPOConfig,
+    DiffusionOnlineDPOTrainer,
+)
+from diffusion_dpo_trainer.feedback import build_preference_pairs
+from diffusion_dpo_trainer.testing import write_clip_tokenizer
+
+PROMPT = "a handwritten digit {}"
+PROMPTS = [PROMPT.format(d) for d in range(10)]
+SIZE = 16  # pixels; the VAE halves it, so the UNet works on 4x8x8 latents
+EVAL_SEED_OFFSET = 10**9  # evaluation seeds never overlap the seeds used to sample pairs
+
+
+@dataclass
+class Settings:
+    vae_steps: int
+    unet_steps: int
+    groups_per_digit: int  # independent sampling groups per digit for AI feedback
+    images_per_group: int
+    dpo_steps: int
+    eval_seeds: int  # held-out seeds per digit for the judged comparison
+    inference_steps: int = 20
+    batch_size: int = 64
+    dpo_batch_size: int = 16
+    beta: float = 2500.0
+    dpo_learning_rate: float = 5e-4
+    lora_rank: int = 8
+    # --online: samples are drawn every `online_iterations` optimizer steps for `dpo_batch_size` prompts,
+    # `images_per_group` images each: (dpo_steps / online_iterations) * dpo_batch_size * images_per_group images in
+    # all, as many as the offline pairs are built from (groups_per_digit * 10 * images_per_group).
+    online_iterations: int = 10
+
+
+# The reward model and DPO strength were chosen with benchmarks/digits_sweep.py on other data splits (--seed 3, 4) and
+# validation sampling seeds, never on the held-out seeds this demo reports (docs/alignment-demo.md).
+FULL = Settings(vae_steps=200, unet_steps=800, groups_per_digit=48, images_per_group=4, dpo_steps=300, eval_seeds=40)
+QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_group=4, dpo_steps=4, eval_seeds=4,
+                 inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2)
+
+
+# ----- data ---------------------------------------------------------------------------------------------------------
+def load_halves(seed: int):
+    """Two stratified halves of load_digits: A trains the generator and the reward model, B only the judge."""
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float() / 16.0  # (N, 8, 8) in [0, 1]
+    upscaled = F.interpolate(images[:, None], size=SIZE, mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
+    a, b = train_test_split(np.arange(len(images)), test_size=0.5, stratify=digits.target, random_state=seed)
+    return (upscaled[a], digits.target[a]), (upscaled[b], digits.target[b])
+
+
+def features(images: torch.Tensor) -> np.ndarray:
+    """Classifier input: 16 px grey images in [0, 1] pooled back to the 8x8 grid of the original scans."""
+    return F.avg_pool2d(images[:, None], 2).flatten(1).numpy()
+
+
+def pil_to_grey(images) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(im.convert("L"), dtype=np.float32) / 255.0 for im in images]))
+
+
+class DigitProbability:
+    """A reward function: the classifier's probability that the image shows the digit named in the prompt."""
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def probabilities(self, images) -> np.ndarray:
+        return self.classifier.predict_proba(features(pil_to_grey(images)))
+
+    def __call__(self, images, prompts) -> list[float]:
+        probs = self.probabilities(images)
+        digits = [int(p.rsplit(" ", 1)[-1]) for p in prompts]
+        return [float(probs[i, self.classifier.classes_.tolist().index(d)]) for i, d in enumerate(digits)]
+
+
+def digit_classifier(pixels: torch.Tensor, labels: np.ndarray) -> DigitProbability:
+    """The recipe of both the reward model (on half A) and the judge (on half B): the same model, disjoint data."""
+    return DigitProbability(CalibratedClassifierCV(SVC(), ensemble=False).fit(features(pixels), labels))
+
+
+# ----- the base text-to-image model ---------------------------------------------------------------------------------
+def make_text_encoder(seed: int):
+    with tempfile.TemporaryDirectory() as scratch:
+        write_clip_tokenizer(scratch, vocab_words=["a", "handwritten", "digit"])
+        # Prompts are 6 tokens with BOS/EOS: a context of 8 keeps cross-attention cheap.
+        tokenizer = CLIPTokenizer.from_pretrained(scratch, model_max_length=8)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return tokenizer, CLIPTextModel(config).eval().requires_grad_(False)
+
+
+def train_vae(pixels: torch.Tensor, steps: int, batch_size: int, seed: int, log) -> tuple[AutoencoderKL, list]:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=SIZE,
+    )
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
+    losses = []
+    for step in range(steps):
+        x = pixels[torch.randint(len(pixels), (batch_size,))]
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, x) + 1e-5 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        log("vae", step, steps, loss.item())
+    vae.eval().requires_grad_(False)
+    # Like Stable Diffusion: scale latents to unit variance for the UNet.
+    with torch.no_grad():
+        std = vae.encode(pixels[:512]).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae, losses
+
+
+def train_unet(vae, text_encoder, prompt_ids, pixels, labels, scheduler, steps, batch_size, seed, log, on_step=None):
+    """Epsilon-prediction denoising on VAE latents; the text encoder learns with the UNet, so the digit token
+    matters from the start instead of being a faint difference in a random encoder's output."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4, cross_attention_dim=text_encoder.config.hidden_size, norm_num_groups=16,
+    )
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+        mean, std = posterior.mean, posterior.std
+    alphas = scheduler.alphas_cumprod
+    text_encoder.train().requires_grad_(True)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.05)
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(len(pixels), (batch_size,))
+        x0 = (mean[idx] + std[idx] * torch.randn_like(mean[idx])) * vae.config.scaling_factor
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        text_embeds = text_encoder(prompt_ids)[0]  # the 10 prompts once, then one row per sample
+        loss = F.mse_loss(unet(noisy, t, text_embeds[labels[idx]]).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        log("unet", step, steps, loss.item())
+        if on_step is not None:
+            on_step(step, unet, text_encoder)
+    text_encoder.eval().requires_grad_(False)
+    return unet.eval(), losses
+
+
+def build_base_pipeline(path, pixels, labels, settings: Settings, seed: int, log, on_step=None):
+    tokenizer, text_encoder = make_text_encoder(seed)
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    pixels3 = (pixels * 2 - 1)[:, None].repeat(1, 3, 1, 1)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    vae, vae_losses = train_vae(pixels3, settings.vae_steps, settings.batch_size, seed, log)
+    unet, unet_losses = train_unet(
+        vae, text_encoder, ids.input_ids, pixels3, torch.as_tensor(labels), scheduler, settings.unet_steps,
+        settings.batch_size, seed, log, on_step,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return {"vae": vae_losses, "unet": unet_losses}
+
+
+# ----- AI feedback and Diffusion-DPO -------------------------------------------------------------------------------
+def sampling_kwargs(settings: Settings) -> dict:
+    return {"num_inference_steps": settings.inference_steps, "guidance_scale": 1.0}
+
+
+def ai_feedback_pairs(base_path, reward, settings: Settings, seed: int):
+    """Best-vs-worst pairs by the reward model, from groups of base-model samples of each digit's prompt."""
+    return build_preference_pairs(
+        base_path, [p for p in PROMPTS for _ in range(settings.groups_per_digit)], reward,
+        num_images_per_prompt=settings.images_per_group, strategy="best_vs_worst", seed=seed * 100_000,
+        batch_size=settings.batch_size, **sampling_kwargs(settings),
+    )
+
+
+def training_config(settings: Settings, seed: int, output_dir: str) -> dict:
+    """What offline and online DPO share: strength, steps, batch (pairs, or prompts giving one pair each), logging."""
+    return dict(
+        output_dir=output_dir, beta=settings.beta, resolution=SIZE, per_device_train_batch_size=settings.dpo_batch_size,
+        max_steps=settings.dpo_steps, learning_rate=settings.dpo_learning_rate, lr_scheduler_type="constant",
+        logging_steps=max(settings.dpo_steps // 15, 1), save_strategy="no", report_to="none", seed=seed,
+        dataloader_pin_memory=False,
+    )
+
+
+def lora_config(settings: Settings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.lora_rank, lora_alpha=settings.lora_rank, init_lora_weights="gaussian",
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"],
+    )
+
+
+def dpo_trainer(base_path, pairs, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionDPOTrainer:
+    args = DiffusionDPOConfig(**training_config(settings, seed, output_dir), **config)
+    return DiffusionDPOTrainer(model=base_path, args=args, train_dataset=pairs, peft_config=lora_config(settings))
+
+
+def online_dpo_trainer(base_path, reward, settings: Settings, seed: int, output_dir: str,
+                       **config) -> DiffusionOnlineDPOTrainer:
+    """On-policy DPO: every `online_iterations` steps, `images_per_group` policy samples for each of `dpo_batch_size`
+    prompts, best against worst by the reward model; the same LoRA, beta and learning rate as offline."""
+    args = DiffusionOnlineDPOConfig(
+        **training_config(settings, seed, output_dir), num_images_per_prompt=settings.images_per_group,
+        num_iterations=settings.online_iterations, **sampling_kwargs(settings), **config,
+    )
+    prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    return DiffusionOnlineDPOTrainer(model=base_path, reward_funcs=reward, args=args, train_dataset=prompts,
+                                     peft_config=lora_config(settings))
+
+
+def images_sampled(settings: Settings, online: bool) -> int:
+    """The sampling budget: images drawn from a model to train on (pairs offline, policy groups online)."""
+    if online:
+        generations = -(-settings.dpo_steps // settings.online_iterations)
+        return generations * settings.dpo_batch_size * settings.images_per_group
+    return 10 * settings.groups_per_digit * settings.images_per_group
+
+
+# ----- judged statistics -----------------------------------------------------------------------------------------
+def wanted_digits(prompts) -> np.ndarray:
+    return np.array([int(p.rsplit(" ", 1)[-1]) for p in prompts])
+
+
+def diversity(grey: torch.Tensor, digits: np.ndarray) -> float:
+    """Mean Euclidean distance between two images of the same digit (grey 16x16 pixels in [0, 1]), over digits."""
+    return float(np.mean([torch.pdist(grey[torch.from_numpy(digits == d)].flatten(1)).mean().item() for d in range(10)]))
+
+
+def judged_statistics(judge: DigitProbability, images, prompts) -> dict:
+    wanted = wanted_digits(prompts)
+    predicted = judge.classifier.classes_[judge.probabilities(images).argmax(1)]
+    return {
+        "mean_judge_score": float(np.mean(judge(images, prompts))),
+        "accuracy": float((predicted == wanted).mean()),
+        "per_digit_accuracy": {str(d): float((predicted[wanted == d] == d).mean()) for d in range(10)},
+        "diversity": diversity(pil_to_grey(images), wanted),
+    }
+
+
+def reward_win_rate(reward: DigitProbability, dpo_images, base_images, prompts) -> float:
+    """The same comparison scored by the reward model that labelled the pairs (what DPO optimised)."""
+    dpo, base = np.array(reward(dpo_images, prompts)), np.array(reward(base_images, prompts))
+    return float(((dpo > base).sum() + 0.5 * (dpo == base).sum()) / len(dpo))
