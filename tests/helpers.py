@@ -3,6 +3,7 @@ recorder of denoiser calls and noise draws. Test modules import from here, never
 
 import io
 import json
+import contextlib
 import math
 import runpy
 import sys
@@ -82,6 +83,18 @@ def assert_cached_run_matches_uncached(make_trainer, image_column: str):
     assert runs[True] == pytest.approx(runs[False], abs=1e-5)
     assert len(set(np.round(runs[False], 4))) > 1  # the model did train
     return runs
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread: comparisons of runs whose batches are split differently (processes, generation
+    batches) are exact only when every matmul reduces in the same order, as with OMP_NUM_THREADS=1 in the workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def losses_of(trainer):

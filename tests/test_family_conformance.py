@@ -107,9 +107,9 @@ def test_full_finetune_saves_a_denoiser_that_reloads(tmp_path, built):
     before = {k: v.clone() for k, v in denoiser.state_dict().items()}
     assert trainer.ref_model is not None and trainer.ref_model is not denoiser  # a frozen copy
     trainer.train()
-    # Policy == frozen copy at step 1, up to float rounding: on CPU a module whose weights require grad can take
-    # another kernel (Sana's linear attention differs by ~1e-7), which beta turns into ~1e-5 of loss.
-    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-4)
+    # Policy == frozen copy at step 1. Only Sana's linear attention takes another CPU kernel when its weights require
+    # grad (outputs differ by ~1e-7, which beta turns into ~1e-5 of loss); every other family is exact to 1e-6.
+    assert losses_of(trainer)[0] == pytest.approx(LN2, abs=1e-4 if name == "SanaPipeline" else 1e-6)
     trainer.save_model()
 
     subfolder = trainer.family.denoiser_name
