@@ -101,6 +101,16 @@ class DiffusionDPOTrainer(Trainer):
         self.loss_types = losses.resolve_loss_types(args.loss_type, args.loss_weights)
         self.paired = losses.is_paired(self.loss_types)
         self.loss_params = losses.LossParams.from_config(args, beta=self.beta)
+        if args.precompute_ref_errors:  # checked before anything is encoded or moved
+            if not args.precompute_latents:
+                raise ValueError("precompute_ref_errors=True needs precompute_latents=True: the reference errors are "
+                                 "computed for each pair's stored latents (and crop).")
+            if not losses.needs_reference(self.loss_types):
+                raise ValueError(f"precompute_ref_errors=True, but loss_type {args.loss_type!r} uses no reference "
+                                 "model.")
+            if args.dataloader_persistent_workers:
+                raise ValueError("precompute_ref_errors=True cannot use dataloader_persistent_workers: the workers "
+                                 "would keep drawing with the epoch they started in.")
         denoiser = self.family.denoiser
 
         for module in self.family.frozen_modules:
@@ -194,9 +204,6 @@ class DiffusionDPOTrainer(Trainer):
             if not args.precompute_ref_errors:  # precomputed: it runs in each process's own pass, then it is dropped
                 self.family.set_reference(self._shard_reference(self.ref_model))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        if args.precompute_ref_errors and not args.precompute_latents:
-            raise ValueError("precompute_ref_errors=True needs precompute_latents=True: the reference errors are "
-                             "computed for each pair's stored latents (and crop).")
         if args.precompute_latents or args.precompute_text_embeddings:
             self.train_dataset, self.eval_dataset = precompute_for_training(
                 self.family, self.train_dataset, self.eval_dataset, self.data_collator, args, self.resolution,
@@ -253,11 +260,6 @@ class DiffusionDPOTrainer(Trainer):
         """Run the reference once on every row's per-epoch draws and store its errors, then drop it: training reads
         the errors and never runs a reference."""
         args = self.args
-        if not losses.needs_reference(self.loss_types):
-            raise ValueError(f"precompute_ref_errors=True, but loss_type {args.loss_type!r} uses no reference model.")
-        if args.dataloader_persistent_workers:
-            raise ValueError("precompute_ref_errors=True cannot use dataloader_persistent_workers: the workers would "
-                             "keep drawing with the epoch they started in.")
         draws = RowDraws(args.seed, self.family.sample_timesteps, args.random_flip)
         self.data_collator.draws = draws
         self.add_callback(DrawEpochCallback(draws))
