@@ -80,10 +80,15 @@ def _array_feature(shape: tuple[int, ...]):
     return array_types[len(shape)](shape=shape, dtype="float32")
 
 
-def row_generator(seed: int, row: int, *key: int) -> torch.Generator:
-    """An independent stream per (seed, row, *key), so a row's draws depend neither on batching nor on order.
+def derived_seed(*key: int) -> int:
+    """A 32-bit seed from integers (e.g. run seed, row, epoch), independent for every distinct key.
     (SeedSequence ignores trailing zeros in its key: give each use a key that cannot end in one.)"""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, row, *key]).generate_state(1)[0]))
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
+
+
+def row_generator(seed: int, row: int, *key: int) -> torch.Generator:
+    """An independent stream per (seed, row, *key), so a row's draws depend neither on batching nor on order."""
+    return torch.Generator().manual_seed(derived_seed(seed, row, *key))
 
 
 def precompute_latents(

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from . import losses
+from .caching import derived_seed
 from .feedback import candidate_pairs, is_preference
 from .online_config import DiffusionOnlineDPOConfig
 from .rewards import load_reward
@@ -62,11 +63,6 @@ class PromptCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, list]:
         return {key: [row[key] for row in rows] for key in rows[0]}
-
-
-def image_seed(*key: int) -> int:
-    """A 32-bit seed from integers (run seed, step, micro-step, place in the global batch, image)."""
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
 
 
 class RepeatedWindowSampler(torch.utils.data.Sampler):
@@ -319,7 +315,7 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         prompts = inputs["prompt"]
         first = self.accelerator.process_index * len(prompts)  # this process's place in the global batch
         flat_prompts = [p for p in prompts for _ in range(n)]
-        seeds = [image_seed(args.seed, *key, first + g, j) for g in range(len(prompts)) for j in range(n)]
+        seeds = [derived_seed(args.seed, *key, first + g, j) for g in range(len(prompts)) for j in range(n)]
         start = time.perf_counter()
         images, latents = self._sample(flat_prompts, seeds)
         columns = {k: [v for v in values for _ in range(n)] for k, values in inputs.items() if k != "prompt"}
