@@ -89,8 +89,8 @@ def test_yaml_snippets_in_docs_use_real_keys():
         assert not set(snippet) - known_config_keys(), sorted(set(snippet) - known_config_keys())
 
 
-def command_lines(path: Path):
-    """`diffusion-dpo train` commands (any launcher) in a document's code blocks or a YAML file's comments."""
+def command_lines(path: Path, command: str = "train"):
+    """`diffusion-dpo <command>` commands (any launcher) in a document's code blocks or a YAML file's comments."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".md":
         blocks = code_blocks(text, ("bash", "sh", "shell", ""))
@@ -98,7 +98,7 @@ def command_lines(path: Path):
         blocks = ["\n".join(line.lstrip("#") for line in text.splitlines() if line.startswith("#"))]
     for block in blocks:
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-            if re.search(r"(diffusion-dpo\)?|diffusion_dpo_trainer) train\b", line):
+            if re.search(rf"(diffusion-dpo\)?|diffusion_dpo_trainer) {command}\b", line):
                 yield line.strip()
 
 
@@ -117,6 +117,30 @@ def test_documented_commands_use_real_flags_and_files():
                     assert (ROOT / tokens[i + 1]).is_file(), f"{path.name}: {tokens[i + 1]}"
             checked += 1
     assert checked >= 10  # the docs do show commands
+
+
+class CommandParsed(Exception):
+    """Raised in place of running a documented command once its arguments have parsed."""
+
+
+def test_documented_evaluate_commands_parse(monkeypatch):
+    """Every `diffusion-dpo evaluate` command in the docs (bar the `...` sketches) gets past the CLI's argument
+    parser: an unknown flag, a bad choice or a missing value exits with status 2 before anything is loaded."""
+    def stop(*args, **kwargs):
+        raise CommandParsed
+
+    monkeypatch.setattr(cli, "_evaluate_protocol", stop)  # --prompt_set: the protocol
+    monkeypatch.setattr(cli, "_sampling_kwargs", stop)  # otherwise: the win rate (it reads --prompts_file)
+    checked = 0
+    for path in DOCUMENTS:
+        for line in command_lines(path, "evaluate"):
+            if "..." in line:
+                continue
+            tokens = shlex.split(line, comments=True)
+            with pytest.raises(CommandParsed):
+                cli.evaluate(tokens[tokens.index("evaluate") + 1:])
+            checked += 1
+    assert checked >= 5  # evaluation.md and cli.md show commands
 
 
 def test_relative_links_in_docs_resolve():
