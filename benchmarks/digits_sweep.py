@@ -10,8 +10,9 @@ VALIDATION sampling seeds (2e9 + s): disjoint from the pair-sampling seeds and f
 
 A setting is comma-separated overrides of the demo's `Settings` fields, plus `reward=svm` (the demo's calibrated
 RBF-SVM) or `reward=logistic` (a logistic regression, C=0.5), and `online=1` for on-policy DPO (the demo's --online;
-`online_iterations`, `images_per_group`, `dpo_batch_size` set its sampling). Prints one JSON line per run, then a
-Markdown table;
+`online_iterations`, `images_per_group`, `dpo_batch_size` set its sampling; any scalar field that
+`DiffusionOnlineDPOConfig` adds, e.g. `pair_strategy=all_pairs` or `sync_ref_model=1`, is passed on). Prints one JSON
+line per run, then a Markdown table;
 "judge agrees with pair labels" is the share of AI-feedback pairs whose chosen image the judge also scores higher.
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from diffusion_dpo_trainer import evaluate_win_rate
+from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionOnlineDPOConfig, evaluate_win_rate
 
 # The demo's building blocks live in examples/digits_common.py, a module the demo and this sweep share.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -36,9 +37,12 @@ import digits_common as demo
 VALIDATION_SEED_OFFSET = 2 * 10**9
 
 
-def parse_setting(text: str) -> tuple[str, bool, demo.Settings]:
+def parse_setting(text: str) -> tuple[str, bool, demo.Settings, dict]:
+    """(reward, online, the demo's Settings, online-only DiffusionOnlineDPOConfig overrides) of one setting."""
     fields = {f.name: f.type for f in dataclasses.fields(demo.Settings)}
-    reward, online, overrides = "svm", False, {}
+    online_fields = {f.name: f.default for f in dataclasses.fields(DiffusionOnlineDPOConfig)
+                     if f.name not in {g.name for g in dataclasses.fields(DiffusionDPOConfig)}}
+    reward, online, overrides, config = "svm", False, {}, {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key == "reward" and value in ("svm", "logistic"):
@@ -47,10 +51,15 @@ def parse_setting(text: str) -> tuple[str, bool, demo.Settings]:
             online = value == "1"
         elif key in fields:
             overrides[key] = (int if fields[key] in (int, "int") else float)(value)
+        elif key in online_fields and isinstance(online_fields[key], (bool, int, float, str)):
+            kind = type(online_fields[key])
+            config[key] = value in ("1", "true", "True") if kind is bool else kind(value)
         else:
-            raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic, online=1 or "
-                             f"{sorted(fields)}")
-    return reward, online, dataclasses.replace(demo.FULL, **overrides)
+            raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic, online=1, "
+                             f"{sorted(fields)} or (online) {sorted(online_fields)}")
+    if config and not online:
+        raise SystemExit(f"{sorted(config)} in {text!r} apply to online DPO only: add online=1.")
+    return reward, online, dataclasses.replace(demo.FULL, **overrides), config
 
 
 def main(argv=None) -> list[dict]:
@@ -78,7 +87,7 @@ def main(argv=None) -> list[dict]:
         }
         pairs, agreement = {}, {}  # agreement: share of pairs whose chosen image the judge also scores higher
         for text in args.settings:
-            reward, online, settings = parse_setting(text)
+            reward, online, settings, online_config = parse_setting(text)
             key = (reward, settings.groups_per_digit, settings.images_per_group)
             if not online and key not in pairs:
                 pairs[key] = demo.ai_feedback_pairs(base_path, rewards[reward], settings, seed)
@@ -89,7 +98,7 @@ def main(argv=None) -> list[dict]:
                 output_dir = os.path.join(work_dir, "lora")
                 if online:
                     trainer = demo.online_dpo_trainer(base_path, rewards[reward], settings, seed + dpo_seed,
-                                                      output_dir, disable_tqdm=True)
+                                                      output_dir, disable_tqdm=True, **online_config)
                 else:
                     trainer = demo.dpo_trainer(base_path, pairs[key], settings, seed + dpo_seed, output_dir,
                                                disable_tqdm=True)
