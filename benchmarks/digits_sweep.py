@@ -14,6 +14,8 @@ RBF-SVM) or `reward=logistic` (a logistic regression, C=0.5), and `online=1` for
 `DiffusionOnlineDPOConfig` adds, e.g. `pair_strategy=all_pairs` or `sync_ref_model=1`, is passed on). Prints one JSON
 line per run, then a Markdown table;
 "judge agrees with pair labels" is the share of AI-feedback pairs whose chosen image the judge also scores higher.
+`--reference-points 8` first prints, per pipeline seed, the judged win rates of two yardsticks against base samples:
+best-of-k base samples picked by the reward model, and real scans (see `reference_points`).
 """
 
 import argparse
@@ -26,15 +28,52 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionOnlineDPOConfig, evaluate_win_rate
+from diffusion_dpo_trainer.sampling import sample_images
 
 # The demo's building blocks live in examples/digits_common.py, a module the demo and this sweep share.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import digits_common as demo
 
 VALIDATION_SEED_OFFSET = 2 * 10**9
+REFERENCE_SEED_OFFSET = VALIDATION_SEED_OFFSET + 10**8  # --reference-points samples: disjoint from the above
+
+
+def win(tuned: np.ndarray, base: np.ndarray) -> float:
+    """Judged win rate of `tuned` over `base` scores, ties counting half (as evaluate_win_rate counts them)."""
+    return float(((tuned > base) + 0.5 * (tuned == base)).mean())
+
+
+def reference_points(base_path, reward, judge, pixels_a, labels_a, n: int, per_digit: int) -> dict:
+    """What the judge thinks of two models the demo does not train, against one base sample per comparison:
+    best-of-k base samples picked by the reward model (k = 1, 2, 4, ... n: the usual KL-bounded yardstick of reward
+    tuning) and real scans of half A (the generator's own training data). Unlike the demo's comparison, the two sides
+    do not share a sampling seed, so these are yardsticks, not bounds."""
+    pipe = StableDiffusionPipeline.from_pretrained(base_path)
+    prompts = [p for p in demo.PROMPTS for _ in range(per_digit * (n + 1))]
+    seeds = [REFERENCE_SEED_OFFSET + i for i in range(len(prompts))]
+    images = sample_images(pipe, prompts, seeds, batch_size=demo.FULL.batch_size, progress="Sampling base model",
+                           **demo.sampling_kwargs(demo.FULL))
+    shape = (len(demo.PROMPTS), per_digit, n + 1)  # sample 0 of each group is the base side of the comparison
+    rewards, judged = (np.array(score(images, prompts)).reshape(shape) for score in (reward, judge))
+    points, k = {}, 1
+    while k <= n:
+        picked = rewards[..., 1 : k + 1].argmax(-1)[..., None]
+        points[f"best_of_{k}"] = win(np.take_along_axis(judged[..., 1 : k + 1], picked, -1)[..., 0], judged[..., 0])
+        k *= 2
+    rng = np.random.default_rng(0)
+    base_prompts = prompts[:: n + 1]
+    real = []
+    for digit in demo.wanted_digits(base_prompts):
+        scans = pixels_a[torch.from_numpy(labels_a == digit)]
+        real.append(Image.fromarray(np.uint8(scans[rng.integers(len(scans))].numpy() * 255 + 0.5)).convert("RGB"))
+    points["real_digits"] = win(np.array(judge(real, base_prompts)), judged[..., 0].reshape(-1))
+    return points
 
 
 def parse_setting(text: str) -> tuple[str, bool, demo.Settings, dict]:
@@ -64,11 +103,14 @@ def parse_setting(text: str) -> tuple[str, bool, demo.Settings, dict]:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("settings", nargs="+", help='e.g. "reward=svm,beta=2500,dpo_steps=300"')
+    parser.add_argument("settings", nargs="*", help='e.g. "reward=svm,beta=2500,dpo_steps=300"')
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4], help="pipeline seeds (data split, models)")
     parser.add_argument("--dpo-seeds", type=int, nargs="+", default=[0], help="offsets added to the DPO seed")
     parser.add_argument("--validation-seeds", type=int, default=30, help="sampling seeds per digit for the judge")
     parser.add_argument("--work-dir", default=None, help="keeps the base pipelines (base-S) for later sweeps")
+    parser.add_argument("--reference-points", type=int, default=0, metavar="N",
+                        help="also judge best-of-k (k = 1, 2, 4, ... N) base samples picked by the reward model, and "
+                             "real scans, against base samples (the yardsticks of docs/online-dpo.md)")
     args = parser.parse_args(argv)
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="digits-sweep-")
     seeds = [VALIDATION_SEED_OFFSET + s for s in range(args.validation_seeds)]
@@ -85,6 +127,10 @@ def main(argv=None) -> list[dict]:
                 LogisticRegression(C=0.5, max_iter=2000).fit(demo.features(pixels_a), labels_a)
             ),
         }
+        if args.reference_points:
+            points = reference_points(base_path, rewards["svm"], judge, pixels_a, labels_a, args.reference_points,
+                                      args.validation_seeds)
+            print(json.dumps({"seed": seed, "reference_points": points}), flush=True)
         pairs, agreement = {}, {}  # agreement: share of pairs whose chosen image the judge also scores higher
         for text in args.settings:
             reward, online, settings, online_config = parse_setting(text)
@@ -120,6 +166,8 @@ def main(argv=None) -> list[dict]:
                        "images_sampled": demo.images_sampled(settings, online), "train_s": round(train_s, 1)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+    if not args.settings:
+        return rows
     print("\n| setting | judged win rates (validation) | mean | min | judge accuracy base -> DPO | diversity "
           "| judge agrees with pair labels |")
     print("|---|---|---|---|---|---|---|")
