@@ -89,7 +89,7 @@ def parse_setting(text: str) -> tuple[str, bool, demo.Settings, dict]:
         elif key == "online":
             online = value == "1"
         elif key in fields:
-            overrides[key] = (int if fields[key] in (int, "int") else float)(value)
+            overrides[key] = {int: int, "int": int, str: str, "str": str}.get(fields[key], float)(value)
         elif key in online_fields and isinstance(online_fields[key], (bool, int, float, str)):
             kind = type(online_fields[key])
             config[key] = value in ("1", "true", "True") if kind is bool else kind(value)

@@ -17,8 +17,8 @@ stratified halves A and B.
    against the worst by the reward model.
 4. Diffusion-DPO with `DiffusionDPOTrainer` and a LoRA adapter; `RewardEvaluationCallback` tracks the reward-model
    win rate during training. With `--online`, steps 3 and 4 are one: `DiffusionOnlineDPOTrainer` samples groups from
-   the policy being trained and pairs them by the same reward model as it goes, for the same number of sampled
-   images (each batch of samples is reused for `online_iterations` optimizer steps).
+   the policy being trained and pairs them by the same reward model as it goes (every pair of a group; each batch
+   of samples serves `online_iterations` optimizer steps), with its own validated beta (`FULL_ONLINE`).
 5. Evaluation on held-out seeds (never used for pairs): for every (prompt, seed) the judge scores the DPO sample
    and the base sample drawn from the same starting noise; `win_rate` counts ties as half a win. Also: mean judge
    score, per-digit accuracy (judge's argmax == prompted digit) and a diversity figure (mean pairwise pixel
@@ -47,6 +47,7 @@ from diffusers import StableDiffusionPipeline
 from digits_common import (
     EVAL_SEED_OFFSET,
     FULL,
+    FULL_ONLINE,
     PROMPTS,
     QUICK,
     SIZE,
@@ -159,7 +160,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    settings = QUICK if args.quick else FULL
+    settings = QUICK if args.quick else FULL_ONLINE if args.online else FULL
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -6,7 +6,7 @@ on its path.
 """
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import datasets
 import numpy as np
@@ -51,13 +51,18 @@ class Settings:
     lora_rank: int = 8
     # --online: samples are drawn every `online_iterations` optimizer steps for `dpo_batch_size` prompts,
     # `images_per_group` images each: (dpo_steps / online_iterations) * dpo_batch_size * images_per_group images in
-    # all, as many as the offline pairs are built from (groups_per_digit * 10 * images_per_group).
+    # all (the offline pairs are built from groups_per_digit * 10 * images_per_group), paired by
+    # `online_pair_strategy` (DiffusionOnlineDPOConfig's `pair_strategy`).
     online_iterations: int = 10
+    online_pair_strategy: str = "best_vs_worst"
 
 
 # The reward model and DPO strength were chosen with benchmarks/digits_sweep.py on other data splits (--seed 3, 4) and
 # validation sampling seeds, never on the held-out seeds this demo reports (docs/alignment-demo.md).
 FULL = Settings(vae_steps=200, unet_steps=800, groups_per_digit=48, images_per_group=4, dpo_steps=300, eval_seeds=40)
+# --online: a smaller beta, fresh samples every 5 steps and every pair of a group (chosen with digits_sweep.py on splits
+# 3 and 4: docs/online-dpo.md); it samples 3840 images to train on, twice what the offline pairs are built from.
+FULL_ONLINE = replace(FULL, beta=1000.0, online_iterations=5, online_pair_strategy="all_pairs")
 QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_group=4, dpo_steps=4, eval_seeds=4,
                  inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2)
 
@@ -244,10 +249,11 @@ def dpo_trainer(base_path, pairs, settings: Settings, seed: int, output_dir: str
 def online_dpo_trainer(base_path, reward, settings: Settings, seed: int, output_dir: str,
                        **config) -> DiffusionOnlineDPOTrainer:
     """On-policy DPO: every `online_iterations` steps, `images_per_group` policy samples for each of `dpo_batch_size`
-    prompts, best against worst by the reward model; the same LoRA, beta and learning rate as offline."""
+    prompts, paired by the reward model (`online_pair_strategy`); the same LoRA and learning rate as offline."""
     args = DiffusionOnlineDPOConfig(
         **training_config(settings, seed, output_dir), num_images_per_prompt=settings.images_per_group,
-        num_iterations=settings.online_iterations, **sampling_kwargs(settings), **config,
+        num_iterations=settings.online_iterations, **sampling_kwargs(settings),
+        **{"pair_strategy": settings.online_pair_strategy, **config},
     )
     prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
     return DiffusionOnlineDPOTrainer(model=base_path, reward_funcs=reward, args=args, train_dataset=prompts,
