@@ -371,8 +371,9 @@ class DiffusionDPOTrainer(Trainer):
         """Per-sample mse of policy and reference, shape (groups * B): ONE policy forward and, when a selected loss
         needs a reference, ONE reference forward on exactly the policy's inputs, or the batch's precomputed errors.
 
-        The reference runs first: its activations are freed before the policy's graph is built, so the two never
-        sit in memory together (a lower peak, and on CPU fewer fresh pages to fault in: docs/performance.md)."""
+        The reference runs first, before the policy's graph holds its activations: its short-lived buffers never add
+        to the graph's peak, and on CPU they reuse memory the allocator still holds instead of faulting in fresh
+        pages (docs/performance.md)."""
         x0, noise, timesteps, conditioning = self._denoiser_inputs(inputs)
         noisy, target = self.family.noisy_latents_and_target(x0, noise, timesteps)
         ref_mse = None
