@@ -173,6 +173,8 @@ def summarize(probe: dict, warmup: int, clock: str) -> dict:
     intervals = list(zip(ends[:-1], ends[1:], clock_ends[:-1], clock_ends[1:]))[warmup:]
     if not intervals:
         sys.exit("Not enough steps: raise --steps above --warmup + 1.")
+    kernel = {key: [b - a for a, b in zip(probe[key][:-1], probe[key][1:])][warmup:]
+              for key in ("step_sys", "step_faults") if key in probe}  # older probe files lack them
     steps, wall, breakdown = [], [], {name: [] for name in (*CATEGORIES, "other")}
     for start, end, clock_start, clock_end in intervals:
         spent = {name: 0.0 for name in CATEGORIES}
@@ -189,6 +191,8 @@ def summarize(probe: dict, warmup: int, clock: str) -> dict:
         phases[name] = phases.get(name, 0.0) + (t1 - t0 if clock == "wall" else cpu)
     return {"step_s": statistics.median(steps), "steps_s": steps, "wall_step_s": statistics.median(wall),
             "breakdown_s": {name: statistics.fmean(values) for name, values in breakdown.items()},
+            "sys_step_s": statistics.median(kernel["step_sys"]) if kernel else None,
+            "page_faults_per_step": statistics.median(kernel["step_faults"]) if kernel else None,
             "pre_pass_s": phases, "peak_rss_gib": probe["peak_rss_gib"], "wall_s": probe["wall_s"],
             "torch_threads": probe["torch_threads"]}
 
@@ -228,6 +232,8 @@ def compare(opts) -> dict:
         steps = [r["step_s"] for r in results]
         entry = {"step_s": statistics.median(steps), "peak_rss_gib": max(r["peak_rss_gib"] for r in results),
                  "wall_step_s": statistics.median(r["wall_step_s"] for r in results),
+                 **{key: statistics.median(r[key] for r in results) if None not in [r.get(key) for r in results]
+                    else None for key in ("sys_step_s", "page_faults_per_step")},
                  "breakdown_s": {k: statistics.median(r["breakdown_s"][k] for r in results)
                                  for k in results[0]["breakdown_s"]}}
         if name != PEER and peer_steps:
@@ -259,8 +265,8 @@ def markdown(result: dict) -> str:
              f"{c['steps']} steps ({c['warmup']} warm-up), OMP_NUM_THREADS={result['omp_num_threads']}, "
              f"{c['clock']} seconds\n",
              "| run | s/step (median) | wall s/step | paired ratio | + ref pre-pass, 1 run / 4 runs | + all pre-passes, 1 run / 4 "
-             "runs | " + " | ".join(CATEGORIES) + " | other | peak RSS |",
-             "|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 2)]
+             "runs | " + " | ".join(CATEGORIES) + " | other | system s/step | page faults/step | peak RSS |",
+             "|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 4)]
     for name, e in result["summary"].items():
         if "paired_ratio" not in e:
             ratios = "- | - | -"
@@ -271,7 +277,10 @@ def markdown(result: dict) -> str:
                      f"{e['with_all_pre_passes_1_runs_ratio']:.3f} / {e['with_all_pre_passes_4_runs_ratio']:.3f}")
             ratios = f"**{e['paired_ratio']:.3f}** | {ref} | {every}"
         parts = " | ".join(f"{e['breakdown_s'][k]:.3f}" for k in (*CATEGORIES, "other"))
-        lines.append(f"| {name} | {e['step_s']:.3f} | {e['wall_step_s']:.3f} | {ratios} | {parts} | {e['peak_rss_gib']:.2f} GiB |")
+        kernel = ("- | -" if e.get("sys_step_s") is None else
+                  f"{e['sys_step_s']:.3f} | {e['page_faults_per_step']:.0f}")
+        lines.append(f"| {name} | {e['step_s']:.3f} | {e['wall_step_s']:.3f} | {ratios} | {parts} | {kernel} | "
+                     f"{e['peak_rss_gib']:.2f} GiB |")
     return "\n".join(lines) + "\n"
 
 

@@ -369,10 +369,13 @@ class DiffusionDPOTrainer(Trainer):
 
     def _denoising_errors(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample mse of policy and reference, shape (groups * B): ONE policy forward and, when a selected loss
-        needs a reference, ONE reference forward on exactly the policy's inputs, or the batch's precomputed errors."""
+        needs a reference, ONE reference forward on exactly the policy's inputs, or the batch's precomputed errors.
+
+        The reference runs first, before the policy's graph holds its activations: its short-lived buffers never add
+        to the graph's peak, and on CPU they reuse memory the allocator still holds instead of faulting in fresh
+        pages (docs/performance.md)."""
         x0, noise, timesteps, conditioning = self._denoiser_inputs(inputs)
         noisy, target = self.family.noisy_latents_and_target(x0, noise, timesteps)
-        policy_mse = losses.per_sample_mse(self.family.predict(model, noisy, timesteps, conditioning), target)
         ref_mse = None
         if "ref_mse" in inputs:  # (rows, groups) -> winners first
             ref_mse = inputs["ref_mse"].T.reshape(-1)
@@ -381,6 +384,7 @@ class DiffusionDPOTrainer(Trainer):
         elif losses.needs_reference(self.loss_types):
             with torch.no_grad(), self.family.reference() as reference:
                 ref_mse = losses.per_sample_mse(self.family.predict(reference, noisy, timesteps, conditioning), target)
+        policy_mse = losses.per_sample_mse(self.family.predict(model, noisy, timesteps, conditioning), target)
         return policy_mse, ref_mse
 
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:

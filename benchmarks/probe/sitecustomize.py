@@ -4,8 +4,10 @@ Put this folder on PYTHONPATH and set BENCH_PROBE_OUT to a JSON path: Python imp
 wraps, at class level, the VAE's `encode`, the CLIP text encoder's `forward`, the UNet's `forward` (with grad enabled:
 the policy; without: the reference), `Tensor.backward`, and every optimizer's `step` (global hooks). The training
 script itself is not touched. At exit it writes each call's (name, start, end, CPU seconds) and the optimizer-step
-end times (wall clock and the process's CPU time), which delimit the steps, plus the process's peak RSS. CPU time is
-what to compare on a machine shared with other jobs: it counts the work done, not the time spent waiting for a core.
+end times (wall clock, the process's CPU time, its system CPU time and its minor page faults), which delimit the
+steps, plus the process's peak RSS. CPU time is what to compare on a machine shared with other jobs: it counts the
+work done, not the time spent waiting for a core. System time and page faults show how much of it is the kernel
+handing out fresh memory (glibc returns large freed blocks to the kernel, and every reuse faults them in again).
 """
 
 import atexit
@@ -22,7 +24,7 @@ if OUT:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    events, step_ends, step_cpu, marks = [], [], [], {}
+    events, step_ends, step_cpu, step_sys, step_faults, marks = [], [], [], [], [], {}
     # On a GPU the kernels run asynchronously: synchronise at each boundary, so a call's time is its own.
     _sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
@@ -59,6 +61,9 @@ if OUT:
         events.append(("optimizer", start, end, cpu - cpu_start))
         step_ends.append(end)
         step_cpu.append(cpu)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        step_sys.append(usage.ru_stime)
+        step_faults.append(usage.ru_minflt)
 
     register_optimizer_step_pre_hook(_before_step)
     register_optimizer_step_post_hook(_after_step)
@@ -78,6 +83,7 @@ if OUT:
     @atexit.register
     def _write():
         with open(OUT, "w") as f:
-            json.dump({"events": events, "step_ends": step_ends, "step_cpu": step_cpu, "phases": marks.get("phases", []),
+            json.dump({"events": events, "step_ends": step_ends, "step_cpu": step_cpu, "step_sys": step_sys,
+                       "step_faults": step_faults, "phases": marks.get("phases", []),
                        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                        "torch_threads": torch.get_num_threads()}, f)
