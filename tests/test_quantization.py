@@ -73,13 +73,14 @@ def test_qlora_trains_an_adapter_on_the_quantized_base_which_is_also_the_referen
     assert trainer.ref_model is None  # no second copy: the reference is the adapter switched off
     quantized_before = frozen_value(to_q.base_layer.weight)
 
-    # Both forwards of a step run the same quantized module: the policy with the adapter on, the reference with it off.
+    # Both forwards of a step run the same quantized module: the reference first with the adapter off, then the policy
+    # with it on.
     adapter_off = []
     handle = transformer.register_forward_pre_hook(lambda m, a, kw: adapter_off.append(to_q.disable_adapters),
                                                    with_kwargs=True)
     trainer.train()
     handle.remove()
-    assert adapter_off == [False, True] * args.max_steps
+    assert adapter_off == [True, False] * args.max_steps
     losses = losses_of(trainer)
     assert losses[0] == pytest.approx(LN2, abs=1e-6) and all(math.isfinite(x) for x in losses)
     assert torch.equal(frozen_value(to_q.base_layer.weight), quantized_before)  # the quantized base never changes
