@@ -39,7 +39,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -154,13 +154,21 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="Tiny settings for CI: finishes in about a minute.")
     parser.add_argument("--online", action="store_true",
                         help="On-policy DPO (DiffusionOnlineDPOTrainer) instead of pairs sampled from the base model.")
+    parser.add_argument("--groups-per-digit", type=int, default=None,
+                        help="Offline: base-model sampling groups per digit for the AI-feedback pairs (default 48: "
+                             "1920 images; 96 matches --online's 3840).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.groups_per_digit is not None and (args.online or args.groups_per_digit < 1):
+        parser.error("--groups-per-digit takes a positive number and applies to offline DPO only (not with --online).")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL_ONLINE if args.online else FULL
+    if args.groups_per_digit:
+        settings = replace(settings, groups_per_digit=args.groups_per_digit)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -21,11 +21,15 @@ def is_fraction(value):
 def test_quick_run_writes_a_well_formed_report(tmp_path):
     out = tmp_path / "digits-dpo"
     # The example's own command line, as a user runs it (examples are scripts, not library modules).
-    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--output-dir", str(out), "--seed", "1"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--output-dir", str(out), "--seed", "1",
+                           "--groups-per-digit", "3"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
     report = json.loads((out / "report.json").read_text())
+    # --groups-per-digit sets the offline sampling budget (QUICK has 2 groups): 3 groups x 10 digits, one pair each.
+    assert report["settings"]["groups_per_digit"] == 3
+    assert report["images_sampled"] == 3 * 10 * report["settings"]["images_per_group"]
+    assert 0 < report["num_pairs"] <= 30
     assert f"judged win rate of DPO over base: {report['win_rate']:.1%}" in done.stdout  # the summary is the report's
     assert is_fraction(report["win_rate"])
     n = report["num_comparisons"]
@@ -40,7 +44,7 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
         assert all(is_fraction(v) for v in stats["per_digit_accuracy"].values())
         assert math.isclose(stats["accuracy"], np.mean(list(stats["per_digit_accuracy"].values())))
         assert isinstance(stats["diversity"], float) and stats["diversity"] >= 0.0
-    assert report["num_pairs"] > 0 and report["seed"] == 1 and report["quick"] is True
+    assert report["seed"] == 1 and report["quick"] is True
     assert all(value >= 0 for value in report["timings_s"].values())
 
     for name in ("samples.png", "training_curves.png"):
@@ -50,6 +54,12 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
     pipe.load_lora_weights(out / "dpo-lora")
     assert os.path.isfile(out / "dpo-lora" / "README.md")
+
+
+def test_groups_per_digit_is_refused_with_online():
+    done = subprocess.run([sys.executable, str(DEMO), "--online", "--groups-per-digit", "96"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "offline DPO only" in done.stderr
 
 
 def test_quick_online_run_reports_its_sampling_budget(tmp_path):
