@@ -44,11 +44,6 @@ VALIDATION_SEED_OFFSET = 2 * 10**9
 REFERENCE_SEED_OFFSET = VALIDATION_SEED_OFFSET + 10**8  # --reference-points samples: disjoint from the above
 
 
-def win(tuned: np.ndarray, base: np.ndarray) -> float:
-    """Judged win rate of `tuned` over `base` scores, ties counting half (as evaluate_win_rate counts them)."""
-    return float(((tuned > base) + 0.5 * (tuned == base)).mean())
-
-
 def reference_points(base_path, reward, judge, pixels_a, labels_a, n: int, per_digit: int) -> dict:
     """What the judge thinks of two models the demo does not train, against one base sample per comparison:
     best-of-k base samples picked by the reward model (k = 1, 2, 4, ... n: the usual KL-bounded yardstick of reward
@@ -64,7 +59,8 @@ def reference_points(base_path, reward, judge, pixels_a, labels_a, n: int, per_d
     points, k = {}, 1
     while k <= n:
         picked = rewards[..., 1 : k + 1].argmax(-1)[..., None]
-        points[f"best_of_{k}"] = win(np.take_along_axis(judged[..., 1 : k + 1], picked, -1)[..., 0], judged[..., 0])
+        best = np.take_along_axis(judged[..., 1 : k + 1], picked, -1)[..., 0]
+        points[f"best_of_{k}"] = demo.score_win_rate(best, judged[..., 0])
         k *= 2
     rng = np.random.default_rng(0)
     base_prompts = prompts[:: n + 1]
@@ -72,7 +68,7 @@ def reference_points(base_path, reward, judge, pixels_a, labels_a, n: int, per_d
     for digit in demo.wanted_digits(base_prompts):
         scans = pixels_a[torch.from_numpy(labels_a == digit)]
         real.append(Image.fromarray(np.uint8(scans[rng.integers(len(scans))].numpy() * 255 + 0.5)).convert("RGB"))
-    points["real_digits"] = win(np.array(judge(real, base_prompts)), judged[..., 0].reshape(-1))
+    points["real_digits"] = demo.score_win_rate(np.array(judge(real, base_prompts)), judged[..., 0].reshape(-1))
     return points
 
 

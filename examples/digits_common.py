@@ -289,7 +289,11 @@ def judged_statistics(judge: DigitProbability, images, prompts) -> dict:
     }
 
 
+def score_win_rate(tuned: np.ndarray, base: np.ndarray) -> float:
+    """Share of comparisons whose tuned score beats the base score, ties counting half (as evaluate_win_rate)."""
+    return float(((tuned > base) + 0.5 * (tuned == base)).mean())
+
+
 def reward_win_rate(reward: DigitProbability, dpo_images, base_images, prompts) -> float:
     """The same comparison scored by the reward model that labelled the pairs (what DPO optimised)."""
-    dpo, base = np.array(reward(dpo_images, prompts)), np.array(reward(base_images, prompts))
-    return float(((dpo > base).sum() + 0.5 * (dpo == base).sum()) / len(dpo))
+    return score_win_rate(np.array(reward(dpo_images, prompts)), np.array(reward(base_images, prompts)))
