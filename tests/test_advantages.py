@@ -59,7 +59,7 @@ def test_normalize_then_sum_as_trl():
     for g in (0, 2):  # each function normalised within its group, then weighted and summed
         a = [per_func[g + i, 0].item() for i in range(2)]
         b = [per_func[g + i, 1].item() for i in range(2)]
-        norm = lambda xs, x: (x - statistics.fmean(xs)) / (statistics.stdev(xs) + 1e-4)  # noqa: E731
+        norm = lambda xs, x: (x - statistics.fmean(xs)) / (statistics.stdev(xs) + 1e-4)
         total += [norm(a, a[i]) + 0.5 * norm(b, b[i]) for i in range(2)]
     mean, std = statistics.fmean(total), statistics.stdev(total)  # then normalised over the batch
     assert result.advantages.tolist() == pytest.approx([(t - mean) / (std + 1e-4) for t in total], abs=1e-5)

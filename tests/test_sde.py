@@ -2,6 +2,7 @@
 recorded step recomputes to the same log-density, and on a flow whose velocity is known in closed form the stochastic
 steps keep the marginals of the deterministic sampler."""
 
+import itertools
 import math
 
 import pytest
@@ -196,8 +197,8 @@ def test_deterministic_step_has_no_density_and_bad_input_is_named():
 M, C, N = 0.8, 0.5, 100_000
 
 
-def flow_marginal(s):
-    return (1 - s) * M, math.sqrt((1 - s) ** 2 * C**2 + s**2)
+def flow_marginal(s, c=C):
+    return (1 - s) * M, math.sqrt((1 - s) ** 2 * c**2 + s**2)
 
 
 def flow_velocity(x, s, c=C):
@@ -206,13 +207,14 @@ def flow_velocity(x, s, c=C):
 
 
 def flow_errors(step_fn, sigmas, level, c=C):
+    """Worst marginal error over the steps, starting from the exact marginal at sigmas[0]."""
     g = torch.Generator().manual_seed(0)
-    mean, sd = flow_marginal(sigmas[0].item()) if c == C else ((1 - sigmas[0].item()) * M, sigmas[0].item())
+    mean, sd = flow_marginal(sigmas[0].item(), c)
     x = mean + sd * torch.randn(N, 1, generator=g)
     errors = []
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+    for s, s_next in itertools.pairwise(sigmas):
         x = step_fn(flow_velocity(x, s.item(), c), x, s, s_next, level, generator=g).prev_sample
-        mean, sd = (1 - s_next.item()) * M, (math.sqrt((1 - s_next.item()) ** 2 * c**2 + s_next.item() ** 2))
+        mean, sd = flow_marginal(s_next.item(), c)
         errors.append(max(abs(x.mean().item() - mean), abs(x.std().item() - sd)))
     return errors
 
@@ -247,7 +249,8 @@ def ddim_errors(steps, eta):
         a, ap = a_t.item(), a_prev.item()
         eps = math.sqrt(1 - a) / (a * C**2 + 1 - a) * (x - math.sqrt(a) * M)
         x = sde.ddim_step(eps, x, a_t, a_prev, eta=eta, generator=g).prev_sample
-        worst = max(worst, abs(x.mean().item() - math.sqrt(ap) * M), abs(x.std().item() - math.sqrt(ap * C**2 + 1 - ap)))
+        mean, sd = math.sqrt(ap) * M, math.sqrt(ap * C**2 + 1 - ap)
+        worst = max(worst, abs(x.mean().item() - mean), abs(x.std().item() - sd))
     return worst
 
 
