@@ -69,7 +69,8 @@ def _gaussian_step(mean, std, kl_std, prev_sample, generator) -> SDEStep:
             prev_sample = mean
     else:
         if generator is not None:
-            raise ValueError("Give either `prev_sample` (recompute a recorded step) or `generator` (draw one), not both.")
+            raise ValueError("Give either `prev_sample` (recompute a recorded step) or `generator` (draw one), "
+                             "not both.")
         prev_sample = prev_sample.float()
     return SDEStep(prev_sample, gaussian_log_prob(prev_sample.detach(), mean, std), mean, std, kl_std)
 
