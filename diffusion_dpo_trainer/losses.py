@@ -325,7 +325,7 @@ def nft_loss(
     affine in the prediction with coefficients summing to one (flow: x0_hat = x_t - t v; epsilon:
     (x_t - sqrt(1 - a) eps) / sqrt(a); v-prediction: sqrt(a) x_t - sqrt(1 - a) v), so x0_hat(v+) =
     nft_beta x0_pred + (1 - nft_beta) old_x0_pred for every parametrisation: this x0 form is the official flow loss
-    and, unchanged, the epsilon- and v-prediction one. Per sample, with the adaptive weight w = mean |x0_hat - x0|
+    and, unchanged, the epsilon- and v-prediction one (derived here: the official code trains only SD3.5, a flow). Per sample, with the adaptive weight w = mean |x0_hat - x0|
     (detached, at least 1e-5) and r the optimality weight (advantages.nft_optimality),
 
         loss = loss_scale * mean_b [ r mean((x0_hat+ - x0)^2) / w+ + (1 - r) mean((x0_hat- - x0)^2) / w- ] / nft_beta
