@@ -266,14 +266,15 @@ def grpo_loss(
     beta: float = 0.0,
     mean: torch.Tensor | None = None,
     ref_mean: torch.Tensor | None = None,
-    kl_std: torch.Tensor | None = None,
+    kl_std: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped-ratio GRPO loss of one sampler step, as flow_grpo's scripts/train_sd3.py:881-897 (ac4c86e).
 
     ratio = exp(log_prob - old_log_prob) per sample (`log_prob` averaged over latent elements, sde.py), the loss
     mean_b max(-A ratio, -A clip(ratio, 1 - epsilon, 1 + epsilon_high)) plus, with beta > 0, beta times the KL of the
-    step to the reference's, mean_b [ mean over latent elements of (mean - ref_mean)^2 / (2 kl_std^2) ]: flow_grpo
-    divides by the Flow-SDE's noise scale s squared, not the transition variance s^2 |dt| (`SDEStep.kl_std`).
+    step to the reference's, mean_b [ mean over latent elements of (mean - ref_mean)^2 / (2 kl_std^2) ]. flow_grpo
+    divides by the Flow-SDE's noise scale s squared (`sde.flow_sde_noise_scale`; eta for DanceGRPO's step), not by
+    the transition variance s^2 |dt|; for CPS and DDIM pass the step's `std`.
 
     Metrics: `clip_ratio/{low,high,region}_mean` as TRL counts them (the clip binds: ratio below 1 - epsilon with
     A < 0, above 1 + epsilon_high with A > 0), flow_grpo's `clipfrac` (|ratio - 1| > epsilon, any sign) and

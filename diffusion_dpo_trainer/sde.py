@@ -1,10 +1,10 @@
 """Stochastic sampler steps and the Gaussian log-density of each transition: what a GRPO importance ratio is made of.
 
 GRPO needs a policy whose every sampling step is a Gaussian with a known density. Each function here takes one
-step's model output, input latents and noise schedule values and returns an `SDEStep`: the next latents (drawn from
-`generator`, or the recorded `prev_sample` given back to recompute a rollout's log-density during training), the
-log-density of that sample averaged over latent elements, the step's mean and standard deviation, and the scale
-flow_grpo's KL term divides by. Everything is computed in float32 (bf16 overflows in the mean, flow_grpo
+step's input latents, model output and noise schedule values, `fn(sample, model_output, sigma, sigma_next,
+noise_level, generator=None)` (the form of `rollout.FunctionStep`), and returns an `SDEStep`: the next latents (drawn
+from `generator`, or the recorded `prev_sample` given back to recompute a rollout's log-density during training), the
+log-density of that sample averaged over latent elements, and the step's mean and standard deviation. Everything is computed in float32 (bf16 overflows in the mean, flow_grpo
 sd3_sde_with_logprob.py:34) and with noise level 0 every step is the pipeline's own deterministic sampler.
 
 Sources (file:line at the commits named in docs/on-policy-math.md):
@@ -23,15 +23,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 class SDEStep(NamedTuple):
-    """One stochastic sampler step. `std` is the Gaussian's standard deviation, so the transition density is
-    `Normal(mean, std)`; `kl_std` is the scale flow_grpo's KL to the reference divides the squared mean gap by (the
-    noise scale s of the Flow-SDE, before the sqrt(|dt|) factor; the transition std for the other samplers)."""
+    """One stochastic sampler step: the next latents, their log-density (B,), and the transition's mean and standard
+    deviation, so the density is `Normal(mean, std)`. All float32."""
 
     prev_sample: torch.Tensor
     log_prob: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
-    kl_std: torch.Tensor
 
 
 def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
@@ -60,7 +58,7 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
-def _gaussian_step(mean, std, kl_std, prev_sample, generator) -> SDEStep:
+def _gaussian_step(mean, std, prev_sample, generator) -> SDEStep:
     if prev_sample is None:
         if bool((std > 0).any()):
             noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -72,45 +70,52 @@ def _gaussian_step(mean, std, kl_std, prev_sample, generator) -> SDEStep:
             raise ValueError("Give either `prev_sample` (recompute a recorded step) or `generator` (draw one), "
                              "not both.")
         prev_sample = prev_sample.float()
-    return SDEStep(prev_sample, gaussian_log_prob(prev_sample.detach(), mean, std), mean, std, kl_std)
+    return SDEStep(prev_sample, gaussian_log_prob(prev_sample.detach(), mean, std), mean, std)
 
 
-def _flow_drift_step(v, x, sigma, sigma_next, s, prev_sample, generator) -> SDEStep:
+def _flow_drift_step(x, v, sigma, sigma_next, s, prev_sample, generator) -> SDEStep:
     """Euler-Maruyama step of the reverse SDE with the flow's marginals and diffusion s(sigma):
     mean = x + [v + s^2/(2 sigma) (x + (1 - sigma) v)] dt, std = s sqrt(-dt), written as flow_grpo writes it."""
     dt = sigma_next - sigma
     mean = x * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
-    return _gaussian_step(mean, s * torch.sqrt(-dt), s, prev_sample, generator)
+    return _gaussian_step(mean, s * torch.sqrt(-dt), prev_sample, generator)
 
 
-def flow_sde_step(model_output, sample, sigma, sigma_next, noise_level: float = 0.7, *, prev_sample=None,
-                  generator=None) -> SDEStep:
-    """Flow-GRPO's SDE step for rectified-flow models (x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0).
+def flow_sde_noise_scale(sigma, sigma_next, noise_level: float, like: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's noise scale s = noise_level * sqrt(sigma / (1 - sigma)), per sample, broadcastable to `like`.
 
-    Noise scale s = noise_level * sqrt(sigma / (1 - sigma)). At sigma = 1 that is infinite, and flow_grpo
-    (sd3_sde_with_logprob.py:44,47) puts the schedule's second sigma in the denominator instead; sigma = 1 is only ever
-    the first step, whose next sigma is that second sigma, so `sigma_next` stands in for it here exactly.
+    At sigma = 1 that is infinite, and flow_grpo (sd3_sde_with_logprob.py:44,47) puts the schedule's second sigma in
+    the denominator instead; sigma = 1 is only ever the first step, whose next sigma is that second sigma, so
+    `sigma_next` stands in for it here exactly. It is also the scale flow_grpo's KL divides by (losses.grpo_loss).
     """
-    v, x = model_output.float(), sample.float()
+    sigma, sigma_next = _per_sample(sigma, like), _per_sample(sigma_next, like)
+    return torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma))) * noise_level
+
+
+def flow_sde_step(sample, model_output, sigma, sigma_next, noise_level: float = 0.7, *, prev_sample=None,
+                  generator=None) -> SDEStep:
+    """Flow-GRPO's SDE step for rectified-flow models (x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0), with the
+    noise scale of `flow_sde_noise_scale`: std = s sqrt(sigma - sigma_next)."""
+    x, v = sample.float(), model_output.float()
+    s = flow_sde_noise_scale(sigma, sigma_next, noise_level, x)
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
-    s = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma))) * noise_level
-    return _flow_drift_step(v, x, sigma, sigma_next, s, prev_sample, generator)
+    return _flow_drift_step(x, v, sigma, sigma_next, s, prev_sample, generator)
 
 
-def dance_sde_step(model_output, sample, sigma, sigma_next, eta: float = 0.3, *, prev_sample=None,
+def dance_sde_step(sample, model_output, sigma, sigma_next, eta: float = 0.3, *, prev_sample=None,
                    generator=None) -> SDEStep:
     """DanceGRPO's flow step (`flux_step` with sde_solver=True): the same reverse SDE with a constant noise scale eta.
 
     DanceGRPO writes the drift with the score of x0_hat = x - sigma v, mean = x + dsigma v - eta^2/2 * score * dsigma,
     score = -(x - (1 - sigma) x0_hat) / sigma^2; expanding x0_hat gives Flow-GRPO's drift with s = eta, and its std
-    eta * sqrt(sigma - sigma_next) is s * sqrt(-dt).
+    eta * sqrt(sigma - sigma_next) is s * sqrt(-dt) (so its KL scale, in flow_grpo's form, is eta).
     """
-    v, x = model_output.float(), sample.float()
+    x, v = sample.float(), model_output.float()
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
-    return _flow_drift_step(v, x, sigma, sigma_next, torch.full_like(sigma, float(eta)), prev_sample, generator)
+    return _flow_drift_step(x, v, sigma, sigma_next, torch.full_like(sigma, float(eta)), prev_sample, generator)
 
 
-def cps_step(model_output, sample, sigma, sigma_next, noise_level: float = 0.8, *, prev_sample=None, generator=None,
+def cps_step(sample, model_output, sigma, sigma_next, noise_level: float = 0.8, *, prev_sample=None, generator=None,
              unnormalized_log_prob: bool = False) -> SDEStep:
     """Coefficients-Preserving Sampling (Wang & Yu, arXiv 2509.05952): the next latents keep exactly the flow's
     coefficients, (1 - sigma') x0_hat + sqrt(sigma'^2 - std^2) eps_hat + std z with std = sigma' sin(noise_level pi/2),
@@ -120,26 +125,26 @@ def cps_step(model_output, sample, sigma, sigma_next, noise_level: float = 0.8, 
     elements. `unnormalized_log_prob=True` returns exactly that (its published clip range, 1e-5, assumes it); the
     default is the true Gaussian log-density. The last step (sigma' = 0) is deterministic (std 0).
     """
-    v, x = model_output.float(), sample.float()
+    x, v = sample.float(), model_output.float()
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
     std = sigma_next * math.sin(noise_level * math.pi / 2)
     x0_hat = x - sigma * v
     eps_hat = x + (1 - sigma) * v
     mean = x0_hat * (1 - sigma_next) + eps_hat * torch.sqrt(sigma_next**2 - std**2)
-    step = _gaussian_step(mean, std, std, prev_sample, generator)
+    step = _gaussian_step(mean, std, prev_sample, generator)
     if unnormalized_log_prob:
         gap = (step.prev_sample.detach() - mean) ** 2
         step = step._replace(log_prob=-gap.mean(dim=tuple(range(1, gap.ndim))))
     return step
 
 
-def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta: float = 1.0, *,
+def ddim_step(sample, model_output, alpha_prod_t, alpha_prod_t_prev, eta: float = 1.0, *,
               prediction_type: str = "epsilon", clip_sample_range: float | None = None, prev_sample=None,
               generator=None) -> SDEStep:
     """DDIM (Song et al., eq. 12 and 16) with eta > 0, as DDPO's `ddim_step_with_logprob`, for epsilon-, v- and
     sample-prediction models. `alpha_prod_t` / `alpha_prod_t_prev` come from `ddim_alphas`; pass the scheduler's
     `prediction_type`, and its `clip_sample_range` when `clip_sample` is on (diffusers clips x0_hat, eps is kept)."""
-    out, x = model_output.float(), sample.float()
+    x, out = sample.float(), model_output.float()
     a_t, a_prev = _per_sample(alpha_prod_t, x), _per_sample(alpha_prod_t_prev, x)
     beta_t = 1 - a_t
     if prediction_type == "epsilon":
@@ -155,7 +160,7 @@ def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta: float 
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * variance**0.5
     mean = a_prev**0.5 * x0_hat + (1 - a_prev - std**2) ** 0.5 * eps_hat
-    return _gaussian_step(mean, std, std, prev_sample, generator)
+    return _gaussian_step(mean, std, prev_sample, generator)
 
 
 def flow_sigmas(scheduler, timesteps) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,9 +26,9 @@ def normal_log_prob(step):
 
 
 FLOW_STEPS = {
-    "flow_sde": lambda v, x, s, sn, level, **kw: sde.flow_sde_step(v, x, s, sn, noise_level=level, **kw),
-    "dance": lambda v, x, s, sn, level, **kw: sde.dance_sde_step(v, x, s, sn, eta=level, **kw),
-    "cps": lambda v, x, s, sn, level, **kw: sde.cps_step(v, x, s, sn, noise_level=level, **kw),
+    "flow_sde": lambda x, v, s, sn, level, **kw: sde.flow_sde_step(x, v, s, sn, noise_level=level, **kw),
+    "dance": lambda x, v, s, sn, level, **kw: sde.dance_sde_step(x, v, s, sn, eta=level, **kw),
+    "cps": lambda x, v, s, sn, level, **kw: sde.cps_step(x, v, s, sn, noise_level=level, **kw),
 }
 
 
@@ -55,7 +55,7 @@ def test_noise_level_zero_is_diffusers_flow_euler_step(name):
         expected = scheduler.step(v, t, x).prev_sample
         sigma, sigma_next = sde.flow_sigmas(scheduler, t.repeat(SHAPE[0]))
         generator = torch.Generator().manual_seed(1)
-        got = FLOW_STEPS[name](v, x, sigma, sigma_next, 0.0, generator=generator).prev_sample
+        got = FLOW_STEPS[name](x, v, sigma, sigma_next, 0.0, generator=generator).prev_sample
         if name == "cps":  # the same step written through x0_hat and eps_hat: equal up to float rounding
             torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
         else:
@@ -71,7 +71,7 @@ def test_eta_zero_is_diffusers_ddim_step(prediction_type):
     for t in scheduler.timesteps:
         expected = scheduler.step(out, t, x, eta=0.0).prev_sample
         a_t, a_prev = sde.ddim_alphas(scheduler, t.repeat(SHAPE[0]))
-        got = sde.ddim_step(out, x, a_t, a_prev, eta=0.0, prediction_type=prediction_type).prev_sample
+        got = sde.ddim_step(x, out, a_t, a_prev, eta=0.0, prediction_type=prediction_type).prev_sample
         assert torch.equal(got, expected)
         x = expected
 
@@ -85,7 +85,7 @@ def test_ddim_with_eta_is_diffusers_step_with_its_noise(prediction_type):
     for t in scheduler.timesteps[:-1]:
         prev = scheduler.step(out, t, x, eta=0.7, variance_noise=z).prev_sample
         a_t, a_prev = sde.ddim_alphas(scheduler, t.repeat(SHAPE[0]))
-        step = sde.ddim_step(out, x, a_t, a_prev, eta=0.7, prediction_type=prediction_type, prev_sample=prev)
+        step = sde.ddim_step(x, out, a_t, a_prev, eta=0.7, prediction_type=prediction_type, prev_sample=prev)
         torch.testing.assert_close((prev - step.mean) / step.std, z, rtol=0, atol=1e-4)
         x = prev
 
@@ -101,28 +101,29 @@ def test_ddim_alphas_use_final_alpha_before_timestep_zero_and_refuse_thresholdin
 
 
 # ----- the formulas as the papers write them --------------------------------------------------------------------------
-def test_flow_sde_mean_std_and_kl_scale_are_flow_grpos():
+def test_flow_sde_mean_std_and_noise_scale_are_flow_grpos():
     v, x = tensors()
     sigma, sigma_next, a = torch.tensor([0.8, 0.5, 0.3]), torch.tensor([0.6, 0.3, 0.0]), 0.7
-    step = sde.flow_sde_step(v, x, sigma, sigma_next, noise_level=a, generator=torch.Generator().manual_seed(0))
+    step = sde.flow_sde_step(x, v, sigma, sigma_next, noise_level=a, generator=torch.Generator().manual_seed(0))
     s = (a * torch.sqrt(sigma / (1 - sigma))).view(-1, 1, 1, 1)
     sg, dt = sigma.view(-1, 1, 1, 1), (sigma_next - sigma).view(-1, 1, 1, 1)
     torch.testing.assert_close(step.mean, x + (v + s**2 / (2 * sg) * (x + (1 - sg) * v)) * dt)
     torch.testing.assert_close(step.std, s * torch.sqrt(-dt))
-    torch.testing.assert_close(step.kl_std, s)
+    torch.testing.assert_close(sde.flow_sde_noise_scale(sigma, sigma_next, a, x), s)
 
 
 def test_flow_sde_at_sigma_one_uses_the_next_sigma_as_flow_grpo_does():
     v, x = tensors()
-    step = sde.flow_sde_step(v, x, 1.0, 0.9, noise_level=0.7, generator=torch.Generator().manual_seed(0))
-    assert step.kl_std.item() == pytest.approx(0.7 * math.sqrt(1.0 / (1 - 0.9)), rel=1e-6)
+    step = sde.flow_sde_step(x, v, 1.0, 0.9, noise_level=0.7, generator=torch.Generator().manual_seed(0))
+    assert sde.flow_sde_noise_scale(1.0, 0.9, 0.7, x).item() == pytest.approx(0.7 * math.sqrt(1 / (1 - 0.9)), rel=1e-6)
+    assert step.std.max().item() == pytest.approx(0.7 * math.sqrt(1 / (1 - 0.9)) * math.sqrt(0.1), rel=1e-5)
     assert torch.isfinite(step.prev_sample).all() and torch.isfinite(step.log_prob).all()
 
 
 def test_dance_step_is_dancegrpos_score_form():
     v, x = tensors()
     sigma, sigma_next, eta = 0.7, 0.55, 0.3
-    step = sde.dance_sde_step(v, x, sigma, sigma_next, eta=eta, generator=torch.Generator().manual_seed(0))
+    step = sde.dance_sde_step(x, v, sigma, sigma_next, eta=eta, generator=torch.Generator().manual_seed(0))
     dsigma = sigma_next - sigma
     x0_hat = x - sigma * v
     score = -(x - x0_hat * (1 - sigma)) / sigma**2
@@ -137,9 +138,9 @@ def test_cps_keeps_the_flow_coefficients():
     std = sigma_next * math.sin(level * math.pi / 2)
     x0_hat, eps_hat = x - sigma * v, x + (1 - sigma) * v
     prev = (1 - sigma_next) * x0_hat + math.sqrt(sigma_next**2 - std**2) * eps_hat + std * z
-    step = sde.cps_step(v, x, sigma, sigma_next, noise_level=level, prev_sample=prev)
+    step = sde.cps_step(x, v, sigma, sigma_next, noise_level=level, prev_sample=prev)
     torch.testing.assert_close((prev - step.mean) / step.std, z, rtol=0, atol=1e-5)
-    flow_grpo = sde.cps_step(v, x, sigma, sigma_next, noise_level=level, prev_sample=prev, unnormalized_log_prob=True)
+    flow_grpo = sde.cps_step(x, v, sigma, sigma_next, noise_level=level, prev_sample=prev, unnormalized_log_prob=True)
     torch.testing.assert_close(flow_grpo.log_prob, -((prev - step.mean) ** 2).flatten(1).mean(1))
 
 
@@ -149,10 +150,10 @@ def all_steps(v, x, **kw):
     a_t, a_prev = sde.ddim_alphas(scheduler, scheduler.timesteps[1].repeat(SHAPE[0]))
     sigma, sigma_next = torch.tensor([0.9, 0.6, 0.35]), torch.tensor([0.8, 0.45, 0.2])
     return {
-        "flow_sde": sde.flow_sde_step(v, x, sigma, sigma_next, noise_level=0.7, **kw),
-        "dance": sde.dance_sde_step(v, x, sigma, sigma_next, eta=0.3, **kw),
-        "cps": sde.cps_step(v, x, sigma, sigma_next, noise_level=0.8, **kw),
-        "ddim": sde.ddim_step(v, x, a_t, a_prev, eta=1.0, prediction_type="v_prediction", **kw),
+        "flow_sde": sde.flow_sde_step(x, v, sigma, sigma_next, noise_level=0.7, **kw),
+        "dance": sde.dance_sde_step(x, v, sigma, sigma_next, eta=0.3, **kw),
+        "cps": sde.cps_step(x, v, sigma, sigma_next, noise_level=0.8, **kw),
+        "ddim": sde.ddim_step(x, v, a_t, a_prev, eta=1.0, prediction_type="v_prediction", **kw),
     }
 
 
@@ -172,20 +173,20 @@ def test_log_prob_is_the_normal_density_averaged_over_elements_and_recomputes_ex
 
 def test_log_prob_is_computed_in_float32_from_bf16_inputs():
     v, x = tensors()
-    step = sde.flow_sde_step(v.bfloat16(), x.bfloat16(), 0.6, 0.5, generator=torch.Generator().manual_seed(0))
+    step = sde.flow_sde_step(x.bfloat16(), v.bfloat16(), 0.6, 0.5, generator=torch.Generator().manual_seed(0))
     assert step.prev_sample.dtype == step.mean.dtype == step.log_prob.dtype == torch.float32
 
 
 def test_deterministic_step_has_no_density_and_bad_input_is_named():
     v, x = tensors()
-    step = sde.flow_sde_step(v, x, 0.6, 0.5, noise_level=0.0, prev_sample=x)
+    step = sde.flow_sde_step(x, v, 0.6, 0.5, noise_level=0.0, prev_sample=x)
     assert torch.isnan(step.log_prob).all()  # a step that was never stochastic cannot be trained on
     with pytest.raises(ValueError, match="not both"):
-        sde.flow_sde_step(v, x, 0.6, 0.5, prev_sample=x, generator=torch.Generator())
+        sde.flow_sde_step(x, v, 0.6, 0.5, prev_sample=x, generator=torch.Generator())
     with pytest.raises(ValueError, match=r"one value per sample \(3,\)"):
-        sde.flow_sde_step(v, x, torch.tensor([0.6, 0.5]), 0.4)
+        sde.flow_sde_step(x, v, torch.tensor([0.6, 0.5]), 0.4)
     with pytest.raises(ValueError, match="prediction_type"):
-        sde.ddim_step(v, x, 0.5, 0.6, prediction_type="flow")
+        sde.ddim_step(x, v, 0.5, 0.6, prediction_type="flow")
 
 
 # ----- marginals on a closed-form flow --------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def flow_errors(step_fn, sigmas, level, c=C):
     x = mean + sd * torch.randn(N, 1, generator=g)
     errors = []
     for s, s_next in itertools.pairwise(sigmas):
-        x = step_fn(flow_velocity(x, s.item(), c), x, s, s_next, level, generator=g).prev_sample
+        x = step_fn(x, flow_velocity(x, s.item(), c), s, s_next, level, generator=g).prev_sample
         mean, sd = flow_marginal(s_next.item(), c)
         errors.append(max(abs(x.mean().item() - mean), abs(x.std().item() - sd)))
     return errors
@@ -248,7 +249,7 @@ def ddim_errors(steps, eta):
         a_t, a_prev = sde.ddim_alphas(scheduler, t.view(1))
         a, ap = a_t.item(), a_prev.item()
         eps = math.sqrt(1 - a) / (a * C**2 + 1 - a) * (x - math.sqrt(a) * M)
-        x = sde.ddim_step(eps, x, a_t, a_prev, eta=eta, generator=g).prev_sample
+        x = sde.ddim_step(x, eps, a_t, a_prev, eta=eta, generator=g).prev_sample
         mean, sd = math.sqrt(ap) * M, math.sqrt(ap * C**2 + 1 - ap)
         worst = max(worst, abs(x.mean().item() - mean), abs(x.std().item() - sd))
     return worst
