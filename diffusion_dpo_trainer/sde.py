@@ -2,15 +2,17 @@
 
 GRPO needs a policy whose every sampling step is a Gaussian with a known density. Each function here takes one
 step's input latents, model output and noise schedule values, `fn(sample, model_output, sigma, sigma_next,
-noise_level, generator=None)` (the form of `rollout.FunctionStep`), and returns an `SDEStep`: the next latents (drawn
-from `generator`, or the recorded `prev_sample` given back to recompute a rollout's log-density during training), the
-log-density of that sample averaged over latent elements, and the step's mean and standard deviation. Everything is computed in float32 (bf16 overflows in the mean, flow_grpo
-sd3_sde_with_logprob.py:34) and with noise level 0 every step is the pipeline's own deterministic sampler.
+noise_level, generator=None)` (the form the rollout's `FunctionStep` calls), and returns an `SDEStep`: the next
+latents (drawn from `generator`, or the recorded `prev_sample` given back to recompute a rollout's log-density during
+training), the log-density of that sample averaged over latent elements, and the step's mean and standard deviation.
+Everything is computed in float32 (bf16 overflows in the mean, flow_grpo sd3_sde_with_logprob.py:34) and with noise
+level 0 every step is the pipeline's own deterministic sampler.
 
 Sources (file:line at the commits named in docs/on-policy-math.md):
 - Flow-SDE: flow_grpo `flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:47-68` (Flow-GRPO, arXiv 2505.05470).
 - DanceGRPO's flow step: DanceGRPO `fastvideo/train_grpo_flux.py:131-168` (`flux_step`, arXiv 2505.07818).
-- Coefficients-Preserving Sampling: flow_grpo `sd3_sde_with_logprob.py` (`sde_type == 'cps'`, arXiv 2509.05952).
+- Coefficients-Preserving Sampling: FlowCPS `flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:51-70` (arXiv
+  2509.05952), the same as flow_grpo's later `sde_type == 'cps'`.
 - DDIM with eta > 0: ddpo-pytorch `ddpo_pytorch/diffusers_patch/ddim_with_logprob.py:93-190` (DDPO, arXiv
   2305.13301), on diffusers' `DDIMScheduler.step` alphas.
 """
