@@ -15,14 +15,15 @@ NEW = [-1.0 + math.log(1.5), -1.0 + math.log(0.5), -1.0 + math.log(1.01), -1.0 +
 ADV = [1.0, -2.0, 0.5, 3.0]
 
 
-def hand_grpo(new, old, adv, eps):
+def hand_grpo(new, old, adv, eps, eps_high=None):
+    eps_high = eps if eps_high is None else eps_high
     losses_, low, high = [], [], []
     for lp, lo, a in zip(new, old, adv):
         ratio = math.exp(lp - lo)
-        clipped = min(max(ratio, 1 - eps), 1 + eps)
+        clipped = min(max(ratio, 1 - eps), 1 + eps_high)
         losses_.append(max(-a * ratio, -a * clipped))
         low.append(ratio < 1 - eps and a < 0)
-        high.append(ratio > 1 + eps and a > 0)
+        high.append(ratio > 1 + eps_high and a > 0)
     return sum(losses_) / len(losses_), sum(low) / len(low), sum(high) / len(high)
 
 
@@ -42,6 +43,13 @@ def test_grpo_clipped_ratio_loss_by_hand():
     assert metrics["clipfrac"].item() == 0.5  # flow_grpo: |ratio - 1| > eps, whatever the sign of A
     assert metrics["importance_ratio/mean"].item() == pytest.approx((1.5 + 0.5 + 1.01 + 0.999) / 4)
     assert metrics["approx_kl"].item() == pytest.approx(0.5 * sum((n - o) ** 2 for n, o in zip(NEW, OLD)) / 4)
+
+
+def test_grpo_asymmetric_clip_range():
+    loss, metrics = grpo(epsilon=0.2, epsilon_high=0.6)  # ratio 1.5 with A > 0 is now inside the range
+    assert loss.item() == pytest.approx(hand_grpo(NEW, OLD, ADV, 0.2, 0.6)[0], abs=1e-12)
+    assert loss.item() != pytest.approx(hand_grpo(NEW, OLD, ADV, 0.2)[0], abs=1e-3)
+    assert metrics["clip_ratio/high_mean"].item() == 0.0 and metrics["clip_ratio/low_mean"].item() == 0.25
 
 
 def test_grpo_published_epsilon_clips_ratios_of_one_percent():
