@@ -11,7 +11,7 @@ evaluation protocol (`evaluation.py`, `protocol.py`). `load_reward` builds the o
 | `aesthetic` | LAION improved aesthetic predictor on CLIP ViT-L/14 | AVA scale (about 1-10) |
 | `clip` | `openai/clip-vit-large-patch14` | 100 x cosine |
 | `ocr` | PP-OCRv4 (ONNX, in `rapidocr-onnxruntime`) | 1 - edit distance to the prompt's quoted text (0-1) |
-| `geneval`, `geneval-partial` | Mask2Former detections from a server (`"geneval:http://host:port/detect"`) | GenEval's rules: 0/1, or the share of them met |
+| `geneval`, `geneval-partial` | Mask2Former over HTTP (`geneval:http://host:port/path`) | GenEval rules: 0/1, partial |
 
 The model classes import their weights lazily, so `import diffusion_dpo_trainer` stays light. For video pipelines
 the samples are videos (lists of PIL frames): any callable on lists of frames works, and `frame_averaged` turns an

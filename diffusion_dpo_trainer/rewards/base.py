@@ -35,7 +35,8 @@ def require(module: str, reward: str, extra: str = "rewards"):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"The {reward} reward needs the `{module}` package: {EXTRA_HINT.format(extra=extra)}") from exc
+        hint = EXTRA_HINT.format(extra=extra)
+        raise ImportError(f"The {reward} reward needs the `{module}` package: {hint}") from exc
 
 
 def check_inputs(images, prompts) -> None:
