@@ -217,3 +217,16 @@ def test_bad_server_answers_and_a_missing_url_are_named():
         broken.close()
     with pytest.raises(ValueError, match="detector server's URL"):
         load_reward("geneval")
+
+
+def test_server_recipe_is_python_3_9_and_stands_alone():
+    """examples/geneval_server.py runs in GenEval's Python 3.9 environment, without this library."""
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parent.parent / "examples" / "geneval_server.py").read_text(encoding="utf-8")
+    tree = ast.parse(source, feature_version=(3, 9))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "diffusion_dpo_trainer" not in imported and {"mmdet", "open_clip"} <= imported

@@ -12,11 +12,13 @@ The rules follow `flow_grpo/ocr.py` (yifan123/flow_grpo):
   their Levenshtein distance, capped at the target's length (unrelated extra text costs at most everything);
 - the score is `1 - d / len(target)`: 1.0 for the exact text, 0.0 when nothing is read.
 
-The OCR model is PP-OCRv4 (detection and recognition, the PaddleOCR models Flow-GRPO runs, without the angle
-classifier, as Flow-GRPO sets `use_angle_cls=False`) as ONNX, shipped inside the `rapidocr-onnxruntime` wheel and run
-by onnxruntime: no download, CPU by default. One difference: rapidocr ships the Chinese-English recognition model
-(`ch_PP-OCRv4_rec`), Flow-GRPO asks PaddleOCR for the English one (`lang="en"`), so scores on the same image can differ
-slightly; and Flow-GRPO hands PaddleOCR an RGB array where it expects BGR, this reward gives the OCR model BGR.
+The OCR model is PaddleOCR's PP-OCRv4 detection and recognition as ONNX, shipped inside the `rapidocr-onnxruntime`
+wheel and run by onnxruntime: no download, CPU by default, no angle classifier (Flow-GRPO sets `use_angle_cls=False`).
+Two differences from Flow-GRPO, which runs `paddleocr==2.9.1` with `lang="en"`: PaddleOCR then loads its English
+models (`en_PP-OCRv3_det`, `en_PP-OCRv4_rec`) where the wheel ships the Chinese-English ones (`ch_PP-OCRv4_det`,
+`ch_PP-OCRv4_rec`: they read Latin text too), so scores on one image can differ slightly (pass the English ONNX files
+through `engine_kwargs`, e.g. `{"det_model_path": ..., "rec_model_path": ..., "rec_keys_path": ...}`, to match); and
+Flow-GRPO hands PaddleOCR an RGB array where it expects BGR, this reward gives it BGR.
 """
 
 from PIL import Image
@@ -61,15 +63,17 @@ class OCRReward:
             `onnxruntime`); anything else runs on the CPU.
         dtype, batch_size: accepted and ignored (the OCR model reads one image at a time, in float32), so the OCR
             reward loads wherever a model reward is loaded with them.
+        engine_kwargs: more options of `rapidocr_onnxruntime.RapidOCR` (other model files, detection thresholds).
     """
 
-    def __init__(self, text_score: float = 0.5, num_threads: int = -1, device=None, dtype=None, batch_size=None):
+    def __init__(self, text_score: float = 0.5, num_threads: int = -1, device=None, dtype=None, batch_size=None,
+                 engine_kwargs: dict | None = None):
         rapidocr = require("rapidocr_onnxruntime", "OCR", extra="ocr")
         use_cuda = str(device or "cpu").startswith("cuda")
         self.text_score = text_score
         self.engine = rapidocr.RapidOCR(use_cls=False, text_score=text_score, intra_op_num_threads=num_threads,
                                         inter_op_num_threads=num_threads, det_use_cuda=use_cuda,
-                                        rec_use_cuda=use_cuda)
+                                        rec_use_cuda=use_cuda, **(engine_kwargs or {}))
 
     def read(self, image: Image.Image) -> str:
         """The text the OCR model reads in `image`: its kept boxes, joined in reading order."""
