@@ -192,6 +192,9 @@ def test_reward_takes_metadata_from_dataset_columns(server):
     # TRL's convention: columns arrive as keyword arguments, one value per image
     assert reward(image, ["a photo of a bench"], tag=["two_object"], include=[[{"class": "bench", "count": 1},
                                                                                 {"class": "cat", "count": 1}]]) == [0.0]
+    # called the TRL way, as the online trainers call a reward that takes `completions`
+    assert reward(prompts=["a photo of a bench"], completions=image, trainer_state=None, tag=["single_object"],
+                  include=[[{"class": "bench", "count": 1}]], other_column=["ignored"]) == [1.0]
     assert reward(image, ["my own bench prompt"], metadata=[json.dumps(SINGLE | {"include": [
         {"class": "dog", "count": 1}]})]) == [0.0]
     with pytest.raises(ValueError, match=r"prompts\[0\] 'my own bench prompt' is not one of GenEval's prompts"):

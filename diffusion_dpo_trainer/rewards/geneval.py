@@ -324,6 +324,12 @@ class GenEvalReward:
         return [evaluate(select(found, meta["tag"], **self.selection), meta, self.position_threshold)
                 for found, meta in zip(self.detect(list(images), list(prompts), metadata), metadata)]
 
-    def __call__(self, images: list[Image.Image], prompts: list[str], **columns) -> list[float]:
+    def __call__(self, images: list[Image.Image] | None = None, prompts: list[str] | None = None,
+                 completions: list[Image.Image] | None = None, **columns) -> list[float]:
+        """`reward(images, prompts, **columns)`, or TRL's `reward(prompts=..., completions=images, **columns)` (the
+        `completions` keyword is what makes the online trainers pass the dataset's columns)."""
+        images = completions if images is None else images
+        if images is None or prompts is None:
+            raise TypeError("The GenEval reward needs the images (or `completions`) and their `prompts`.")
         results = self.evaluate(images, prompts, **columns)
         return [float(r.correct) if self.score == "strict" else r.partial for r in results]
