@@ -273,8 +273,8 @@ def _sampling_parser(prog: str, description: str, prompt_sets: bool = False) -> 
             "for several). Runs the protocol.")
     parser.add_argument("--reward", default=None,
                         help="Reward (default pickscore): pickscore, hpsv2, hpsv2.1, imagereward, aesthetic, clip, "
-                        "ocr, 'geneval:<detector url>', '<name>:<id or path>', 'http://host:port/path', 'package.module:function' or weights "
-                        "'pickscore:1,hpsv2.1:0.5'.")
+                        "ocr, 'geneval:<detector url>', '<name>:<id or path>', 'http://host:port/path', "
+                        "'package.module:function' or weights 'pickscore:1,hpsv2.1:0.5'.")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="Denoising steps; default 30 (with --prompt_set: the paper's for the model family).")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Defaults to the pipeline's own.")

@@ -6,6 +6,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import datasets
 import pytest
 from PIL import Image
 
@@ -60,7 +61,8 @@ def test_relative_position():
 SINGLE = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}
 COUNTING = {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
             "prompt": "a photo of two dogs"}
-COLORS = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "pink"}], "prompt": "a photo of a pink car"}
+COLORS = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "pink"}],
+          "prompt": "a photo of a pink car"}
 POSITION = {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
                                            {"class": "dog", "count": 1, "position": ["right of", 0]}],
             "prompt": "a photo of a dog right of a teddy bear"}
@@ -205,6 +207,21 @@ def test_reward_takes_metadata_from_dataset_columns(server):
         reward(image, ["x"], include=[[{"class": "car", "count": 1, "position": ["above", 0]}]])
     with pytest.raises(ValueError, match="Column 'tag' has 2 values for 1 images"):
         reward(image, ["x"], tag=["colors", "colors"], include=[[{"class": "car", "count": 1}]])
+
+
+def test_metadata_columns_of_a_dataset_reach_the_rules(server):
+    """A `datasets` table of GenEval metadata (absent keys may come back as None) gives the reward its columns."""
+    rows = [{"prompt": "a photo of a pink car", "tag": "colors", "exclude": None,
+             "include": [{"class": "car", "count": 1, "color": "pink"}]},
+            {"prompt": "a photo of two wine glasses", "tag": "counting",
+             "include": [{"class": "wine glass", "count": 1}], "exclude": [{"class": "wine glass", "count": 2}]}]
+    data = datasets.Dataset.from_list(rows)
+    columns = {key: list(data[key]) for key in ("tag", "include", "exclude")}
+    images = [Image.new("RGB", (8, 8))] * 2
+    # the car is red; one wine glass above 0.9 (the 0.8 one falls under the counting threshold): correct
+    assert GenEvalReward(server.url)(images, data["prompt"], **columns) == [0.0, 1.0]
+    columns["include"][1][0]["count"] = 2  # now two are asked for: only one above the counting threshold
+    assert GenEvalReward(server.url)(images, data["prompt"], **columns) == [0.0, 0.0]
 
 
 def test_bad_server_answers_and_a_missing_url_are_named():

@@ -38,6 +38,7 @@ metadata gives a colour.
 
 import json
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -198,17 +199,30 @@ def summarize(results: Iterable[dict]) -> dict:
             "overall": float(np.mean(list(tasks.values())))}
 
 
+def _clauses(clauses):
+    """A dataset's struct columns fill absent keys with None (a clause without `color` gets `color: None`)."""
+    if not isinstance(clauses, list):
+        return clauses
+    return [{k: v for k, v in c.items() if v is not None} if isinstance(c, dict) else c for c in clauses]
+
+
 def _check_metadata(metadata, row: int) -> dict:
-    if isinstance(metadata, str):
-        metadata = json.loads(metadata)
     where = f"metadata of prompts[{row}]"
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except ValueError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc}).") from exc
+    if isinstance(metadata, dict):
+        metadata = {**metadata, "include": _clauses(metadata.get("include")),
+                    "exclude": _clauses(metadata.get("exclude"))}
     if not isinstance(metadata, dict) or not isinstance(metadata.get("include"), list) or not metadata["include"]:
         raise ValueError(f"{where}: expected a dict with a non-empty 'include' list (GenEval's metadata), got "
                          f"{metadata!r}.")
     for key in ("include", "exclude"):
         for i, clause in enumerate(metadata.get(key) or []):
             if not isinstance(clause, dict) or not isinstance(clause.get("class"), str) or \
-                    not isinstance(clause.get("count"), int) or clause["count"] < 1:
+                    not isinstance(clause.get("count"), numbers.Integral) or clause["count"] < 1:
                 raise ValueError(f"{where}, {key}[{i}]: expected {{'class': str, 'count': int >= 1, ...}}, got "
                                  f"{clause!r}.")
             if "color" in clause and clause["color"] not in COLORS:
@@ -216,7 +230,7 @@ def _check_metadata(metadata, row: int) -> dict:
             if "position" in clause:
                 position = clause["position"]
                 if (not isinstance(position, (list, tuple)) or len(position) != 2 or position[0] not in RELATIONS
-                        or not isinstance(position[1], int) or not 0 <= position[1] < i):
+                        or not isinstance(position[1], numbers.Integral) or not 0 <= position[1] < i):
                     raise ValueError(f"{where}, {key}[{i}]: position must be [one of {RELATIONS}, the index of an "
                                      f"earlier include clause], got {position!r}.")
     return {"tag": metadata.get("tag", ""), "include": metadata["include"], "exclude": metadata.get("exclude") or []}
