@@ -64,9 +64,10 @@ class Detector:
         for box, mask in zip(boxes, masks):
             crop = image if mask is None else Image.composite(image, blank, Image.fromarray(mask))
             crops.append(self.transform(crop.crop(tuple(box[:4]))))
-        features = self.clip.encode_image(torch.stack(crops).to(self.device))
+        features = self.clip.encode_image(torch.stack(crops).to(self.device)).float()
         features = features / features.norm(dim=-1, keepdim=True)
-        return [COLORS[i] for i in (features @ self.classifier(classname)).argmax(1).tolist()]
+        logits = features @ self.classifier(classname).float()  # clip_benchmark builds it under autocast
+        return [COLORS[i] for i in logits.argmax(1).tolist()]
 
     def __call__(self, image: Image.Image, metadata: dict) -> dict:
         image = image.convert("RGB")
