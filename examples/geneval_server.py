@@ -90,7 +90,9 @@ class Detector:
         return found
 
 
-def serve(detector: Detector, host: str, port: int) -> None:
+def make_server(detector: Detector, host: str, port: int) -> HTTPServer:
+    """One request at a time (`serve_forever`): the models are not re-entrant."""
+
     class Handler(BaseHTTPRequestHandler):
         def _send(self, status, body):
             data = json.dumps(body).encode()
@@ -118,8 +120,7 @@ def serve(detector: Detector, host: str, port: int) -> None:
                 return self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
             self._send(HTTPStatus.OK, {"detections": detections})
 
-    print(f"GenEval detector on http://{host}:{port}/detect", flush=True)
-    HTTPServer((host, port), Handler).serve_forever()  # one request at a time: the models are not re-entrant
+    return HTTPServer((host, port), Handler)
 
 
 if __name__ == "__main__":
@@ -131,4 +132,6 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=18085)
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    serve(Detector(args.geneval_dir, args.model_path, args.device), args.host, args.port)
+    server = make_server(Detector(args.geneval_dir, args.model_path, args.device), args.host, args.port)
+    print(f"GenEval detector on http://{args.host}:{args.port}/detect", flush=True)
+    server.serve_forever()

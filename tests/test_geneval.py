@@ -2,12 +2,19 @@
 counting, colours, positions, strict and partial scores, the benchmark summary), and the reward's HTTP path against a
 local detector server with scripted detections."""
 
+import ast
+import importlib.util
 import json
+import sys
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffusion_dpo_trainer.prompt_sets import geneval_metadata, load_prompt_sets
@@ -22,6 +29,8 @@ from diffusion_dpo_trainer.rewards.geneval import (
     summarize,
 )
 from diffusion_dpo_trainer.rewards.http import RewardServerError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def det(x1, y1, x2, y2, score=0.99, color=None):
@@ -239,12 +248,80 @@ def test_bad_server_answers_and_a_missing_url_are_named():
         load_reward("geneval")
 
 
+def fake_module(name, **attributes):
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    return module
+
+
+@pytest.fixture
+def recipe_server(monkeypatch, tmp_path):
+    """examples/geneval_server.py with stand-ins for mmdet, open_clip and clip_benchmark: its detector "finds" one car
+    in the left half of the image, and its colour classifier calls a crop red or blue by its mean colour."""
+    names = ["person", "bicycle", "car"]
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "object_names.txt").write_text("\n".join(names) + "\n")
+    seen = []
+
+    def inference_detector(model, bgr):
+        seen.append(bgr)
+        height, width = bgr.shape[:2]
+        bbox = [np.zeros((0, 5), np.float32) for _ in names]
+        bbox[2] = np.array([[0, 0, width // 2 - 1, height - 1, 0.95], [0, 0, 3, 3, 0.2]], np.float32)
+        masks = [[] for _ in names]
+        masks[2] = [np.ones((height, width), bool), np.ones((height, width), bool)]
+        return bbox, masks
+
+    def encode_image(pixels):  # one-hot on "red" (index 0) or "blue" (index 4) by the crop's mean colour
+        red = pixels[:, 0].mean(dim=(1, 2)) > pixels[:, 2].mean(dim=(1, 2))
+        return torch.nn.functional.one_hot(torch.where(red, 0, 4), 10).float()
+
+    clip_model = types.SimpleNamespace(encode_image=encode_image)
+    transform = lambda image: torch.tensor(np.asarray(image.resize((4, 4))), dtype=torch.float32).permute(2, 0, 1)
+    zsc = fake_module("zeroshot_classification", zero_shot_classifier=lambda *args: torch.eye(10, dtype=torch.float16))
+    modules = {
+        "mmdet": fake_module("mmdet", __file__=str(tmp_path / "mmdet" / "__init__.py")),
+        "mmdet.apis": fake_module("mmdet.apis", init_detector=lambda *a, **k: "detector",
+                                  inference_detector=inference_detector),
+        "open_clip": fake_module("open_clip", create_model_and_transforms=lambda *a, **k: (clip_model, None, transform),
+                                 get_tokenizer=lambda name: None),
+        "clip_benchmark": fake_module("clip_benchmark"),
+        "clip_benchmark.metrics": fake_module("clip_benchmark.metrics", zeroshot_classification=zsc),
+        "clip_benchmark.metrics.zeroshot_classification": zsc,
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("geneval_server", ROOT / "examples" / "geneval_server.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    server = recipe.make_server(recipe.Detector(str(tmp_path), str(tmp_path), "cpu"), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/detect", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_server_recipe_answers_the_client(recipe_server):
+    """The recipe's request handling, BGR hand-over, 0.3 floor and colour classification, end to end with the client
+    (the detector and CLIP are stand-ins: the real ones need GenEval's environment and a GPU)."""
+    url, seen = recipe_server
+    image = Image.new("RGB", (32, 16), "blue")
+    image.paste((255, 0, 0), (0, 0, 16, 16))  # the car's half is red
+    reward = GenEvalReward(url)
+    red_car = [[{"class": "car", "count": 1, "color": "red"}]]
+    assert reward([image], ["a red car"], tag=["colors"], include=red_car) == [1.0]
+    assert seen[-1][0, 0].tolist() == [0, 0, 255]  # mmdet got BGR, as it reads image files
+    detections = reward.detect([image], ["a red car"], [{"tag": "colors", "include": red_car[0]}])
+    assert detections == [{"car": [Detection((0.0, 0.0, 15.0, 15.0), pytest.approx(0.95), "red")]}]  # 0.2 dropped
+    assert reward([image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], ["a red car"], tag=["colors"],
+                  include=red_car) == [0.0]
+    # counting: the 0.95 car passes the 0.9 threshold, the 0.2 one never left the server
+    assert reward([image], ["two cars"], tag=["counting"], include=[[{"class": "car", "count": 2}]]) == [0.0]
+
+
 def test_server_recipe_is_python_3_9_and_stands_alone():
     """examples/geneval_server.py runs in GenEval's Python 3.9 environment, without this library."""
-    import ast
-    from pathlib import Path
-
-    source = (Path(__file__).resolve().parent.parent / "examples" / "geneval_server.py").read_text(encoding="utf-8")
+    source = (ROOT / "examples" / "geneval_server.py").read_text(encoding="utf-8")
     tree = ast.parse(source, feature_version=(3, 9))
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
