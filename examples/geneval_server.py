@@ -2,8 +2,9 @@
 
 It runs in GenEval's own environment (Python 3.9, torch 1.12, mmcv-full 1.7, mmdet 2.x, open_clip, clip_benchmark:
 GenEval's `environment.yml`), never beside diffusion-dpo-trainer, whose torch and Python it cannot share; the recipe
-is in docs/rewards.md. It needs a GPU and the Mask2Former checkpoint, so this repository's tests cannot run it: they
-test the client and the rules (`diffusion_dpo_trainer/rewards/geneval.py`) against a server with scripted detections.
+is in docs/rewards.md. It needs a GPU and the Mask2Former checkpoint, so this repository's tests run it with stand-ins
+for mmdet, open_clip and clip_benchmark (tests/test_geneval.py), against the client and the rules
+(`diffusion_dpo_trainer/rewards/geneval.py`).
 
 What it does per image is what GenEval's `evaluation/evaluate_images.py` does before its rules: Mask2Former
 (Swin-S, COCO) on the image, and, for the classes whose colour the metadata asks, CLIP ViT-L/14 (OpenAI weights)
