@@ -136,6 +136,10 @@ def test_official_prompts_ship_as_six_task_sets():
     assert sizes == {"geneval/single_object": 80, "geneval/two_object": 99, "geneval/counting": 80,
                      "geneval/colors": 94, "geneval/position": 100, "geneval/color_attr": 100}
     assert len(geneval_metadata()) == 553
+    # every official prompt finds its metadata, and every row passes the metadata checks (positions, colours)
+    prompts = [p for ps in sets.values() for p in ps]
+    metadata = GenEvalReward("http://unused").metadata_for(prompts)
+    assert [m["tag"] for m in metadata] == [name.split("/")[1] for name, ps in sets.items() for _ in ps]
 
 
 class DetectorServer:
