@@ -59,8 +59,8 @@ class OCRReward:
     Args:
         text_score: the recognition confidence below which a text box is ignored (PaddleOCR's default 0.5).
         num_threads: onnxruntime threads per model (-1: onnxruntime's choice, all cores).
-        device: "cuda..." runs detection and recognition on the GPU (needs `onnxruntime-gpu` in place of
-            `onnxruntime`); anything else runs on the CPU.
+        device: "cuda..." runs detection and recognition on the GPU with `onnxruntime-gpu` in place of `onnxruntime`
+            (without it, rapidocr logs how to install it and runs on the CPU); anything else runs on the CPU.
         dtype, batch_size: accepted and ignored (the OCR model reads one image at a time, in float32), so the OCR
             reward loads wherever a model reward is loaded with them.
         engine_kwargs: more options of `rapidocr_onnxruntime.RapidOCR` (other model files, detection thresholds).
