@@ -12,9 +12,10 @@ from diffusion_dpo_trainer.rewards.ocr import OCRReward, levenshtein, ocr_score,
 
 
 def rendered(text: str) -> Image.Image:
-    """Black text on white in Pillow's own TrueType font (bundled with Pillow >= 10.1: no system font needed)."""
-    image = Image.new("RGB", (384, 128), "white")
-    ImageDraw.Draw(image).text((24, 36), text, fill="black", font=ImageFont.load_default(size=40))
+    """Black text on white in Pillow's own TrueType font (bundled with Pillow >= 10.1: no system font needed). Square:
+    the detector scales the short side to 736 px, so a wide strip would cost more."""
+    image = Image.new("RGB", (288, 288), "white")
+    ImageDraw.Draw(image).text((24, 124), text, fill="black", font=ImageFont.load_default(size=40))
     return image
 
 
@@ -55,9 +56,17 @@ def test_target_is_the_first_quoted_text_and_a_prompt_without_one_is_named():
 
 def test_real_model_scores_rendered_text(reward):
     assert reward.read(rendered("Hello World")).replace(" ", "").lower() == "helloworld"
-    scores = reward([rendered("Hello World"), rendered("Hallo World"), Image.new("RGB", (384, 128), "white")],
+    scores = reward([rendered("Hello World"), rendered("Hallo World"), Image.new("RGB", (288, 288), "white")],
                     ['a sign that says "Hello World"'] * 3)
     assert scores == pytest.approx([1.0, 0.9, 0.0])
+
+
+def test_detection_runs_with_paddleocrs_defaults(reward):
+    """Flow-GRPO's PaddleOCR 2.x detection settings, not rapidocr's own (736 px short side, 0.5, 1.6, dilation)."""
+    detector = reward.engine.text_det
+    assert (detector.limit_type, detector.postprocess_op.box_thresh, detector.postprocess_op.unclip_ratio,
+            detector.postprocess_op.thresh, detector.postprocess_op.dilation_kernel) == ("max", 0.6, 1.5, 0.3, None)
+    assert reward.engine.text_score == 0.5 and not reward.engine.use_cls
 
 
 def test_errors_name_the_row_and_the_extra(reward, monkeypatch):

@@ -13,7 +13,8 @@ The rules follow `flow_grpo/ocr.py` (yifan123/flow_grpo):
 - the score is `1 - d / len(target)`: 1.0 for the exact text, 0.0 when nothing is read.
 
 The OCR model is PaddleOCR's PP-OCRv4 detection and recognition as ONNX, shipped inside the `rapidocr-onnxruntime`
-wheel and run by onnxruntime: no download, CPU by default, no angle classifier (Flow-GRPO sets `use_angle_cls=False`).
+wheel and run by onnxruntime: no download, CPU by default, no angle classifier (Flow-GRPO sets `use_angle_cls=False`),
+detection with PaddleOCR's settings (`PADDLEOCR_DETECTION`).
 Two differences from Flow-GRPO, which runs `paddleocr==2.9.1` with `lang="en"`: PaddleOCR then loads its English
 models (`en_PP-OCRv3_det`, `en_PP-OCRv4_rec`) where the wheel ships the Chinese-English ones (`ch_PP-OCRv4_det`,
 `ch_PP-OCRv4_rec`: they read Latin text too), so scores on one image can differ slightly (pass the English ONNX files
@@ -24,6 +25,13 @@ Flow-GRPO hands PaddleOCR an RGB array where it expects BGR, this reward gives i
 from PIL import Image
 
 from .base import check_inputs, require
+
+# PaddleOCR 2.x's text-detection defaults (`tools/infer/utility.py`), which Flow-GRPO runs with, where rapidocr's own
+# differ (rapidocr: short side raised to 736 px, box threshold 0.5, unclip ratio 1.6, dilation on). With "max",
+# rapidocr leaves images up to 2000 px unscaled where PaddleOCR shrinks the long side to 960 px: only larger images
+# are read differently.
+PADDLEOCR_DETECTION = {"det_limit_type": "max", "det_box_thresh": 0.6, "det_unclip_ratio": 1.5,
+                       "det_use_dilation": False}
 
 
 def quoted_text(prompt: str, row: int = 0) -> str:
@@ -63,7 +71,8 @@ class OCRReward:
             (without it, rapidocr logs how to install it and runs on the CPU); anything else runs on the CPU.
         dtype, batch_size: accepted and ignored (the OCR model reads one image at a time, in float32), so the OCR
             reward loads wherever a model reward is loaded with them.
-        engine_kwargs: more options of `rapidocr_onnxruntime.RapidOCR` (other model files, detection thresholds).
+        engine_kwargs: more options of `rapidocr_onnxruntime.RapidOCR` (other model files; they override
+            `PADDLEOCR_DETECTION`).
     """
 
     def __init__(self, text_score: float = 0.5, num_threads: int = -1, device=None, dtype=None, batch_size=None,
@@ -73,7 +82,7 @@ class OCRReward:
         self.text_score = text_score
         self.engine = rapidocr.RapidOCR(use_cls=False, text_score=text_score, intra_op_num_threads=num_threads,
                                         inter_op_num_threads=num_threads, det_use_cuda=use_cuda,
-                                        rec_use_cuda=use_cuda, **(engine_kwargs or {}))
+                                        rec_use_cuda=use_cuda, **{**PADDLEOCR_DETECTION, **(engine_kwargs or {})})
 
     def read(self, image: Image.Image) -> str:
         """The text the OCR model reads in `image`: its kept boxes, joined in reading order."""
