@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from diffusion_dpo_trainer.prompt_sets import geneval_metadata, load_prompt_sets
+from diffusion_dpo_trainer.protocol import evaluate_protocol
 from diffusion_dpo_trainer.rewards import load_reward
 from diffusion_dpo_trainer.rewards.geneval import (
     Detection,
@@ -235,6 +236,29 @@ def test_metadata_columns_of_a_dataset_reach_the_rules(server):
     assert GenEvalReward(server.url)(images, data["prompt"], **columns) == [0.0, 1.0]
     columns["include"][1][0]["count"] = 2  # now two are asked for: only one above the counting threshold
     assert GenEvalReward(server.url)(images, data["prompt"], **columns) == [0.0, 0.0]
+
+
+def test_benchmark_through_the_evaluation_protocol(tmp_path, sd_path):
+    """`evaluate` on the `geneval` prompt set: six task sets, the reward finds each prompt's metadata by itself, and
+    the GenEval score is the mean of the task scores. The scripted detector satisfies the object tasks only."""
+    def satisfied(metadata):
+        return {c["class"]: [{"box": [0, 0, 9, 9], "score": 0.95, **({"color": c["color"]} if "color" in c else {})}]
+                for c in metadata["include"]}
+
+    detector = DetectorServer(lambda payload: {"detections": [
+        satisfied(m) if m["tag"] in ("single_object", "two_object") else {} for m in payload["metadata"]]})
+    try:
+        report = evaluate_protocol(sd_path, ["geneval"], [GenEvalReward(detector.url)], str(tmp_path), seeds=[0, 1],
+                                   max_prompts=1, num_inference_steps=2, resolution=32, batch_size=2, progress=False)
+    finally:
+        detector.close()
+    means = {name: entry["GenEvalReward"]["base"]["mean"] for name, entry in report["results"].items()}
+    assert means == {"geneval/single_object": 1.0, "geneval/two_object": 1.0, "geneval/counting": 0.0,
+                     "geneval/colors": 0.0, "geneval/position": 0.0, "geneval/color_attr": 0.0}
+    rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    summary = summarize([{"tag": r["set"].split("/")[1], "prompt": r["prompt"],
+                          "correct": r["scores"]["GenEvalReward"] == 1.0} for r in rows])
+    assert (summary["images"], summary["prompts"], summary["overall"]) == (12, 6, pytest.approx(2 / 6))
 
 
 def test_bad_server_answers_and_a_missing_url_are_named():
