@@ -7,7 +7,7 @@ OPTIONAL = {
     "torchao": ["torchao>=0.18"],
     # The reward models run on transformers; HPSv2 also needs ftfy to clean prompts as open_clip does.
     "rewards": ["ftfy>=6"],
-    # The OCR reward: PP-OCRv4 as ONNX inside the wheel, run by onnxruntime (with opencv-python, about 400 MB
+    # The OCR reward: PP-OCRv4 as ONNX inside the wheel, run by onnxruntime (with opencv-python: about 390 MB
     # installed; no model download).
     "ocr": ["rapidocr-onnxruntime>=1.4"],
     # Video models (Wan): PyAV decodes and encodes mp4/webm without torchvision or torchcodec.

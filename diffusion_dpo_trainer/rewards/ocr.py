@@ -79,7 +79,6 @@ class OCRReward:
                  engine_kwargs: dict | None = None):
         rapidocr = require("rapidocr_onnxruntime", "OCR", extra="ocr")
         use_cuda = str(device or "cpu").startswith("cuda")
-        self.text_score = text_score
         self.engine = rapidocr.RapidOCR(use_cls=False, text_score=text_score, intra_op_num_threads=num_threads,
                                         inter_op_num_threads=num_threads, det_use_cuda=use_cuda,
                                         rec_use_cuda=use_cuda, **{**PADDLEOCR_DETECTION, **(engine_kwargs or {})})
