@@ -79,9 +79,10 @@ class OCRReward:
                  engine_kwargs: dict | None = None):
         rapidocr = require("rapidocr_onnxruntime", "OCR", extra="ocr")
         use_cuda = str(device or "cpu").startswith("cuda")
-        self.engine = rapidocr.RapidOCR(use_cls=False, text_score=text_score, intra_op_num_threads=num_threads,
-                                        inter_op_num_threads=num_threads, det_use_cuda=use_cuda,
-                                        rec_use_cuda=use_cuda, **{**PADDLEOCR_DETECTION, **(engine_kwargs or {})})
+        self.engine = rapidocr.RapidOCR(use_cls=False, text_score=float(text_score), det_use_cuda=use_cuda,
+                                        rec_use_cuda=use_cuda, intra_op_num_threads=num_threads,
+                                        inter_op_num_threads=num_threads,
+                                        **{**PADDLEOCR_DETECTION, **(engine_kwargs or {})})
 
     def read(self, image: Image.Image) -> str:
         """The text the OCR model reads in `image`: its kept boxes, joined in reading order."""
