@@ -7,6 +7,9 @@ OPTIONAL = {
     "torchao": ["torchao>=0.18"],
     # The reward models run on transformers; HPSv2 also needs ftfy to clean prompts as open_clip does.
     "rewards": ["ftfy>=6"],
+    # The OCR reward: PP-OCRv4 as ONNX inside the wheel, run by onnxruntime (with opencv-python: about 390 MB
+    # installed; no model download).
+    "ocr": ["rapidocr-onnxruntime>=1.4"],
     # Video models (Wan): PyAV decodes and encodes mp4/webm without torchvision or torchcodec.
     "video": ["av>=12"],
 }
@@ -20,6 +23,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["diffusion_dpo_trainer", "diffusion_dpo_trainer.*"]),
+    # Prompt sets shipped with the package (prompt_sets.py): Flow-GRPO's OCR prompts, GenEval's metadata.
+    package_data={"diffusion_dpo_trainer": ["prompt_data/*"]},
     # Lower bounds are the versions the test suite runs against (the trainer uses transformers 5's
     # `activation_checkpointing` and diffusers' LoRA adapter metadata).
     install_requires=[

@@ -269,12 +269,12 @@ def _sampling_parser(prog: str, description: str, prompt_sets: bool = False) -> 
     if prompt_sets:
         prompts.add_argument(
             "--prompt_set", action="append", help="A published prompt set (parti, pickapic-test, "
-            "pickapic-validation, hpsv2, drawbench), a .txt/.json/.jsonl file or a dataset id (repeat for several). "
-            "Runs the protocol.")
+            "pickapic-validation, hpsv2, drawbench, ocr, geneval), a .txt/.json/.jsonl file or a dataset id (repeat "
+            "for several). Runs the protocol.")
     parser.add_argument("--reward", default=None,
                         help="Reward (default pickscore): pickscore, hpsv2, hpsv2.1, imagereward, aesthetic, clip, "
-                        "'<name>:<id or path>', 'http://host:port/path', 'package.module:function' or weights "
-                        "'pickscore:1,hpsv2.1:0.5'.")
+                        "ocr, 'geneval:<detector url>', '<name>:<id or path>', 'http://host:port/path', "
+                        "'package.module:function' or weights 'pickscore:1,hpsv2.1:0.5'.")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="Denoising steps; default 30 (with --prompt_set: the paper's for the model family).")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Defaults to the pipeline's own.")

@@ -8,6 +8,8 @@ evaluation protocol (`evaluation.py`, `protocol.py`). `load_reward` builds the o
 | `pickscore` | `yuvalkirstain/PickScore_v1` | `logit_scale.exp()` x cosine (about 18-23) |
 | `hpsv2`, `hpsv2.1` | `xswu/HPSv2` on OpenCLIP ViT-H-14 | cosine (about 0.2-0.35) |
 | `imagereward` | `THUDM/ImageReward` (BLIP) | normalised MLP output (about -2..2) |
+| `ocr` | PP-OCRv4 (ONNX, in `rapidocr-onnxruntime`) | 1 - edit distance to the prompt's quoted text (0-1) |
+| `geneval`, `geneval-partial` | Mask2Former over HTTP (`geneval:http://host:port/path`) | GenEval rules: 0/1, partial |
 | `aesthetic` | LAION improved aesthetic predictor on CLIP ViT-L/14 | AVA scale (about 1-10) |
 | `clip` | `openai/clip-vit-large-patch14` | 100 x cosine |
 
@@ -32,6 +34,9 @@ RewardFn = Callable[[list[Image.Image], list[str]], Sequence[float]]
 REWARDS = {
     "clip": (".clip", "CLIPScore", {}, "model"),
     "clip-score": (".clip", "CLIPScore", {}, "model"),
+    "ocr": (".ocr", "OCRReward", {}, "text_score"),
+    "geneval": (".geneval", "GenEvalReward", {"score": "strict"}, "url"),
+    "geneval-partial": (".geneval", "GenEvalReward", {"score": "partial"}, "url"),
     "pickscore": (".clip", "PickScore", {}, "model"),
     "hpsv2": (".hps", "HPSv2", {"version": "2.0"}, "checkpoint"),
     "hpsv2.1": (".hps", "HPSv2", {"version": "2.1"}, "checkpoint"),

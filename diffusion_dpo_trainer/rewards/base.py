@@ -26,15 +26,17 @@ from PIL import Image
 # OpenAI CLIP's normalisation constants: also those of open_clip's ViT-H-14 (HPSv2) and of BLIP (ImageReward).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-EXTRA_HINT = 'pip install "diffusion-dpo-trainer[rewards]"'
+EXTRA_HINT = 'pip install "diffusion-dpo-trainer[{extra}]"'
 
 
-def require(module: str, reward: str):
-    """Import an optional dependency of a reward, or fail with the command that installs it."""
+def require(module: str, reward: str, extra: str = "rewards"):
+    """Import an optional dependency of a reward, or fail with the command that installs it (`extra` names the
+    setup.py extra that holds it)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"The {reward} reward needs the `{module}` package: {EXTRA_HINT}") from exc
+        hint = EXTRA_HINT.format(extra=extra)
+        raise ImportError(f"The {reward} reward needs the `{module}` package: {hint}") from exc
 
 
 def check_inputs(images, prompts) -> None:
