@@ -19,6 +19,7 @@ is (e.g. training step and micro-step) and `first` is the prompt's place in the 
 reproducible, resumes exactly, and N processes sample what one process would.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ def _stepping(scheduler, step: SchedulerStep, records: list[dict] | None):
     """The scheduler's `step` routed through `step` (and recorded) for the duration, on this instance only."""
     scheduler_step = scheduler.step
 
+    # The scheduler's signature: pipelines pass `generator` / `eta` only to a step whose signature takes them.
+    @functools.wraps(scheduler_step)
     def stepped(model_output, timestep, sample, *args, return_dict=True, **kwargs):
         prev, extras = step(scheduler, scheduler_step, model_output, timestep, sample, *args, **kwargs)
         if records is not None:
