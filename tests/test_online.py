@@ -490,3 +490,15 @@ def test_cached_prompt_embeddings_and_small_generation_batches_train_the_same(tm
         cached.train()
     assert all("prompt_embeds" in step["inputs"] for step in seen)
     assert losses_of(cached) == pytest.approx(losses_of(plain), abs=1e-5)
+
+
+def test_sdxl_generated_pairs_carry_the_familys_micro_conditioning(tmp_path, sdxl_path):
+    """The batch of generated SDXL pairs holds the family's conditioning of a generated image (its size, no crop)."""
+    trainer = trainer_for(sdxl_path, tmp_path, max_steps=1)
+    seen = record_batches(trainer)
+    trainer.train()
+    batch = seen[0]["inputs"]
+    for side in ("chosen", "rejected"):
+        assert batch[f"{side}_original_size"].tolist() == [[32, 32]] * 2
+        assert batch[f"{side}_crop_top_left"].tolist() == [[0, 0]] * 2
+    assert math.isfinite(losses_of(trainer)[0])

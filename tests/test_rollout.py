@@ -73,3 +73,14 @@ def test_recording_the_schedulers_own_step_changes_nothing(sd_path):
     assert torch.equal(recorded.trajectory["next_latents"][:, -1], plain.latents)
     with pytest.raises(ValueError, match="no `sigmas` table"):
         rollout(family, PROMPTS[:1], [1], 32, step=FunctionStep(euler_sde_step), num_inference_steps=2)
+
+
+def test_generated_images_get_the_familys_own_conditioning(sdxl_path, sd_path):
+    """SDXL's micro-conditioning of a generated image (its own size, no crop) comes from the family, in the batch keys
+    its time_conditioning reads; SD has none."""
+    sdxl = load_family(DiffusionPipeline.from_pretrained(sdxl_path))
+    batch = {f"{side}_{key}": value for side in ("chosen", "rejected")
+             for key, value in sdxl.generated_conditioning(2, 32).items()}
+    time_ids = sdxl.time_conditioning(batch, 32, torch.device("cpu"))["time_ids"]
+    assert time_ids.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 4
+    assert load_family(DiffusionPipeline.from_pretrained(sd_path)).generated_conditioning(2, 32) == {}
