@@ -188,8 +188,8 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         count = len(slots.group)
         batch = {"prompt": [prompts[g] for g in slots.group], "chosen_latents": latents[slots.chosen],
                  "rejected_latents": latents[slots.rejected], "valid": slots.valid}
-        for side in ("chosen", "rejected"):
-            batch.update({f"{side}_{k}": v for k, v in self.family.generated_conditioning(count, self.resolution).items()})
+        conditioning = self.family.generated_conditioning(count, self.resolution)  # e.g. SDXL's time ids
+        batch.update({f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in conditioning.items()})
         # Global statistics (every process computes the same), so they average like the trainer's other metrics.
         gather, store = self.accelerator.gather, self._metrics[mode]
         all_valid = gather(slots.valid.double().to(self.accelerator.device)).cpu() > 0

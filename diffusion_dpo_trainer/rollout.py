@@ -59,8 +59,8 @@ class FunctionStep(SchedulerStep):
         index = scheduler.step_index
         sigma, sigma_next = scheduler.sigmas[index], scheduler.sigmas[index + 1]
         # In float32 as the flow schedulers step, then back to the model's dtype.
-        prev, log_prob, mean, std = self.fn(latents.float(), model_output.float(), sigma, sigma_next,
-                                            self.noise_level, generator=kwargs.get("generator"))
+        prev, log_prob, _, _ = self.fn(latents.float(), model_output.float(), sigma, sigma_next,
+                                       self.noise_level, generator=kwargs.get("generator"))
         scheduler._step_index = index + 1
         extras = {"sigma": sigma.expand(len(latents)), "sigma_next": sigma_next.expand(len(latents))}
         if log_prob is not None:

@@ -205,7 +205,8 @@ def test_rewards_get_the_prompts_and_the_other_columns(tmp_path, sd_path):
 def test_reward_weights_combine_as_documented(tmp_path, sd_path):
     trainer = trainer_for(sd_path, tmp_path, reward_funcs=[brightness, brightness], max_steps=1,
                           reward_weights=[0.5, -2.0])
-    # The combination itself (NaN: not scored) is tested in test_scoring.py. End to end: 0.5 b - 2 b = -1.5 b, so the darker image of each group is chosen.
+    # The combination itself (NaN: not scored) is tested in test_scoring.py.
+    # End to end: 0.5 b - 2 b = -1.5 b, so the darker image of each group is chosen.
     sample, sampled = trainer._sample, []
     trainer._sample = lambda prompts, seeds: sampled.append(sample(prompts, seeds)) or sampled[-1]
     seen = record_batches(trainer)
@@ -366,7 +367,8 @@ def test_resume_continues_with_the_same_samples_reference_and_weights(tmp_path, 
             (broken / name).unlink()
         else:
             (broken / name).write_bytes((broken / name).read_bytes()[:20])
-        with pytest.raises(ValueError, match=f"Cannot resume: {re.escape(str(broken / name))} is missing or unreadable"):
+        refused = f"Cannot resume: {re.escape(str(broken / name))} is missing or unreadable"
+        with pytest.raises(ValueError, match=refused):
             trainer_for(sd_path, tmp_path / "refused", **config).train(resume_from_checkpoint=str(broken))
     resumed = trainer_for(sd_path, tmp_path / "resumed", **config)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-3"))

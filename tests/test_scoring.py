@@ -79,7 +79,8 @@ def test_weighted_reward_is_the_scoring_functions_weighted_sum():
         return [None, 1.0, 2.0, 3.0]
 
     images = [Image.new("RGB", (2, 2))] * 4
-    assert WeightedReward([(ours, 1.0), (partial, 0.5)])(images, PROMPTS) == [5.0, 6.5, 8.0, 9.5]  # 5 + i per image, plus half of partial where it scored
+    # ours: len(prompt) + index in the batch (5 + i); plus half of partial where it scored
+    assert WeightedReward([(ours, 1.0), (partial, 0.5)])(images, PROMPTS) == [5.0, 6.5, 8.0, 9.5]
     assert WeightedReward([(partial, 2.0)])(images, PROMPTS) == [None, 2.0, 4.0, 6.0]
     with pytest.raises(ValueError, match=r"returned nan for image 0"):
         WeightedReward([(lambda images, prompts: [math.nan] * len(images), 1.0)])(images, PROMPTS)
