@@ -21,34 +21,29 @@ import warnings
 
 import datasets
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from . import losses
 from .collators import PromptCollator, prepare_prompt_dataset
 from .online_config import DiffusionOnlineDPOConfig
 from .pairing import judge_slots, pair_slots
+from .reference_sync import SyncedReference
 from .reuse import RepeatedWindowSampler, RolloutBuffer
 from .rewards import load_reward
 from .rewards.scoring import reward_name, score_images, unique_names
 from .rollout import rollout, rollout_seeds
 from .trainer import DiffusionDPOTrainer
 
-REFERENCE_ADAPTER = "ref"
-REFERENCE_WEIGHTS = "reference.safetensors"
 
-
-class _OnlineCallback(TrainerCallback):
-    """After the optimizer step, before its checkpoint: the reference sync (TRL's `SyncRefModelCallback` timing) and
-    the watch for steps that formed no pair (a reward that scores nothing must not "train" at loss 0 unnoticed)."""
+class _NoPairWatch(TrainerCallback):
+    """Warns at the first optimizer step that formed no pair, and stops after `no_pair_patience` in a row: a reward
+    that scores nothing must not "train" at loss 0 unnoticed."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if args.sync_ref_model and state.global_step % args.ref_model_sync_steps == 0:
-            trainer.sync_reference()
         trainer._steps_without_pairs = 0 if trainer._step_pairs else trainer._steps_without_pairs + 1
         trainer._step_pairs = 0
         if trainer._steps_without_pairs == 1 and not trainer._warned_no_pairs:
@@ -114,12 +109,12 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         if args.sync_ref_model:
             if not losses.needs_reference(self.loss_types):
                 raise ValueError(f"sync_ref_model: loss_type {args.loss_type!r} uses no reference model.")
-            if self.is_lora:
-                if ref_model is not None:
-                    raise ValueError("sync_ref_model with LoRA keeps the reference as a second adapter of the policy's "
-                                     "denoiser: do not pass `ref_model`.")
-                self._add_reference_adapter()
-        self.add_callback(_OnlineCallback(self))
+            if self.is_lora and ref_model is not None:
+                raise ValueError("sync_ref_model with LoRA keeps the reference as a second adapter of the policy's "
+                                 "denoiser: do not pass `ref_model`.")
+            self.synced_reference = SyncedReference(self)
+            self.add_callback(self.synced_reference)
+        self.add_callback(_NoPairWatch(self))
         # The cached embeddings serve the training step; the pipeline still encodes prompts when it samples.
         for encoder in self.family.text_encoders:
             encoder.to(self.accelerator.device)
@@ -127,36 +122,13 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         self._eval_batches = 0
         self._step_pairs, self._steps_without_pairs, self._warned_no_pairs = 0, 0, False
 
-    # ----- construction and the reference -------------------------------------------------------------------------
-    def _prepare_dataset(self, dataset, name):
-        return prepare_prompt_dataset(dataset, name)
-
-    def _add_reference_adapter(self) -> None:
-        """A second LoRA adapter, equal to the policy's initial one, that the family's reference switches to."""
-        denoiser = self.family.denoiser
-        denoiser.add_adapter(denoiser.peft_config["default"], adapter_name=REFERENCE_ADAPTER)
-        denoiser.set_adapter("default")  # trainable again; the reference adapter is frozen
-        for name, parameter in denoiser.named_parameters():
-            if f".{REFERENCE_ADAPTER}." in name:
-                parameter.requires_grad_(False)
-        self.family.reference_adapter = REFERENCE_ADAPTER
-        self.sync_reference(alpha=1.0)
-
-    def _reference_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(reference parameter, policy parameter) for every parameter the reference sync moves."""
-        if self.is_lora:
-            named = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-            return [(named[name.replace(".default.", f".{REFERENCE_ADAPTER}.")], p)
-                    for name, p in named.items() if ".default." in name]
-        return list(zip(self.ref_model.parameters(), self.accelerator.unwrap_model(self.model).parameters(),
-                        strict=True))
-
-    @torch.no_grad()
     def sync_reference(self, alpha: float | None = None) -> None:
         """ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter (alpha: `ref_model_mixup_alpha`)."""
-        alpha = self.args.ref_model_mixup_alpha if alpha is None else alpha
-        for reference, policy in self._reference_pairs():
-            reference.lerp_(policy.to(reference.dtype), alpha)
+        self.synced_reference.sync(self.args.ref_model_mixup_alpha if alpha is None else alpha)
+
+    # ----- data ---------------------------------------------------------------------------------------------------
+    def _prepare_dataset(self, dataset, name):
+        return prepare_prompt_dataset(dataset, name)
 
     def _get_train_sampler(self, train_dataset=None):
         args = self.args
@@ -269,21 +241,14 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         os.makedirs(folder, exist_ok=True)
         self._buffer.save(folder, self.accelerator.process_index, self.state.global_step)
         if self.args.sync_ref_model and self.args.should_save:
-            save_file({str(i): ref.detach().contiguous() for i, (ref, _) in enumerate(self._reference_pairs())},
-                      os.path.join(folder, REFERENCE_WEIGHTS))
+            self.synced_reference.save(folder)
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, _saved_step(resume_from_checkpoint))
         if self.args.sync_ref_model:
-            path = os.path.join(resume_from_checkpoint, REFERENCE_WEIGHTS)
-            if not os.path.isfile(path):
-                raise ValueError(f"Cannot resume: {path} does not exist (a sync_ref_model run saves its reference).")
-            saved = load_file(path)
-            with torch.no_grad():
-                for i, (reference, _) in enumerate(self._reference_pairs()):
-                    reference.copy_(saved[str(i)])
+            self.synced_reference.load(resume_from_checkpoint)
 
 
 def _saved_step(folder: str) -> int:
