@@ -183,3 +183,17 @@ def test_load_reward_resolves_names(clip_path, monkeypatch):
     with pytest.raises(ValueError, match="Could not import reward"):
         load_reward("my_rewards:missing")
 
+
+
+def test_build_pairs_command_without_pairs_exits_2_and_saves_nothing(sd_path, tmp_path, monkeypatch, capsys):
+    from diffusion_dpo_trainer import cli
+
+    module = type(sys)("constant_reward")
+    module.constant = lambda images, prompts: [1.0] * len(images)
+    monkeypatch.setitem(sys.modules, "constant_reward", module)
+    out = tmp_path / "pairs"
+    assert cli.main(["build-pairs", "--model", sd_path, "--reward", "constant_reward:constant", "--prompt", "a cat",
+                     "--num_images_per_prompt", "2", "--num_inference_steps", "2", "--resolution", "32",
+                     "--output_dir", str(out)]) == 2
+    assert "error: No preference pair" in capsys.readouterr().err
+    assert not out.exists()
