@@ -337,24 +337,29 @@ class DiffusionDPOTrainer(Trainer):
             return {key: value.to(self.weight_dtype) for key, value in inputs["prompt_embeds"].items()}
         return self.family.encode_prompt(inputs["prompt"], self.accelerator.device)
 
+    def _clean_latents(self, inputs, sides: tuple[str, ...]) -> torch.Tensor:
+        """x0 of every image, winners first, from whichever form the canonical batch holds it in
+        (docs/architecture.md): latents as generated (a rollout's: no VAE round trip), a cached VAE distribution
+        (no VAE call), or pixels to encode."""
+        if f"{sides[0]}latents" in inputs:
+            return torch.cat([inputs[f"{side}latents"] for side in sides])
+        if f"{sides[0]}latent_mean" in inputs:
+            mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
+            std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
+        else:
+            mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
+        return self._sample_latents(mean, std, len(sides), inputs.get("latent_eps"))
+
     def _denoiser_inputs(self, inputs):
-        """x0, noise, timesteps and conditioning of a batch, (groups * B) samples.
+        """x0, noise, timesteps and conditioning of a canonical batch, (groups * B) samples.
 
         Paired batches hold winners then losers (two groups) and draw ONE noise and ONE timestep per pair, shared by
         winner, loser, policy and reference; unpaired (KTO) images are independent: one group, a draw per image.
-        With `precompute_ref_errors` the batch carries each row's own draws instead.
+        A batch may carry each row's own draws instead (`precompute_ref_errors`).
         """
         sides = ("chosen_", "rejected_") if self.paired else ("",)  # the collators' batch-key prefixes
         groups = len(sides)
-        if f"{sides[0]}latents" in inputs:  # sampled by the policy (online DPO): the latents as generated
-            x0 = torch.cat([inputs[f"{side}latents"] for side in sides])
-        else:
-            if f"{sides[0]}latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
-                mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
-                std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
-            else:
-                mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
-            x0 = self._sample_latents(mean, std, groups, inputs.get("latent_eps"))
+        x0 = self._clean_latents(inputs, sides)
         if "noise" in inputs:  # each row's own draws (precompute_ref_errors)
             noise, timesteps = inputs["noise"], inputs["timesteps"]
         else:

@@ -155,6 +155,17 @@ def test_identical_models_tie_exactly(tmp_path, sd_path, prompts_file):
     assert entry["base"] == entry["tuned"]
 
 
+def test_a_non_finite_reward_stops_the_evaluation_before_any_report(tmp_path, sd_path, prompts_file):
+    """A NaN score would tie every comparison and land in report.json as bare NaN (invalid JSON): it is an error
+    naming the reward, the image and its prompt, and no report is written."""
+    def broken(images, prompts):
+        return [float("nan") if p == PROMPTS[1] else 1.0 for p in prompts]
+
+    with pytest.raises(ValueError, match=rf"'broken' returned nan for image 1 \(prompt '{PROMPTS[1]}'\)"):
+        evaluate_protocol(sd_path, [prompts_file], [broken], tmp_path / "out", seeds=[0], **SAMPLING)
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
 def test_summary_bootstraps_over_prompts_not_images():
     # Prompts score 0, 10 and 20 on each of 4 seeds: three clusters, not twelve independent images. Resampling the 3
     # prompts draws all-0 or all-20 with probability 1/27 > 2.5% each: the interval reaches both ends (over images,
