@@ -144,8 +144,9 @@ class DiffusionNFTTrainer(DiffusionDPOTrainer):
                               {"trainer_state": self.state, **columns})
         # Advantages from the GATHERED rewards (groups may straddle processes), then this process's slice.
         all_scores = self.accelerator.gather(scores.per_function.to(device)).cpu()
-        result = compute_advantages(all_scores, n, self.reward_weights, args.scale_rewards,
-                                    args.multi_objective_aggregation)
+        result = compute_advantages(all_scores, n, reward_weights=self.reward_weights,
+                                    scale_rewards=args.scale_rewards,
+                                    multi_objective_aggregation=args.multi_objective_aggregation)
         local = slice(self.accelerator.process_index * len(images), (self.accelerator.process_index + 1) * len(images))
         advantages = result.advantages[local]
         store["time/sampling"].append(torch.tensor(sampled - start))
