@@ -113,6 +113,21 @@ class DiffusionNFTTrainer(DiffusionDPOTrainer):
         return [(named[name.replace(".default.", f".{OLD_ADAPTER}.")], p) for name, p in named.items()
                 if ".default." in name]
 
+    def _loss_params(self, args):
+        return None  # no preference loss: `beta` is the regulariser's weight, 0 allowed
+
+    def _card_loss_type(self):
+        return "nft"
+
+    def _card_hyperparameters(self) -> dict:
+        args = self.args
+        flat, uprate, uphold = args.ema_schedule
+        return {"nft_beta": args.nft_beta, "kl_weight (beta)": args.beta, "num_generations": args.num_generations,
+                "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                "advantage_clip": args.advantage_clip, "scale_rewards": args.scale_rewards,
+                "timestep_fraction": args.timestep_fraction, "ema_flat": flat, "ema_uprate": uprate,
+                "ema_uphold": uphold}
+
     # ----- data ---------------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, name):
         return prepare_prompt_dataset(dataset, name)

@@ -100,7 +100,7 @@ class DiffusionDPOTrainer(Trainer):
         self.base_model_id = model if isinstance(model, (str, os.PathLike)) else self.family.pipeline.name_or_path
         self.loss_types = losses.resolve_loss_types(args.loss_type, args.loss_weights)
         self.paired = losses.is_paired(self.loss_types)
-        self.loss_params = losses.LossParams.from_config(args, beta=self.beta)
+        self.loss_params = self._loss_params(args)
         if args.precompute_ref_errors:  # checked before anything is encoded or moved
             if not args.precompute_latents:
                 raise ValueError("precompute_ref_errors=True needs precompute_latents=True: the reference errors are "
@@ -212,6 +212,10 @@ class DiffusionDPOTrainer(Trainer):
         if args.precompute_ref_errors:
             with args.main_process_first(desc="precomputing the reference's errors"):
                 self._precompute_reference_errors()
+
+    def _loss_params(self, args) -> losses.LossParams | None:
+        """The preference losses' hyper-parameters; None for a trainer with a loss of its own (DiffusionNFT)."""
+        return losses.LossParams.from_config(args, beta=self.beta)
 
     @property
     def pipeline(self) -> DiffusionPipeline:
@@ -524,18 +528,27 @@ class DiffusionDPOTrainer(Trainer):
             denoiser_name=self.family.denoiser_name,
             denoiser_class=type(self.family.denoiser).__name__,
             is_lora=self.is_lora,
-            loss_type=self.args.loss_type,
-            hyperparameters=card_hyperparameters(
-                self.args, self.loss_types, self.loss_params, self.state.global_step, self.resolution,
+            loss_type=self._card_loss_type(),
+            hyperparameters={**card_hyperparameters(
+                self.args, self.loss_types if self.loss_params else [], self.loss_params, self.state.global_step,
+                self.resolution,
                 self.mixed_precision,
                 self.accelerator.unwrap_model(self.model).peft_config["default"] if self.is_lora else None,
                 self.num_frames,
-            ),
+            ), **self._card_hyperparameters()},
             dataset=dataset,
             video=self.num_frames is not None,
         )
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
+
+    def _card_loss_type(self):
+        """The method the model card names (a subclass with a loss of its own names it)."""
+        return self.args.loss_type
+
+    def _card_hyperparameters(self) -> dict:
+        """A subclass's own hyper-parameters for the model card."""
+        return {}
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Called by `push_to_hub`: the card is the one every save writes."""

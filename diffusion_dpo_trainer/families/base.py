@@ -324,6 +324,8 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     def lora_state_dict(self, input_dir: str) -> dict[str, torch.Tensor]:
         """The denoiser's part of a saved diffusers-format LoRA, keys without the component prefix."""
-        state, *_ = type(self.pipeline).lora_state_dict(input_dir)
+        state = type(self.pipeline).lora_state_dict(input_dir)
+        # SD1.x/SDXL return (state, alphas); the transformer pipelines (SD3, FLUX, ...) return the state alone.
+        state = state[0] if isinstance(state, tuple) else state
         prefix = f"{self.denoiser_name}."
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
