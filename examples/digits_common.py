@@ -23,6 +23,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from diffusion_dpo_trainer import (
     DiffusionDPOConfig,
     DiffusionDPOTrainer,
+    DiffusionNFTConfig,
+    DiffusionNFTTrainer,
     DiffusionOnlineDPOConfig,
     DiffusionOnlineDPOTrainer,
 )
@@ -55,6 +57,14 @@ class Settings:
     # `online_pair_strategy` (DiffusionOnlineDPOConfig's `pair_strategy`).
     online_iterations: int = 10
     online_pair_strategy: str = "best_vs_worst"
+    # --nft: the same rollout budget as --online (every `online_iterations` steps, `dpo_batch_size` prompts x
+    # `images_per_group` images), each image trained at `nft_timesteps` of the sampler's timesteps per step (the paper
+    # trains 9 of 10; fewer keeps a step's cost near online DPO's), with DiffusionNFT's published nft_beta and KL
+    # weight and `nft_learning_rate`.
+    nft_timesteps: int = 2
+    nft_beta: float = 1.0
+    nft_kl_weight: float = 1e-4
+    nft_learning_rate: float = 5e-4
 
 
 # The reward model and DPO strength were chosen with benchmarks/digits_sweep.py on other data splits (--seed 3, 4) and
@@ -63,6 +73,9 @@ FULL = Settings(vae_steps=200, unet_steps=800, groups_per_digit=48, images_per_g
 # --online: a smaller beta, fresh samples every 5 steps and every pair of a group (chosen with digits_sweep.py on splits
 # 3 and 4: docs/online-dpo.md); it samples 3840 images to train on, twice what the offline pairs are built from.
 FULL_ONLINE = replace(FULL, beta=1000.0, online_iterations=5, online_pair_strategy="all_pairs")
+# --nft: online DPO's sampling budget (3840 images: new samples every 5 steps); DiffusionNFT's published nft_beta and
+# KL weight, 2 of the 20 sampler timesteps per image and step. Not yet tuned on the validation splits (docs/nft.md).
+FULL_NFT = replace(FULL, online_iterations=5)
 QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_group=4, dpo_steps=4, eval_seeds=4,
                  inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2)
 
@@ -261,11 +274,26 @@ def online_dpo_trainer(base_path, reward, settings: Settings, seed: int, output_
 
 
 def images_sampled(settings: Settings, online: bool) -> int:
-    """The sampling budget: images drawn from a model to train on (pairs offline, policy groups online)."""
+    """The sampling budget: images drawn from a model to train on (pairs offline, policy groups online and NFT)."""
     if online:
         generations = -(-settings.dpo_steps // settings.online_iterations)
         return generations * settings.dpo_batch_size * settings.images_per_group
     return 10 * settings.groups_per_digit * settings.images_per_group
+
+
+def nft_trainer(base_path, reward, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionNFTTrainer:
+    """DiffusionNFT: the online rollout budget, the sampler's own deterministic DDIM steps, no guidance, groups of
+    `images_per_group` normalised into optimality weights; the same LoRA as the DPO runs."""
+    values = {**training_config(settings, seed, output_dir), "beta": settings.nft_kl_weight,
+              "learning_rate": settings.nft_learning_rate}
+    args = DiffusionNFTConfig(
+        **values, num_generations=settings.images_per_group, num_iterations=settings.online_iterations,
+        nft_beta=settings.nft_beta, timestep_fraction=settings.nft_timesteps / settings.inference_steps,
+        **{**sampling_kwargs(settings), **config},
+    )
+    prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    return DiffusionNFTTrainer(model=base_path, reward_funcs=reward, args=args, train_dataset=prompts,
+                               peft_config=lora_config(settings))
 
 
 # ----- judged statistics -----------------------------------------------------------------------------------------
