@@ -253,3 +253,20 @@ def trainer_family(tmp_path):
     from diffusion_dpo_trainer.families import load_family
 
     return lambda path: load_family(path, nft_args(tmp_path))
+
+
+def test_training_timesteps_from_the_schedule_or_the_familys_training_distribution(tmp_path, sd3_path):
+    """`schedule`: per image a random subset of the rollout's timesteps, on the training grid; `training`: the
+    family's own draws (any timestep of the training grid, not only the rollout's)."""
+    trainer = trainer_for(sd3_path, tmp_path, num_inference_steps=4, timestep_fraction=0.5)
+    grid = trainer.family._timesteps
+    schedule = torch.tensor([1000.0, 750.0, 500.0, 250.0]).expand(64, -1)
+    drawn = trainer._training_timesteps({"latents": torch.zeros(64, 1), "schedule": schedule})
+    assert drawn.shape == (64, 2)
+    assert all(len(set(row.tolist())) == 2 for row in drawn)
+    assert torch.isin(drawn, grid).all()
+    assert ((drawn[..., None] - schedule[0]).abs().min(dim=-1).values <= 1.0).all()
+    trainer.args.nft_timesteps = "training"
+    drawn = trainer._training_timesteps({"latents": torch.zeros(64, 1), "schedule": schedule})
+    assert drawn.shape == (64, 2) and torch.isin(drawn, grid).all()
+    assert ((drawn[..., None] - schedule[0]).abs().min(dim=-1).values > 1.0).any()
