@@ -25,8 +25,7 @@ from .advantages import compute_advantages, nft_optimality
 from .collators import PromptCollator, prepare_prompt_dataset
 from .nft_config import DiffusionNFTConfig
 from .old_policy import ema_update_, nft_ema_decay
-from .online_trainer import _saved_step
-from .reuse import RepeatedWindowSampler, RolloutBuffer
+from .reuse import RepeatedWindowSampler, RolloutBuffer, saved_step
 from .rewards import load_reward
 from .rewards.scoring import reward_name, score_images, unique_names
 from .rollout import rollout, rollout_seeds
@@ -257,7 +256,7 @@ class DiffusionNFTTrainer(DiffusionDPOTrainer):
     @torch.no_grad()
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, _saved_step(resume_from_checkpoint))
+        self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, saved_step(resume_from_checkpoint))
         path = os.path.join(resume_from_checkpoint, OLD_POLICY_WEIGHTS)
         if not os.path.isfile(path):
             raise ValueError(f"Cannot resume: {path} does not exist (a DiffusionNFT checkpoint holds its old policy).")
