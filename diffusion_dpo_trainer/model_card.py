@@ -59,15 +59,19 @@ def render_model_card(
     loss_line = f"`{losses}`"
     if "beta" in hyperparameters:
         loss_line += f", beta = {hyperparameters['beta']:g} (mean-reduced denoising error, logit factor -beta/2)"
+    nft = loss_type == "nft"  # DiffusionNFT: rewards on the model's own samples, no preference pairs
+    title = "DiffusionNFT fine-tune" if nft else "Diffusion-DPO fine-tune"
+    how = ("trained on its own samples scored by reward functions with DiffusionNFT (arXiv 2509.16117)" if nft
+           else "aligned to preference pairs with Diffusion-DPO")
     settings = "\n".join(f"- `{name}`: {_format(value)}" for name, value in hyperparameters.items())
     content = f"""---
 {data.to_yaml()}
 ---
 
-# Diffusion-DPO fine-tune
+# {title}
 
-This model is {kind} {base_link}, aligned to preference pairs with
-Diffusion-DPO using [diffusion-dpo-trainer](https://pypi.org/project/diffusion-dpo-trainer/).
+This model is {kind} {base_link}, {how} using
+[diffusion-dpo-trainer](https://pypi.org/project/diffusion-dpo-trainer/).
 
 - Base model: `{base}`
 - Dataset: `{dataset or "unspecified"}`

@@ -155,6 +155,9 @@ def test_resume_continues_exactly(tmp_path, sd3_path):
     first.train()
     checkpoint = str(tmp_path / "resumed" / "out" / "checkpoint-1")
     assert os.path.isfile(os.path.join(checkpoint, OLD_POLICY_WEIGHTS))
+    with open(os.path.join(checkpoint, "README.md"), encoding="utf-8") as f:  # the card names the method and knobs
+        card = f.read()
+    assert "# DiffusionNFT fine-tune" in card and "`nft_beta`: 1" in card and "`ema_uphold`: 0.999" in card
     resumed = trainer_for(sd3_path, tmp_path / "resumed", max_steps=3, num_iterations=2, ema_decay_type=2, ema_flat=0,
                           save_strategy="steps", save_steps=1)
     sampled = []
