@@ -34,7 +34,7 @@ from .caching import precompute_for_training
 from .collators import PreferenceCollator, UnpairedCollator
 from .config import DiffusionDPOConfig
 from .families import load_family
-from .formats import map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
+from .formats import check_one_step_fits, map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
 from .model_card import card_hyperparameters, render_model_card
 from .quantization import is_quantized
 from .reference_cache import DrawEpochCallback, RowDraws, precompute_reference_errors, reference_fingerprint
@@ -229,6 +229,24 @@ class DiffusionDPOTrainer(Trainer):
         if self.paired:
             return prepare_preference_dataset(dataset, name)
         return prepare_unpaired_dataset(dataset, name, column="image" if self.num_frames is None else "video")
+
+    def get_train_dataloader(self):
+        """The Trainer's loader, once one optimizer step is known to fit the data (a stream too short for one would
+        loop forever) and with no more workers than a stream has shards (datasets stops the rest, warning each pass)."""
+        args, dataset = self.args, self.train_dataset
+        if dataset is not None:
+            check_one_step_fits(dataset, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                                args.world_size, args.dataloader_drop_last)
+        workers = args.dataloader_num_workers
+        if not isinstance(dataset, datasets.IterableDataset) or workers <= dataset.num_shards:
+            return super().get_train_dataloader()
+        warnings.warn(f"dataloader_num_workers={workers}, but the training stream has {dataset.num_shards} shard(s) "
+                      f"(files): using {dataset.num_shards} worker(s).")
+        args.dataloader_num_workers = dataset.num_shards
+        try:
+            return super().get_train_dataloader()
+        finally:
+            args.dataloader_num_workers = workers
 
     @property
     def mixed_precision(self) -> str:

@@ -149,3 +149,37 @@ def test_a_cpu_run_prints_no_warning_of_ours(tmp_path, sd_path, pairs, capfd):
         DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs, peft_config=lora()).train()
     messages = [str(w.message) for w in caught] + capfd.readouterr().err.splitlines()
     assert not [m for m in messages if "pin_memory" in m or "should be kept in float32" in m], messages
+
+
+# ----- a run that can never complete a step ------------------------------------------------------------------------
+def test_stream_shorter_than_one_step_is_refused_with_its_numbers(tmp_path, sd_path, pairs, capsys):
+    """The quickstart's hang: 3 streamed rows, 2 x 4 rows per optimizer step. The Trainer would pass over the stream
+    forever without stepping; the run is refused before its first step, naming the numbers."""
+    data = write_jsonl_pairs(tmp_path, pairs.select(range(3)))
+    argv = train_argv(sd_path, data, tmp_path / "out") + ["--dataset_streaming", "true", "--max_steps", "3",
+                                                          "--gradient_accumulation_steps", "4"]
+    assert cli.main(argv) == 2
+    message = single_error(capsys)
+    assert "stream of 3 rows" in message and "per_device_train_batch_size 2 x gradient_accumulation_steps 4" in message
+    assert "= 8" in message
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_dataset_smaller_than_a_dropped_batch_is_refused(tmp_path, sd_path, pairs):
+    args = DiffusionDPOConfig(output_dir=str(tmp_path / "out"), resolution=32, per_device_train_batch_size=4,
+                              max_steps=1, report_to="none", save_strategy="no", dataloader_drop_last=True)
+    trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs.select(range(3)), peft_config=lora())
+    with pytest.raises(ValueError, match=r"has 3 rows, fewer than one batch \(per_device_train_batch_size 4"):
+        trainer.train()
+
+
+def test_stream_workers_fit_its_shards(tmp_path, sd_path, pairs):
+    """A one-file stream has one shard: more workers would each print 'Too many dataloader workers' on every pass."""
+    stream = cli.load_split(str(write_jsonl_pairs(tmp_path, pairs)), None, "train", streaming=True)
+    args = DiffusionDPOConfig(output_dir=str(tmp_path / "out"), resolution=32, per_device_train_batch_size=2,
+                              max_steps=1, report_to="none", save_strategy="no", dataloader_num_workers=4)
+    trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=stream, peft_config=lora())
+    with pytest.warns(UserWarning, match=r"dataloader_num_workers=4, but the training stream has 1 shard"):
+        loader = trainer.get_train_dataloader()
+    assert loader.num_workers == 1
+    assert args.dataloader_num_workers == 4  # the user's config is left as given
