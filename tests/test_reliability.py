@@ -110,3 +110,51 @@ def test_bad_checkpoint_gets_a_clear_error(tmp_path, sd_path, pairs, case, use_l
         trainer.model.save_pretrained(checkpoint / "unet", safe_serialization=False)
     with pytest.raises(ValueError, match=match):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+# ----- evaluate resumes what the weights made, not what a path named ------------------------------------------------
+def _save_random_lora(sd_path, path, seed):
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(sd_path)
+    pipe.unet.add_adapter(lora())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    pipe.save_lora_weights(path, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
+
+
+def test_evaluate_resumes_on_the_adapters_content_not_its_path(tmp_path, sd_path, monkeypatch):
+    import numpy as np
+
+    from diffusion_dpo_trainer import protocol
+
+    def brightness(images, prompts):
+        return [float(np.asarray(image, dtype=np.float64).mean()) for image in images]
+
+    sampled = []
+    real = protocol.iter_sample_batches
+
+    def counting(pipe, prompts, seeds, *args, **kwargs):
+        for batch in real(pipe, prompts, seeds, *args, **kwargs):
+            sampled.extend(batch)
+            yield batch
+
+    monkeypatch.setattr(protocol, "iter_sample_batches", counting)
+    kwargs = dict(num_inference_steps=2, resolution=32, batch_size=2, progress=False)
+    sets = {"p": ["a red square", "a blue circle"]}
+    adapter = tmp_path / "adapter"
+    _save_random_lora(sd_path, adapter, seed=0)
+    old = protocol.evaluate_protocol(sd_path, sets, [brightness], tmp_path / "eval", lora=str(adapter), **kwargs)
+    _save_random_lora(sd_path, adapter, seed=1)  # retrained into the same folder
+    sampled.clear()
+    rerun = protocol.evaluate_protocol(sd_path, sets, [brightness], tmp_path / "eval", lora=str(adapter), **kwargs)
+    assert len(sampled) == 2  # the tuned images only: the base did not change
+    fresh = protocol.evaluate_protocol(sd_path, sets, [brightness], tmp_path / "fresh", lora=str(adapter), **kwargs)
+    tuned = [r["p"]["brightness"]["tuned"]["mean"] for r in (old["results"], rerun["results"], fresh["results"])]
+    assert tuned[1] == pytest.approx(tuned[2]) and tuned[1] != pytest.approx(tuned[0])
+    assert rerun["results"]["p"]["brightness"]["base"] == fresh["results"]["p"]["brightness"]["base"]
