@@ -8,9 +8,12 @@ and timestep per image instead, and no loss that needs no reference ever runs on
 
 import dataclasses
 import functools
+import json
 import math
 import os
+import shutil
 import warnings
+import zipfile
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -22,7 +25,7 @@ from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
@@ -41,6 +44,9 @@ from .reference_cache import DrawEpochCallback, RowDraws, precompute_reference_e
 from .video_data import VideoPreferenceCollator, VideoUnpairedCollator, check_num_frames
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+#: What a failed write raises: OSError from Python's files, SafetensorError from safetensors (a full disk is
+#: "I/O error: No space left on device") and RuntimeError from torch.save's zip writer ("unexpected pos ...").
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 # The per-sample errors that make up the loss, named in the non-finite-loss error.
 NONFINITE_TERMS = ("mse/chosen", "mse/rejected", "ref_mse/chosen", "ref_mse/rejected")
 
@@ -487,6 +493,20 @@ class DiffusionDPOTrainer(Trainer):
         return output
 
     # ----- saving and loading -------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, or, when a write fails (a full disk), an error naming the folder, with the partial
+        folder removed: the previous checkpoint stays the last one, and older ones are rotated only after a success."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        existed = os.path.exists(folder)
+        try:
+            super()._save_checkpoint(model, trial)
+        except WRITE_ERRORS as exc:
+            if self.args.should_save and not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise OSError(f"Could not write the checkpoint {folder} ({exc}); the partial folder was removed, so the "
+                          "previous checkpoint is still the last one. Free disk space (or lower save_total_limit) and "
+                          "resume with --resume_from_checkpoint true.") from exc
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
@@ -497,6 +517,12 @@ class DiffusionDPOTrainer(Trainer):
         if state_dict is not None:
             trained = {name: state_dict[name] for name in trained if name in state_dict}
         self._check_finite_weights(trained, output_dir)
+        try:
+            self._write_model(output_dir, denoiser, state_dict)
+        except WRITE_ERRORS as exc:
+            raise OSError(f"Could not save the model to {output_dir}: {exc}") from exc
+
+    def _write_model(self, output_dir: str, denoiser, state_dict) -> None:
         os.makedirs(output_dir, exist_ok=True)
         if self.is_lora:
             # PEFT-format keys (`lora_A`/`lora_B`), as diffusers' own LoRA scripts save for transformers: every
@@ -559,6 +585,7 @@ class DiffusionDPOTrainer(Trainer):
         """Restore the policy only: the reference stays the initial weights (or the adapter-disabled base)."""
         if not os.path.isdir(resume_from_checkpoint):
             raise ValueError(f"Cannot resume: checkpoint directory {resume_from_checkpoint!r} does not exist.")
+        _check_checkpoint_files(resume_from_checkpoint)
         if self.is_fsdp_enabled:  # the sharded policy from the Trainer's own FSDP checkpoint (pytorch_model_fsdp*)
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -568,10 +595,8 @@ class DiffusionDPOTrainer(Trainer):
                 raise ValueError(f"Cannot resume: {path} does not exist (expected a LoRA checkpoint saved by this trainer).")
             _check_safetensors(path)
             state = convert_unet_state_dict_to_peft(self.family.lora_state_dict(resume_from_checkpoint))
-            result = set_peft_model_state_dict(denoiser, state, adapter_name="default")
-            unexpected = getattr(result, "unexpected_keys", None)
-            if unexpected:
-                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: unexpected LoRA keys {unexpected[:5]}.")
+            _check_lora_matches(path, state, get_peft_model_state_dict(denoiser))
+            set_peft_model_state_dict(denoiser, state, adapter_name="default")
         else:
             path = os.path.join(resume_from_checkpoint, self.family.denoiser_name)
             if not os.path.isdir(path):
@@ -613,6 +638,37 @@ def _loaded_whole(args):
         yield
     finally:
         set_hf_deepspeed_config(hf_config)
+
+
+def _check_lora_matches(path: str, saved: dict, expected: dict) -> None:
+    """The checkpoint's adapter must be this run's, key for key and shape for shape: PEFT loads a partial match
+    silently (a missing tensor keeps its fresh initialisation), which would resume another run's model or start fresh."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = [f"{key} {tuple(saved[key].shape)} vs {tuple(expected[key].shape)}"
+                for key in sorted(set(saved) & set(expected)) if saved[key].shape != expected[key].shape]
+    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in (
+        (missing, "LoRA tensors missing from it"), (unexpected, "unexpected LoRA tensors"),
+        (reshaped, "tensors of another shape (another lora_r?), saved vs this run"),
+    ) if keys]
+    if problems:
+        raise ValueError(f"Cannot resume: {path} holds another adapter than this run's: {'; '.join(problems)}. "
+                         "Resume with the LoRA settings (lora_r, target modules) it was trained with.")
+
+
+def _check_checkpoint_files(checkpoint: str) -> None:
+    """The Trainer's own files of a checkpoint (state, optimizer, scheduler, RNG) read back before anything is restored,
+    so that a truncated or corrupt one is named instead of surfacing as a JSON or zip traceback mid-resume."""
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if name.endswith(".json"):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"Cannot resume: {path} is not readable JSON (truncated or corrupt?): {exc}") from exc
+        elif name.endswith((".pt", ".pth")) and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            raise ValueError(f"Cannot resume: {path} is not a readable torch.save file (truncated or corrupt?).")
 
 
 def _check_safetensors(path: str) -> None:

@@ -2,11 +2,14 @@
 are named."""
 
 import os
+import re
+import shutil
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from helpers import lora, losses_of, make_args
+from safetensors import SafetensorError
 from transformers import TrainerCallback
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
@@ -158,3 +161,78 @@ def test_evaluate_resumes_on_the_adapters_content_not_its_path(tmp_path, sd_path
     tuned = [r["p"]["brightness"]["tuned"]["mean"] for r in (old["results"], rerun["results"], fresh["results"])]
     assert tuned[1] == pytest.approx(tuned[2]) and tuned[1] != pytest.approx(tuned[0])
     assert rerun["results"]["p"]["brightness"]["base"] == fresh["results"]["p"]["brightness"]["base"]
+
+
+# ----- resuming from a checkpoint that is not this run's, or not whole ----------------------------------------------
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory, sd_path, pairs):
+    """A real one-step LoRA checkpoint (r=4 on the attention projections), with the Trainer's own files."""
+    out = tmp_path_factory.mktemp("lora-run")
+    args = make_args(out, max_steps=1, learning_rate=1e-4, save_strategy="steps", save_steps=1)
+    DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs, peft_config=lora()).train()
+    return os.path.join(args.output_dir, "checkpoint-1")
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"r": 8, "lora_alpha": 8}, r"tensors of another shape .*lora_A\.weight \(4, 32\) vs \(8, 32\)"),
+    ({"target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]}, r"LoRA tensors missing from it .*proj_in"),
+    ({"target_modules": ["to_q", "to_k"]}, r"unexpected LoRA tensors .*to_(v|out)"),
+])
+def test_resuming_another_adapter_is_refused_in_one_line(tmp_path, sd_path, pairs, lora_checkpoint, config, match):
+    """PEFT loads a partial match silently: another rank raised a long traceback, and extra targets resumed with the
+    missing tensors freshly initialised (another run, exit 0)."""
+    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=2), train_dataset=pairs,
+                                  peft_config=lora(**config))
+    with pytest.raises(ValueError, match=match) as info:
+        trainer.train(resume_from_checkpoint=lora_checkpoint)
+    assert "pytorch_lora_weights.safetensors holds another adapter" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, match", [
+    ("trainer_state.json", "is not readable JSON"),
+    ("optimizer.pt", "is not a readable torch.save file"),
+    ("rng_state.pth", "is not a readable torch.save file"),
+])
+def test_truncated_trainer_file_of_a_checkpoint_is_named(tmp_path, sd_path, pairs, lora_checkpoint, name, match):
+    checkpoint = tmp_path / "checkpoint-1"
+    shutil.copytree(lora_checkpoint, checkpoint)
+    _truncate(checkpoint / name)
+    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=2), train_dataset=pairs,
+                                  peft_config=lora())
+    with pytest.raises(ValueError, match=f"{re.escape(str(checkpoint / name))} {match}"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def _no_space(*args, **kwargs):
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _torch_save_fails(*args, **kwargs):
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # torch.save, disk full
+
+
+@pytest.mark.parametrize("writer", ["adapter", "optimizer"])
+def test_a_full_disk_while_saving_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path, sd_path, pairs,
+                                                                                     monkeypatch, writer):
+    args = make_args(tmp_path, max_steps=3, learning_rate=1e-4, save_strategy="steps", save_steps=1,
+                     save_total_limit=1)
+    trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=pairs, peft_config=lora())
+
+    class FillDiskAtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                if writer == "adapter":
+                    monkeypatch.setattr(trainer.family, "save_lora_weights", _no_space)
+                else:
+                    monkeypatch.setattr(torch, "save", _torch_save_fails)
+
+    trainer.add_callback(FillDiskAtStep2())
+    with pytest.raises(OSError, match=r"Could not write the checkpoint .*checkpoint-2 .*No space left|unexpected pos"):
+        trainer.train()
+    monkeypatch.undo()
+    assert sorted(os.listdir(args.output_dir)) == ["checkpoint-1"]  # the partial one removed, the last one kept
+    resumed = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path / "again", max_steps=2), train_dataset=pairs,
+                                  peft_config=lora())
+    resumed.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-1"))
+    assert resumed.state.global_step == 2
