@@ -93,6 +93,11 @@ class ScriptArguments:
     )
 
 
+    def __post_init__(self):
+        if isinstance(self.lora_target_modules, str):  # `lora_target_modules: to_q` in YAML: one module, not a regex
+            self.lora_target_modules = [self.lora_target_modules]
+
+
 class DiffusionDPOParser(TrlParser):
     """`TrlParser` that lists our own fields before the (long) inherited `TrainingArguments` in `--help`, keeps plain
     defaults of list-typed fields, and accepts a bare `%` in help texts (argparse would crash on `--help`)."""
@@ -147,10 +152,14 @@ def make_train_parser(prog: str = f"{PROG} train") -> DiffusionDPOParser:
 
 def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, DiffusionDPOConfig]:
     """Parse `--config` and flags; an unknown flag or config key, or an invalid value, exits with argparse's code 2."""
+    import yaml
+
     parser = make_train_parser()
     try:
         script_args, training_args, unknown = parser.parse_args_and_config(argv, return_remaining_strings=True)
-    except (ValueError, OSError) as exc:  # bad YAML file or a value TrainingArguments.__post_init__ rejects
+    except yaml.YAMLError as exc:  # its message spans lines: the problem, then where it is
+        parser.error(f"the --config file is not valid YAML: {' '.join(str(exc).split())}")
+    except (ValueError, OSError) as exc:  # a YAML file of no mapping, or a value a config's __post_init__ rejects
         parser.error(str(exc))
     if unknown:
         known = [option for action in parser._actions for option in action.option_strings]
@@ -176,17 +185,50 @@ def load_split(
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"Cannot read {name!r}: supported files are {', '.join(FILE_BUILDERS)}.")
-        return datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming)
+        if not _has_rows(path, builder):  # the builders fail on an empty file with messages that name no file
+            raise ValueError(f"{name!r} is empty: there are no rows to train on.")
+        from datasets.exceptions import DatasetGenerationError
+
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming)
+        except DatasetGenerationError as exc:  # its own message names no cause
+            raise ValueError(f"Cannot read {name!r} as {builder}: {exc.__cause__ or exc}") from exc
     if (path / FOLDER_METADATA).is_file():
         return load_preference_folder(path, streaming=streaming)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        data = datasets.load_from_disk(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise ValueError(f"{name!r} has splits {list(data)}, not {split!r}.")
-            data = data[split]
+        data = _load_saved(path, split)
         return data.to_iterable_dataset() if streaming else data
     return datasets.load_dataset(name, config, split=split, streaming=streaming)
+
+
+def _has_rows(path: Path, builder: str) -> bool:
+    if builder == "parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows > 0
+    with path.open("rb") as f:  # any non-blank byte, read in chunks (the file may be large)
+        return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
+
+
+def _load_saved(path: Path, split: str) -> datasets.Dataset:
+    """One split of a `save_to_disk` folder. Only that split is loaded (`load_from_disk` of a whole DatasetDict fails
+    on any empty split), and an empty one is named (`load_from_disk` raises an IndexError for it)."""
+    import json
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        if split not in splits:
+            raise ValueError(f"{str(path)!r} has splits {splits}, not {split!r}.")
+        path = path / split
+    else:
+        saved_split = json.loads((path / "state.json").read_text(encoding="utf-8")).get("_split")
+        if split not in ("train", saved_split):  # one Dataset: its rows are no other split (never reuse them)
+            raise ValueError(f"{str(path)!r} is a single dataset (Dataset.save_to_disk), with no {split!r} split: its "
+                             f"rows are the training rows. Save a DatasetDict with a {split!r} split, or drop that "
+                             "split option.")
+    if not json.loads((path / "state.json").read_text(encoding="utf-8"))["_data_files"]:
+        raise ValueError(f"{str(path)!r} is an empty dataset (saved with no rows): there are no rows to train on.")
+    return datasets.load_from_disk(str(path))
 
 
 def load_model(script_args: ScriptArguments, training_args: DiffusionDPOConfig):
@@ -278,12 +320,20 @@ def _sampling_parser(prog: str, description: str, prompt_sets: bool = False) -> 
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="Denoising steps; default 30 (with --prompt_set: the paper's for the model family).")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Defaults to the pipeline's own.")
-    parser.add_argument("--resolution", type=int, default=None, help="Image height and width; the model's default.")
+    parser.add_argument("--resolution", type=_positive_int, default=None,
+                        help="Image height and width in pixels; the model's default when not given.")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call and per reward call.")
     parser.add_argument("--num_frames", type=int, default=None,
                         help="Video pipelines (Wan): frames per video, k*4 + 1. The image reward then scores 4 "
                         "frames spread over each video and averages them.")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)  # argparse turns a ValueError into "invalid _positive_int value"
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels, got {value}")
+    return value
 
 
 def _sampling_kwargs(args) -> tuple[list[str], dict]:

@@ -112,6 +112,8 @@ def check_one_step_fits(dataset, batch_size: int, accumulation: int, processes: 
                f"{processes} process(es)")
     if isinstance(dataset, datasets.IterableDataset):
         rows = sum(1 for _ in itertools.islice(dataset, per_step))
+        if rows == 0:
+            raise ValueError(f"`{name}` is an empty stream: there are no rows to train on.")
         if rows < per_step:
             raise ValueError(
                 f"`{name}` is a stream of {rows} rows, fewer than one optimizer step takes ({numbers} = {per_step}): "
@@ -178,6 +180,8 @@ def load_preference_folder(path, **load_dataset_kwargs) -> datasets.Dataset:
                         f"the folder), found {sorted(keys)}."
                     )
                 break
+        else:
+            raise ValueError(f"{metadata} is empty: there are no preference pairs to train on.")
     return datasets.load_dataset("imagefolder", data_dir=str(path), split="train", **load_dataset_kwargs)
 
 

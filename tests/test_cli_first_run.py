@@ -1,6 +1,7 @@
 """What a new user meets first: the CLI's LoRA targets, its error messages and exit codes, streaming, and a quiet run."""
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -183,3 +184,83 @@ def test_stream_workers_fit_its_shards(tmp_path, sd_path, pairs):
         loader = trainer.get_train_dataloader()
     assert loader.num_workers == 1
     assert args.dataloader_num_workers == 4  # the user's config is left as given
+
+
+# ----- bad input in every layout: one message, exit 2 --------------------------------------------------------------
+def _empty_layouts(tmp_path):
+    empty = {"prompt": [], "chosen": [], "rejected": []}
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "empty.csv").write_text("")
+    Dataset.from_dict(empty).to_parquet(str(tmp_path / "empty.parquet"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "metadata.jsonl").write_text("")
+    Dataset.from_dict(empty).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": Dataset.from_dict(empty)}).save_to_disk(str(tmp_path / "saved_dict"))
+    return {"empty.jsonl": "is empty", "empty.csv": "is empty", "empty.parquet": "is empty",
+            "folder": "metadata.jsonl is empty", "saved": "is an empty dataset", "saved_dict": "is an empty dataset"}
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_an_empty_dataset_in_any_layout_is_one_message(tmp_path, sd_path, capsys, streaming):
+    for name, expected in _empty_layouts(tmp_path).items():
+        argv = train_argv(sd_path, tmp_path / name, tmp_path / "out") + ["--dataset_streaming", streaming]
+        assert cli.main(argv) == 2, name
+        message = single_error(capsys)
+        assert expected in message and name in message, message
+
+
+def test_a_split_a_saved_dataset_lacks_is_an_error(tmp_path, pairs, capsys):
+    """A single saved Dataset has no test split: its rows were silently reused as the evaluation set."""
+    pairs.save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(ValueError, match=r"single dataset \(Dataset.save_to_disk\), with no 'validation' split"):
+        cli.load_split(str(tmp_path / "data"), None, "validation")
+    assert len(cli.load_split(str(tmp_path / "data"), None, "train")) == len(pairs)
+    datasets.DatasetDict({"train": pairs}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(ValueError, match=r"has splits \['train'\], not 'test'"):
+        cli.load_split(str(tmp_path / "dict"), None, "test")
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("model_name_or_path: x\n  bad: [1, 2\n", r"not valid YAML: mapping values are not allowed here .*line 2"),
+    ("resolution: -64\n", r"resolution must be a positive whole number of pixels, got -64"),
+    ("resolution: 512.5\n", r"resolution must be a positive whole number of pixels, got 512.5"),
+    ("resolution: 0\n", r"resolution must be a positive whole number of pixels, got 0"),
+])
+def test_bad_config_values_are_one_message_before_loading(tmp_path, capsys, yaml_text, message):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--config", str(config), "--model_name_or_path", str(tmp_path / "never-loaded"),
+                  "--dataset_name", "d", "--output_dir", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_lora_target_modules_as_a_yaml_string_is_one_module(tmp_path):
+    """PEFT would read a string as a regex matching whole module names: `to_q` alone would match nothing."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text("lora_target_modules: to_q\n")
+    script_args, _ = cli.parse_train_args(["--config", str(config), "--model_name_or_path", "m", "--dataset_name", "d",
+                                           "--output_dir", str(tmp_path)])
+    assert script_args.lora_target_modules == ["to_q"]
+
+
+def test_sampling_resolution_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["evaluate", "--model", "m", "--prompt", "p", "--lora", "l", "--resolution", "0"])
+    assert info.value.code == 2
+    assert "expected a positive number of pixels, got 0" in capsys.readouterr().err
+
+
+def test_module_named_nan_or_inf_is_a_function_not_a_weight(tmp_path, monkeypatch):
+    from diffusion_dpo_trainer.rewards import load_reward
+
+    (tmp_path / "my_rewards.py").write_text("def nan(images, prompts):\n    return [1.0] * len(images)\n"
+                                            "inf = nan\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_rewards
+
+    assert load_reward("my_rewards:nan") is my_rewards.nan
+    assert load_reward("my_rewards:inf") is my_rewards.inf
