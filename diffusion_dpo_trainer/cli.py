@@ -36,6 +36,9 @@ USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
 DEFAULT_REWARD = "pickscore"
 # What `evaluate --prompt_set` reports by default: the rewards papers on Diffusion-DPO and its successors quote.
 PROTOCOL_REWARDS = ["pickscore", "hpsv2.1", "imagereward", "aesthetic", "clip"]
+PROTOCOL_RESUME = (" The images sampled and the scores computed so far are kept in --output_dir: the same command "
+                   "resumes from them.")
+BUILD_PAIRS_RESUME = PROTOCOL_RESUME
 # Local files that `datasets` reads with a builder named after their format.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -352,12 +355,29 @@ def _sampling_kwargs(args) -> tuple[list[str], dict]:
     return prompts, kwargs
 
 
-def _reward(args):
-    """The named reward, averaged over frames when the samples are videos."""
-    from .rewards import frame_averaged
+def _reward(args, spec: str | None = None, resume_hint: str = ""):
+    """The reward `spec` (default: --reward), loaded before any pipeline so that a bad name or a missing module fails
+    in a second; averaged over frames when the samples are videos (not in the protocol); an exception it raises while
+    scoring becomes one message naming it."""
+    from .rewards import frame_averaged, load_reward
 
-    reward = args.reward or DEFAULT_REWARD
-    return reward if args.num_frames is None else frame_averaged(reward)
+    # `my_rewards:score` from the working directory, as `python -m` would find it (the installed command does not).
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    spec = spec or args.reward or DEFAULT_REWARD
+    reward = load_reward(spec, **({"device": args.device} if getattr(args, "device", None) else {}))
+    if args.num_frames is not None and not getattr(args, "prompt_set", None):
+        reward = frame_averaged(reward)
+
+    def scored(images, prompts):
+        try:
+            return reward(images, prompts)
+        except Exception as exc:  # any failure of the user's reward is the user's to fix: name it
+            raise ValueError(f"the reward {spec!r} failed on a batch of {len(images)} images ({type(exc).__name__}: "
+                             f"{exc}).{resume_hint}") from exc
+
+    scored.__name__ = spec  # the name reports use
+    return scored
 
 
 def build_pairs(argv: list[str]) -> int:
@@ -374,7 +394,7 @@ def build_pairs(argv: list[str]) -> int:
 
     prompts, kwargs = _sampling_kwargs(args)
     pairs = build_preference_pairs(
-        args.model, prompts, _reward(args), num_images_per_prompt=args.num_images_per_prompt,
+        args.model, prompts, _reward(args, resume_hint=BUILD_PAIRS_RESUME), num_images_per_prompt=args.num_images_per_prompt,
         strategy=args.strategy,
         min_score_gap=args.min_score_gap, seed=args.seed, batch_size=args.batch_size, output_path=args.output_dir,
         **kwargs,
@@ -418,10 +438,11 @@ def evaluate(argv: list[str]) -> int:
     from .families import load_pipeline
 
     prompts, kwargs = _sampling_kwargs(args)
+    reward = _reward(args)
     policy = load_pipeline(args.model)
     if args.lora:
         policy.load_lora_weights(args.lora)
-    result = evaluate_win_rate(policy, args.reference_model, prompts, _reward(args),
+    result = evaluate_win_rate(policy, args.reference_model, prompts, reward,
                                seeds=args.seeds or [0, 1, 2, 3], batch_size=args.batch_size, **kwargs)
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -437,7 +458,8 @@ def _evaluate_protocol(parser, args) -> int:
 
     from .protocol import evaluate_protocol
 
-    rewards = args.rewards or ([args.reward] if args.reward else PROTOCOL_REWARDS)
+    rewards = [_reward(args, spec, PROTOCOL_RESUME)
+               for spec in args.rewards or ([args.reward] if args.reward else PROTOCOL_REWARDS)]
     report = evaluate_protocol(
         args.model, args.prompt_set, rewards, args.output_dir, lora=args.lora,
         denoiser=args.denoiser, reference=args.reference_model, seeds=args.seeds or [0], scheduler=args.scheduler,

@@ -264,3 +264,90 @@ def test_module_named_nan_or_inf_is_a_function_not_a_weight(tmp_path, monkeypatc
 
     assert load_reward("my_rewards:nan") is my_rewards.nan
     assert load_reward("my_rewards:inf") is my_rewards.inf
+
+
+# ----- a reward that raises: one message, and a rerun resumes --------------------------------------------------------
+FLAKY_REWARD = '''
+import numpy as np
+
+calls = []
+
+
+def brightness(images, prompts):
+    return [float(np.asarray(image, dtype=np.float64).mean()) for image in images]
+
+
+def fails_on_second_call(images, prompts):
+    calls.append(len(images))
+    if len(calls) == 2:
+        raise RuntimeError("CUDA out of memory (simulated)")
+    return brightness(images, prompts)
+'''
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    """A `package.module:function` reward in the working directory, found without PYTHONPATH."""
+    (tmp_path / "flaky_rewards.py").write_text(FLAKY_REWARD)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "flaky_rewards", raising=False)
+    return "flaky_rewards"
+
+
+def _counting_sampler(monkeypatch, module):
+    sampled = []
+    real = module.iter_sample_batches
+
+    def counting(pipe, prompts, *args, **kwargs):
+        sampled.extend(prompts)
+        return real(pipe, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(module, "iter_sample_batches", counting)
+    return sampled
+
+
+def test_build_pairs_reward_failure_is_one_message_and_a_rerun_resumes(tmp_path, sd_path, capsys, monkeypatch,
+                                                                       reward_module):
+    from diffusion_dpo_trainer import feedback
+
+    sampled = _counting_sampler(monkeypatch, feedback)
+    out = tmp_path / "pairs"
+    common = ["build-pairs", "--model", sd_path, "--num_inference_steps", "2", "--resolution", "32", "--prompt", "a",
+              "--prompt", "b", "--num_images_per_prompt", "2", "--batch_size", "2", "--output_dir", str(out)]
+    assert cli.main([*common, "--reward", f"{reward_module}:fails_on_second_call"]) == 2
+    message = single_error(capsys)
+    assert "the reward 'flaky_rewards:fails_on_second_call' failed on a batch of 2 images" in message
+    assert "RuntimeError: CUDA out of memory (simulated)" in message and "resumes" in message
+    assert len(sampled) == 4  # both batches were sampled; the second one's scoring failed
+    sampled.clear()
+    assert cli.main([*common, "--reward", f"{reward_module}:brightness"]) == 0
+    assert sampled == []  # every image was read back
+    assert not (out / "samples").exists()
+    assert len(datasets.load_from_disk(str(out))) == 2
+
+
+def test_a_missing_reward_module_fails_before_the_pipeline_loads(tmp_path, capsys, reward_module):
+    argv = ["build-pairs", "--model", str(tmp_path / "never-loaded"), "--prompt", "a", "--output_dir", str(tmp_path / "o")]
+    assert cli.main([*argv, "--reward", "no_such_module:score"]) == 2
+    assert "Could not import reward 'no_such_module:score'" in single_error(capsys)
+
+
+def test_evaluate_reward_failure_is_one_message_and_a_rerun_resumes(tmp_path, sd_path, capsys, monkeypatch,
+                                                                    reward_module):
+    from diffusion_dpo_trainer import protocol
+
+    sampled = _counting_sampler(monkeypatch, protocol)
+    (tmp_path / "prompts.txt").write_text("a\nb\nc\nd\n")
+    common = ["evaluate", "--model", sd_path, "--base_only", "--prompt_set", str(tmp_path / "prompts.txt"),
+              "--num_inference_steps", "2", "--resolution", "32", "--batch_size", "2", "--output_dir",
+              str(tmp_path / "eval")]
+    assert cli.main([*common, "--reward", f"{reward_module}:fails_on_second_call"]) == 2
+    assert "failed on a batch of 2 images" in single_error(capsys)
+    assert len((tmp_path / "eval" / "scores.jsonl").read_text().splitlines()) == 2  # the first batch is kept
+    sampled.clear()
+    # the same command (a fixed reward under the same name) samples only the second batch
+    (tmp_path / "flaky_rewards.py").write_text(FLAKY_REWARD.replace("len(calls) == 2", "False"))
+    monkeypatch.delitem(sys.modules, "flaky_rewards", raising=False)
+    assert cli.main([*common, "--reward", f"{reward_module}:fails_on_second_call"]) == 0
+    assert len(sampled) == 2
