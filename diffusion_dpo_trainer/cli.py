@@ -261,7 +261,9 @@ def train(argv: list[str]) -> int:
 
     def load(split):
         # Any supported layout (TRL pairs, Pick-a-Pic, labelled images for kto): the trainer detects and normalises it.
-        return load_split(script_args.dataset_name, script_args.dataset_config, split, script_args.dataset_streaming)
+        data = load_split(script_args.dataset_name, script_args.dataset_config, split, script_args.dataset_streaming)
+        data.info.dataset_name = script_args.dataset_name  # the model card names it (datasets keeps only a builder's)
+        return data
 
     evaluate = script_args.dataset_test_split is not None and training_args.eval_strategy != "no"
     peft_config = None

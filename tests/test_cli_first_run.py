@@ -351,3 +351,18 @@ def test_evaluate_reward_failure_is_one_message_and_a_rerun_resumes(tmp_path, sd
     monkeypatch.delitem(sys.modules, "flaky_rewards", raising=False)
     assert cli.main([*common, "--reward", f"{reward_module}:fails_on_second_call"]) == 0
     assert len(sampled) == 2
+
+
+def test_model_card_names_a_local_dataset(tmp_path, sd_path, pairs):
+    """Trained on a local .jsonl, the card said `Dataset: json` and listed `json` as a Hub dataset in its metadata."""
+    data = write_jsonl_pairs(tmp_path, pairs)
+    out = tmp_path / "out"
+    assert cli.main(train_argv(sd_path, data, out)) == 0
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f"- Dataset: `{data}` (local)" in card
+    assert "datasets:" not in card  # no Hub metadata pointing nowhere
+    from diffusion_dpo_trainer.model_card import render_model_card
+
+    hub = render_model_card(base_model=None, pipeline_class="P", denoiser_name="unet", denoiser_class="U",
+                            is_lora=True, loss_type="sigmoid", hyperparameters={}, dataset="json")
+    assert "local json files" in hub and "datasets:" not in hub
