@@ -40,6 +40,8 @@ PROTOCOL_RESUME = (" The images sampled and the scores computed so far are kept 
                    "resumes from them.")
 BUILD_PAIRS_RESUME = PROTOCOL_RESUME
 # Local files that `datasets` reads with a builder named after their format.
+# Columns that may hold image or video file paths, in every supported layout.
+MEDIA_COLUMNS = ("chosen", "rejected", "jpg_0", "jpg_1", "image", "video")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -193,15 +195,31 @@ def load_split(
         from datasets.exceptions import DatasetGenerationError
 
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming)
+            data = datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming)
         except DatasetGenerationError as exc:  # its own message names no cause
             raise ValueError(f"Cannot read {name!r} as {builder}: {exc.__cause__ or exc}") from exc
+        return _paths_relative_to(data, path.parent)
     if (path / FOLDER_METADATA).is_file():
         return load_preference_folder(path, streaming=streaming)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         data = _load_saved(path, split)
         return data.to_iterable_dataset() if streaming else data
     return datasets.load_dataset(name, config, split=split, streaming=streaming)
+
+
+def _paths_relative_to(data, folder: Path):
+    """Relative image/video file paths of a data file resolved against the file's folder (as an image folder's
+    `metadata.jsonl` names its files), not against wherever the command runs."""
+    features = data.features or {}
+    columns = [c for c in MEDIA_COLUMNS if getattr(features.get(c), "dtype", None) == "string"]
+    if not columns:
+        return data
+
+    def resolve(row):
+        return {c: str(folder / row[c]) if row[c] and not os.path.isabs(row[c]) and "://" not in row[c] else row[c]
+                for c in columns}
+
+    return data.map(resolve)
 
 
 def _has_rows(path: Path, builder: str) -> bool:

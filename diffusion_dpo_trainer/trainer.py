@@ -236,6 +236,17 @@ class DiffusionDPOTrainer(Trainer):
             return prepare_preference_dataset(dataset, name)
         return prepare_unpaired_dataset(dataset, name, column="image" if self.num_frames is None else "video")
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(self.args.fsdp)
+        if asked and not self.is_fsdp_enabled:
+            warnings.warn(
+                f"The launch config asks for FSDP, but accelerate enables FSDP only on GPUs (this run: "
+                f"{self.accelerator.distributed_type.value}): it trains WITHOUT FSDP, every process holding the whole "
+                "model, its gradients and optimizer state. Launch on GPUs to shard; on CPU, tests lift the gate with "
+                "diffusion_dpo_trainer.testing.allow_fsdp_on_cpu."
+            )
+
     def get_train_dataloader(self):
         """The Trainer's loader, once one optimizer step is known to fit the data (a stream too short for one would
         loop forever) and with no more workers than a stream has shards (datasets stops the rest, warning each pass)."""

@@ -1,5 +1,6 @@
 """What a new user meets first: the CLI's LoRA targets, its error messages and exit codes, streaming, and a quiet run."""
 
+import json
 import os
 import re
 import subprocess
@@ -366,3 +367,16 @@ def test_model_card_names_a_local_dataset(tmp_path, sd_path, pairs):
     hub = render_model_card(base_model=None, pipeline_class="P", denoiser_name="unet", denoiser_class="U",
                             is_lora=True, loss_type="sigmoid", hyperparameters={}, dataset="json")
     assert "local json files" in hub and "datasets:" not in hub
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_relative_image_paths_in_a_data_file_resolve_against_its_folder(tmp_path, pairs, monkeypatch, streaming):
+    data = write_jsonl_pairs(tmp_path, pairs.select(range(2)))
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for row in rows:
+        row["chosen"] = os.path.basename(row["chosen"])  # "chosen0.png", next to the file
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.chdir(tmp_path.parent)  # run from elsewhere
+    loaded = cli.load_split(str(data), None, "train", streaming=streaming)
+    assert [row["chosen"] for row in loaded] == [str(tmp_path / "chosen0.png"), str(tmp_path / "chosen1.png")]
+    assert [row["rejected"] for row in loaded] == [r["rejected"] for r in rows]  # absolute paths stay

@@ -236,3 +236,11 @@ def test_a_full_disk_while_saving_names_the_folder_and_keeps_the_previous_checkp
                                   peft_config=lora())
     resumed.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-1"))
     assert resumed.state.global_step == 2
+
+
+def test_an_fsdp_launch_that_accelerate_runs_without_fsdp_says_so(tmp_path, sd_path, pairs, monkeypatch):
+    """accelerate enables FSDP only for GPU process groups: on CPU an FSDP launch config silently trained plain DDP."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    with pytest.warns(UserWarning, match=r"asks for FSDP, but accelerate enables FSDP only on GPUs .* WITHOUT FSDP"):
+        trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path), train_dataset=pairs, peft_config=lora())
+    assert not trainer.is_fsdp_enabled
