@@ -88,7 +88,8 @@ class DiffusionDPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Training resolution in pixels (square). Images are resized so their short side matches, then "
-            "cropped. Defaults to the model's native resolution (the denoiser's sample size times the VAE factor)."
+            "cropped. Defaults to the model's native resolution (the denoiser's sample size times the VAE factor); "
+            "0, a negative or a fractional value is refused."
         },
     )
     random_crop: bool = field(
