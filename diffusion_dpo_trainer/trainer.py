@@ -9,6 +9,7 @@ and timestep per image instead, and no loss that needs no reference ever runs on
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -37,7 +38,7 @@ from .caching import precompute_for_training
 from .collators import PreferenceCollator, UnpairedCollator
 from .config import DiffusionDPOConfig
 from .families import load_family
-from .formats import check_one_step_fits, map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
+from .formats import ROW_COLUMN, check_one_step_fits, map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
 from .model_card import card_hyperparameters, render_model_card
 from .quantization import is_quantized
 from .reference_cache import DrawEpochCallback, RowDraws, precompute_reference_errors, reference_fingerprint
@@ -370,7 +371,12 @@ class DiffusionDPOTrainer(Trainer):
     def _prompt_embeddings(self, inputs) -> dict[str, torch.Tensor]:
         if "prompt_embeds" in inputs:  # precomputed, stored in float32: back to the text encoders' dtype
             return {key: value.to(self.weight_dtype) for key, value in inputs["prompt_embeds"].items()}
-        return self.family.encode_prompt(inputs["prompt"], self.accelerator.device)
+        with self._long_prompts.watch(self.family.pipeline, inputs["prompt"], inputs.get(ROW_COLUMN)):
+            return self.family.encode_prompt(inputs["prompt"], self.accelerator.device)
+
+    @functools.cached_property
+    def _long_prompts(self) -> "_LongPromptNotice":
+        return _LongPromptNotice()
 
     def _denoiser_inputs(self, inputs):
         """x0, noise, timesteps and conditioning of a batch, (groups * B) samples.
@@ -623,6 +629,40 @@ class DiffusionDPOTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+class _LongPromptNotice(logging.Filter):
+    """diffusers logs the cut-off part of a prompt longer than a text encoder reads on EVERY encode of it, so one
+    10,000-character prompt floods the log with its text, epoch after epoch. This keeps those records out and warns
+    once per run instead, naming the row."""
+
+    MESSAGE = "The following part of your input was truncated"
+
+    def __init__(self):
+        super().__init__()
+        self.truncated = self.warned = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(self.MESSAGE):
+            self.truncated = True
+            return False
+        return True
+
+    @contextmanager
+    def watch(self, pipeline, prompts: list[str], rows: torch.Tensor | None):
+        logger = logging.getLogger(type(pipeline).__module__)  # the pipeline module's encode_prompt logs it
+        self.truncated = False
+        logger.addFilter(self)
+        try:
+            yield
+        finally:
+            logger.removeFilter(self)
+        if self.truncated and not self.warned:
+            self.warned = True
+            longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+            where = f"Row {int(rows[longest])}" if rows is not None else f"Prompt {longest} of a batch"
+            warnings.warn(f"{where}: the prompt ({len(prompts[longest])} characters) is longer than the text encoder "
+                          "reads, so its end is cut off (warned once per run; any other long prompt is cut alike).")
 
 
 def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:

@@ -380,3 +380,18 @@ def test_relative_image_paths_in_a_data_file_resolve_against_its_folder(tmp_path
     loaded = cli.load_split(str(data), None, "train", streaming=streaming)
     assert [row["chosen"] for row in loaded] == [str(tmp_path / "chosen0.png"), str(tmp_path / "chosen1.png")]
     assert [row["rejected"] for row in loaded] == [r["rejected"] for r in rows]  # absolute paths stay
+
+
+def test_a_very_long_prompt_is_one_warning_naming_its_row(tmp_path, sd_path, pairs, capfd):
+    """diffusers logged the cut-off text (here 10,000 characters) on every encode of the row: now one warning."""
+    long = pairs.map(lambda row, i: {"prompt": "a red square " * 800 if i == 2 else row["prompt"]}, with_indices=True)
+    args = DiffusionDPOConfig(output_dir=str(tmp_path / "out"), resolution=32, per_device_train_batch_size=4,
+                              max_steps=4, report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=long, peft_config=lora())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()  # 4 steps over 8 rows: row 2 is encoded twice
+    notices = [str(w.message) for w in caught if "longer than the text encoder reads" in str(w.message)]
+    assert notices == ["Row 2: the prompt (10400 characters) is longer than the text encoder reads, so its end is cut "
+                       "off (warned once per run; any other long prompt is cut alike)."]
+    assert "a red square a red square" not in capfd.readouterr().err
