@@ -219,7 +219,7 @@ def _paths_relative_to(data, folder: Path):
         return {c: str(folder / row[c]) if row[c] and not os.path.isabs(row[c]) and "://" not in row[c] else row[c]
                 for c in columns}
 
-    return data.map(resolve)
+    return data.map(resolve, features=data.features)  # a stream's map would forget its columns otherwise
 
 
 def _has_rows(path: Path, builder: str) -> bool:

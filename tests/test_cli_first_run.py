@@ -378,6 +378,7 @@ def test_relative_image_paths_in_a_data_file_resolve_against_its_folder(tmp_path
     data.write_text("\n".join(json.dumps(r) for r in rows))
     monkeypatch.chdir(tmp_path.parent)  # run from elsewhere
     loaded = cli.load_split(str(data), None, "train", streaming=streaming)
+    assert loaded.column_names == ["prompt", "chosen", "rejected"]  # a stream keeps knowing its columns
     assert [row["chosen"] for row in loaded] == [str(tmp_path / "chosen0.png"), str(tmp_path / "chosen1.png")]
     assert [row["rejected"] for row in loaded] == [r["rejected"] for r in rows]  # absolute paths stay
 
