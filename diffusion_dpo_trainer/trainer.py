@@ -38,7 +38,13 @@ from .caching import precompute_for_training
 from .collators import PreferenceCollator, UnpairedCollator
 from .config import DiffusionDPOConfig
 from .families import load_family
-from .formats import ROW_COLUMN, check_one_step_fits, map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
+from .formats import (
+    ROW_COLUMN,
+    check_one_step_fits,
+    map_eval_datasets,
+    prepare_preference_dataset,
+    prepare_unpaired_dataset,
+)
 from .model_card import card_hyperparameters, render_model_card
 from .quantization import is_quantized
 from .reference_cache import DrawEpochCallback, RowDraws, precompute_reference_errors, reference_fingerprint
@@ -625,7 +631,11 @@ class DiffusionDPOTrainer(Trainer):
                 saved = type(denoiser).from_pretrained(path, use_safetensors=True)
             except OSError as exc:
                 raise ValueError(f"Cannot resume from {path}: no readable safetensors weights ({exc}).") from exc
-            denoiser.load_state_dict(saved.state_dict())
+            try:
+                denoiser.load_state_dict(saved.state_dict())
+            except RuntimeError as exc:  # another architecture: missing, unexpected or reshaped tensors
+                problem = " ".join(str(exc).split())
+                raise ValueError(f"Cannot resume: {path} holds another model than this run's: {problem[:300]}") from exc
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -244,3 +244,13 @@ def test_an_fsdp_launch_that_accelerate_runs_without_fsdp_says_so(tmp_path, sd_p
     with pytest.warns(UserWarning, match=r"asks for FSDP, but accelerate enables FSDP only on GPUs .* WITHOUT FSDP"):
         trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path), train_dataset=pairs, peft_config=lora())
     assert not trainer.is_fsdp_enabled
+
+
+def test_resuming_a_full_fine_tune_of_another_model_is_one_line(tmp_path, sd_path, pairs):
+    config = dict(UNet2DConditionModel.load_config(sd_path, subfolder="unet"))
+    config["block_out_channels"] = [16, 64]  # another architecture under the same class
+    UNet2DConditionModel.from_config(config).save_pretrained(tmp_path / "checkpoint-1" / "unet")
+    trainer = DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, max_steps=2), train_dataset=pairs)
+    with pytest.raises(ValueError, match=r"unet holds another model than this run's: .*size mismatch") as info:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert "\n" not in str(info.value)
