@@ -24,7 +24,7 @@ import datasets
 from transformers import TrainingArguments
 from trl import TrlParser
 
-from . import __version__
+from ._version import __version__
 from .config import DiffusionDPOConfig
 from .formats import FOLDER_METADATA, load_preference_folder
 
