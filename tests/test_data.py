@@ -17,13 +17,10 @@ from PIL import Image
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer, to_preference_pairs
 from diffusion_dpo_trainer.caching import module_fingerprint, precompute_latents
-from diffusion_dpo_trainer.data import (
-    PreferenceCollator,
-    load_image,
-    paired_transform,
-    prepare_preference_dataset,
-)
+from diffusion_dpo_trainer.collators import PreferenceCollator
 from diffusion_dpo_trainer.families import StableDiffusionFamily, load_family
+from diffusion_dpo_trainer.formats import prepare_preference_dataset
+from diffusion_dpo_trainer.transforms import load_image, paired_transform
 
 
 def png(image: Image.Image) -> bytes:
