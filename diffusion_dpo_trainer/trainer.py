@@ -206,8 +206,7 @@ class DiffusionDPOTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if args.precompute_latents or args.precompute_text_embeddings:
             self.train_dataset, self.eval_dataset = precompute_for_training(
-                self.family, self.train_dataset, self.eval_dataset, self.data_collator, args, self.resolution,
-                self.accelerator.device,
+                self.family, self.train_dataset, self.eval_dataset, self.data_collator, args, self.accelerator.device
             )
         if args.precompute_ref_errors:
             with args.main_process_first(desc="precomputing the reference's errors"):
