@@ -22,7 +22,8 @@ NOTEBOOK = ROOT / "examples" / "notebook_quickstart.ipynb"
 
 REAL_MODEL_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
                   "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large",
-                  "black-forest-labs/FLUX.1-dev", "Qwen/Qwen-Image", "Tongyi-MAI/Z-Image",
+                  "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev",
+                  "black-forest-labs/FLUX.2-klein-base-4B", "Qwen/Qwen-Image", "Tongyi-MAI/Z-Image",
                   "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
 
 
