@@ -175,7 +175,8 @@ def test_recipe_is_the_recommended_one(name, model_id, beta):
     assert options.lora_r == options.lora_alpha == 16 and not options.full_finetune
 
 
-@pytest.mark.parametrize("name", ["sd35_lora_pickapic", "flux_lora_pickapic"])
+@pytest.mark.parametrize("name", ["sd35_lora_pickapic", "flux_lora_pickapic", "flux2_klein_lora_pickapic",
+                                  "flux2_dev_lora_pickapic"])
 def test_recipes_stream_by_default_and_read_local_files(tmp_path, name):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"caption": f"p{i}"}) for i in range(5)))
