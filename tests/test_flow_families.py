@@ -157,7 +157,7 @@ def test_the_loss_receives_the_resolved_beta(tmp_path, sd3_path, pairs, monkeypa
     assert seen == [StableDiffusion3Family.default_beta]
 
 
-# ----- the recipes: examples/*.yaml as `diffusion-dpo train --config` reads them ---------------------------------------
+# ----- the recipes: examples/*.yaml as `diffusion-dpo train --config` reads them ----------------------------------
 @pytest.mark.parametrize(
     "name, model_id, beta",
     [("sd35_lora_pickapic", "stabilityai/stable-diffusion-3.5-medium", 500.0),

@@ -90,7 +90,7 @@ def test_default_beta_and_native_resolution(tmp_path, flux2, pairs):
     assert trainer.resolution == 128 * trainer.family.vae_scale_factor
 
 
-# ----- the recipes: examples/flux2_*.yaml as `diffusion-dpo train --config` reads them --------------------------------
+# ----- the recipes: examples/flux2_*.yaml as `diffusion-dpo train --config` reads them ----------------------------
 @pytest.mark.parametrize("variant, model_id", [("dev", "black-forest-labs/FLUX.2-dev"),
                                                ("klein", "black-forest-labs/FLUX.2-klein-base-4B")])
 def test_recipe_defaults(variant, model_id):
