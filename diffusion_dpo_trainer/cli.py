@@ -24,7 +24,7 @@ import datasets
 from transformers import TrainingArguments
 from trl import TrlParser
 
-from . import __version__
+from ._version import __version__
 from .config import DiffusionDPOConfig
 from .formats import FOLDER_METADATA, load_preference_folder
 
@@ -88,8 +88,7 @@ class ScriptArguments:
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Names of the denoiser's modules that get an adapter. Default: the model family's own, as "
-                  "in Python: to_q to_k to_v to_out.0 for SD1.x/2.x and SDXL, plus add_q_proj add_k_proj "
-                  "add_v_proj to_add_out for SD3 and FLUX."},
+                  "in Python (docs/models.md lists each family's)."},
     )
 
 

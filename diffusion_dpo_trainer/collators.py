@@ -115,8 +115,8 @@ class UnpairedCollator(PreferenceCollator):
     """Turns unpaired rows into tensors: one image per row, so each image gets its own crop and flip (the images are
     independent), and the batch keys carry no side prefix (`pixel_values`, `latent_mean`, ...) plus `label`.
 
-    Cached rows (`caching.precompute_latents(..., image_columns=("image",))`) and `prompt_embeddings` are handled
-    as in `PreferenceCollator`.
+    Cached rows (`caching.precompute_latents(dataset, family, UnpairedCollator(...))`) and `prompt_embeddings` are
+    handled as in `PreferenceCollator`.
     """
 
     image_columns = ("image",)

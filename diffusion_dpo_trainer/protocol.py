@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ._version import __version__
 from .evaluation import compare_rewards
 from .families import family_class_for, load_pipeline
 from .prompt_sets import load_prompt_sets
@@ -44,8 +45,6 @@ def _versions() -> dict:
     import diffusers
     import torch
     import transformers
-
-    from . import __version__
 
     return {"diffusion_dpo_trainer": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
