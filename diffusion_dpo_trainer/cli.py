@@ -24,7 +24,7 @@ import datasets
 from transformers import TrainingArguments
 from trl import TrlParser
 
-from . import __version__
+from ._version import __version__
 from .config import DiffusionDPOConfig
 from .formats import FOLDER_METADATA, load_preference_folder
 
@@ -93,8 +93,7 @@ class ScriptArguments:
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Names of the denoiser's modules that get an adapter. Default: the model family's own, as "
-                  "in Python: to_q to_k to_v to_out.0 for SD1.x/2.x and SDXL, plus add_q_proj add_k_proj "
-                  "add_v_proj to_add_out for SD3 and FLUX."},
+                  "in Python (docs/models.md lists each family's)."},
     )
 
 
@@ -334,12 +333,12 @@ def _sampling_parser(prog: str, description: str, prompt_sets: bool = False) -> 
     if prompt_sets:
         prompts.add_argument(
             "--prompt_set", action="append", help="A published prompt set (parti, pickapic-test, "
-            "pickapic-validation, hpsv2, drawbench), a .txt/.json/.jsonl file or a dataset id (repeat for several). "
-            "Runs the protocol.")
+            "pickapic-validation, hpsv2, drawbench, ocr, geneval), a .txt/.json/.jsonl file or a dataset id (repeat "
+            "for several). Runs the protocol.")
     parser.add_argument("--reward", default=None,
                         help="Reward (default pickscore): pickscore, hpsv2, hpsv2.1, imagereward, aesthetic, clip, "
-                        "'<name>:<id or path>', 'http://host:port/path', 'package.module:function' or weights "
-                        "'pickscore:1,hpsv2.1:0.5'.")
+                        "ocr, 'geneval:<detector url>', '<name>:<id or path>', 'http://host:port/path', "
+                        "'package.module:function' or weights 'pickscore:1,hpsv2.1:0.5'.")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="Denoising steps; default 30 (with --prompt_set: the paper's for the model family).")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Defaults to the pipeline's own.")
@@ -379,6 +378,8 @@ def _reward(args, spec: str | None = None, resume_hint: str = ""):
     """The reward `spec` (default: --reward), loaded before any pipeline so that a bad name or a missing module fails
     in a second; averaged over frames when the samples are videos (not in the protocol); an exception it raises while
     scoring becomes one message naming it."""
+    import functools
+
     from .rewards import frame_averaged, load_reward
 
     # `my_rewards:score` from the working directory, as `python -m` would find it (the installed command does not).
@@ -389,10 +390,12 @@ def _reward(args, spec: str | None = None, resume_hint: str = ""):
     if args.num_frames is not None and not getattr(args, "prompt_set", None):
         reward = frame_averaged(reward)
 
-    def scored(images, prompts):
+    @functools.wraps(reward)  # keeps its signature: `score_images` calls it TRL's way or ours, as it takes
+    def scored(*args, **kwargs):
         try:
-            return reward(images, prompts)
+            return reward(*args, **kwargs)
         except Exception as exc:  # any failure of the user's reward is the user's to fix: name it
+            images = kwargs.get("completions", args[0] if args else ())
             raise ValueError(f"the reward {spec!r} failed on a batch of {len(images)} images ({type(exc).__name__}: "
                              f"{exc}).{resume_hint}") from exc
 

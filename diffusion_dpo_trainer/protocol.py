@@ -33,11 +33,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._version import __version__
 from .caching import module_fingerprint
 from .evaluation import compare_rewards
 from .families import family_class_for, load_pipeline
 from .prompt_sets import load_prompt_sets
 from .rewards import load_reward
+from .rewards.scoring import reward_name, score_images
 from .sampling import adapters_disabled, iter_sample_batches
 
 logger = logging.getLogger(__name__)
@@ -49,8 +51,6 @@ def _versions() -> dict:
     import diffusers
     import torch
     import transformers
-
-    from . import __version__
 
     return {"diffusion_dpo_trainer": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
@@ -130,7 +130,7 @@ def _slug(name: str) -> str:
 
 
 def _reward_names(rewards) -> list[str]:
-    names = [r if isinstance(r, str) else getattr(r, "__name__", type(r).__name__) for r in rewards]
+    names = [reward_name(r) for r in rewards]
     if len(set(names)) != len(names):
         raise ValueError(f"Reward names must be unique, got {names}.")
     return names
@@ -289,11 +289,8 @@ def evaluate_protocol(
                     batch_items, batch_prompts = items[start : start + batch_size], prompts[start : start + batch_size]
                     for (i, s), image in zip(batch_items, images):
                         image.save(folder / f"{i:05d}_{s}.png")
-                    scores = [[float(x) for x in fn(images, batch_prompts)] for fn in reward_fns]
-                    for name, values in zip(names, scores):
-                        if len(values) != len(images):
-                            raise ValueError(f"Reward {name!r} returned {len(values)} scores for {len(images)} "
-                                             "images; expected one per image.")
+                    scores = score_images(reward_fns, images, batch_prompts, names, allow_none=False,
+                                          offset=start).per_function.T.tolist()
                     for k, ((i, s), prompt) in enumerate(zip(batch_items, batch_prompts)):
                         row = {"set": set_name, "variant": variant, "index": i, "seed": s, "prompt": prompt,
                                "scores": {name: scores[j][k] for j, name in enumerate(names)}}
@@ -303,7 +300,8 @@ def evaluate_protocol(
                     bar.update(len(batch_items))
 
     report = {"settings": {**settings, "versions": _versions()}, "results": summarize(rows, names)}
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    # allow_nan=False: a non-finite figure is a bug to see here, never a bare NaN that makes the file invalid JSON.
+    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
     samples = {name: [(i, prompts[i], {v: out / "images" / _slug(name) / v / f"{i:05d}_{settings['seeds'][0]}.png"
                                        for v in variants})
                       for i in range(min(num_html_samples, len(prompts)))] for name, prompts in sets.items()}

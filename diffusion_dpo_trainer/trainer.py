@@ -106,6 +106,37 @@ class DiffusionDPOTrainer(Trainer):
         self.args = args  # the precision properties read it before `Trainer.__init__` sets it (to the same object)
         # Seed before the adapter is initialised, so one seed gives one run (Trainer seeds only after this).
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        self._load_model(model)
+        self._check_precompute_ref_errors()
+        self._set_up_denoiser(peft_config)
+        self._set_up_reference(ref_model)
+        self._set_up_precision()
+        data_collator, train_dataset, eval_dataset = self._set_up_data(data_collator, train_dataset, eval_dataset)
+
+        super().__init__(
+            model=self.family.denoiser,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+
+        callbacks = self.callback_handler.callbacks
+        for i, callback in enumerate(callbacks):
+            if type(callback) is TensorBoardCallback:
+                callbacks[i] = _DiffusersTensorBoardCallback(callback.tb_writer)
+        self._place_frozen_modules()
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._precompute_caches()
+
+    # ----- set-up, one idea per method (a subclass overrides the one it changes) -------------------------------------
+    def _load_model(self, model) -> None:
+        """The family (pipeline, denoiser, frozen modules), the resolved beta and the selected losses."""
+        args = self.args
         with _loaded_whole(args):
             self.family = load_family(model, args)
         # Resolved once; everything reads `self.beta`, never `args.beta` (None means the family's default).
@@ -114,23 +145,28 @@ class DiffusionDPOTrainer(Trainer):
         self.loss_types = losses.resolve_loss_types(args.loss_type, args.loss_weights)
         self.paired = losses.is_paired(self.loss_types)
         self.loss_params = losses.LossParams.from_config(args, beta=self.beta)
-        if args.precompute_ref_errors:  # checked before anything is encoded or moved
-            if not args.precompute_latents:
-                raise ValueError("precompute_ref_errors=True needs precompute_latents=True: the reference errors are "
-                                 "computed for each pair's stored latents (and crop).")
-            if not losses.needs_reference(self.loss_types):
-                raise ValueError(f"precompute_ref_errors=True, but loss_type {args.loss_type!r} uses no reference "
-                                 "model.")
-            if args.dataloader_persistent_workers:
-                raise ValueError("precompute_ref_errors=True cannot use dataloader_persistent_workers: the workers "
-                                 "would keep drawing with the epoch they started in.")
-        denoiser = self.family.denoiser
 
+    def _check_precompute_ref_errors(self) -> None:
+        """What `precompute_ref_errors` needs, checked before anything is encoded or moved."""
+        args = self.args
+        if not args.precompute_ref_errors:
+            return
+        if not args.precompute_latents:
+            raise ValueError("precompute_ref_errors=True needs precompute_latents=True: the reference errors are "
+                             "computed for each pair's stored latents (and crop).")
+        if not losses.needs_reference(self.loss_types):
+            raise ValueError(f"precompute_ref_errors=True, but loss_type {args.loss_type!r} uses no reference model.")
+        if args.dataloader_persistent_workers:
+            raise ValueError("precompute_ref_errors=True cannot use dataloader_persistent_workers: the workers would "
+                             "keep drawing with the epoch they started in.")
+
+    def _set_up_denoiser(self, peft_config) -> None:
+        """Freeze everything but the denoiser, and train either all of its weights or a LoRA adapter on it."""
+        denoiser = self.family.denoiser
         for module in self.family.frozen_modules:
             module.requires_grad_(False)
             module.eval()
-        quantized = is_quantized(denoiser)
-        if quantized and peft_config is None:
+        if is_quantized(denoiser) and peft_config is None:
             raise ValueError(
                 f"The {self.family.denoiser_name} was loaded quantized (model_init_kwargs['quantization_config']), so "
                 "it cannot be fully fine-tuned: its 4/8-bit weights take no gradient updates. Pass a peft_config to "
@@ -144,6 +180,10 @@ class DiffusionDPOTrainer(Trainer):
             denoiser.add_adapter(peft_config)
         self.is_lora = bool(getattr(denoiser, "peft_config", None))
 
+    def _set_up_reference(self, ref_model) -> None:
+        """Hand the family its reference: the one given, a frozen copy for a full fine-tune, or (LoRA) none, the
+        adapter-disabled policy serving (see `family.reference()`)."""
+        args = self.args
         if losses.needs_reference(self.loss_types):
             if ref_model is not None:
                 self.family.set_reference(ref_model, args.ref_model_init_kwargs)
@@ -152,20 +192,26 @@ class DiffusionDPOTrainer(Trainer):
         elif ref_model is not None:
             warnings.warn(f"`ref_model` is ignored: loss_type {args.loss_type!r} needs no reference model.")
 
+    def _set_up_precision(self) -> None:
+        """The denoiser's dtypes and activation checkpointing: what a step's numerics and memory depend on."""
+        denoiser = self.family.denoiser
         if self.is_lora and self.weight_dtype != torch.float32:
             # Frozen base weights in half precision; the adapter stays in float32 for stable updates. A quantized base
             # keeps the dtypes it was loaded with (`torch_dtype` for its unquantized layers): it cannot be cast. A
             # denoiser loaded in that dtype is left as loaded: diffusers keeps some modules in float32 (Wan's norms,
             # rope, time embedding).
-            if not quantized and denoiser.dtype != self.weight_dtype:
+            if not is_quantized(denoiser) and denoiser.dtype != self.weight_dtype:
                 denoiser.to(dtype=self.weight_dtype)
             cast_training_params(denoiser, dtype=torch.float32)
-
-        if args.activation_checkpointing:
+        if self.args.activation_checkpointing:
             # Diffusers models have their own switch; the Trainer only knows the transformers one, so give it that.
             denoiser.enable_gradient_checkpointing()
             denoiser.activation_checkpointing_enable = lambda **_: None
 
+    def _set_up_data(self, data_collator, train_dataset, eval_dataset):
+        """The training resolution (and clip length), the default collator, and the datasets checked and normalised:
+        the `(data_collator, train_dataset, eval_dataset)` for `Trainer.__init__`."""
+        args = self.args
         self.resolution = args.resolution or self.family.native_resolution()
         self.family.check_resolution(self.resolution)
         #: Frames per training clip of a video model (None for image models).
@@ -186,29 +232,15 @@ class DiffusionDPOTrainer(Trainer):
                           "decides the prompts itself, so no prompt is dropped unless it does so.")
         if train_dataset is not None:
             train_dataset = self._prepare_dataset(train_dataset, "train_dataset")
-        eval_dataset = map_eval_datasets(eval_dataset, self._prepare_dataset)
+        return data_collator, train_dataset, map_eval_datasets(eval_dataset, self._prepare_dataset)
 
-        super().__init__(
-            model=denoiser,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-
-        callbacks = self.callback_handler.callbacks
-        for i, callback in enumerate(callbacks):
-            if type(callback) is TensorBoardCallback:
-                callbacks[i] = _DiffusersTensorBoardCallback(callback.tb_writer)
-
-        device = self.accelerator.device
+    def _place_frozen_modules(self) -> None:
+        """The frozen modules on the training device in their dtypes; encoders whose outputs get cached wait on the
+        CPU (the caching runs them while the denoiser steps aside). A frozen reference copy is sharded like the
+        policy."""
+        args, device = self.args, self.accelerator.device
         # A half-precision VAE overflows in fp16 (the known SDXL VAE NaNs); bf16 is safe.
         vae_dtype = torch.bfloat16 if args.bf16 else torch.float32
-        # Encoders whose outputs get cached wait on the CPU: the caching runs them while the denoiser steps aside.
         _move(self.family.vae, "cpu" if args.precompute_latents else device, vae_dtype)
         for encoder in self.family.text_encoders:
             _move(encoder, "cpu" if args.precompute_text_embeddings else device, self.weight_dtype)
@@ -216,11 +248,13 @@ class DiffusionDPOTrainer(Trainer):
             _move(self.ref_model, device, self.weight_dtype)
             if not args.precompute_ref_errors:  # precomputed: it runs in each process's own pass, then it is dropped
                 self.family.set_reference(self._shard_reference(self.ref_model))
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _precompute_caches(self) -> None:
+        """The latent, prompt-embedding and reference-error caches the options ask for (docs/datasets.md)."""
+        args = self.args
         if args.precompute_latents or args.precompute_text_embeddings:
             self.train_dataset, self.eval_dataset = precompute_for_training(
-                self.family, self.train_dataset, self.eval_dataset, self.data_collator, args, self.resolution,
-                self.accelerator.device,
+                self.family, self.train_dataset, self.eval_dataset, self.data_collator, args, self.accelerator.device
             )
         if args.precompute_ref_errors:
             with args.main_process_first(desc="precomputing the reference's errors"):
@@ -384,24 +418,29 @@ class DiffusionDPOTrainer(Trainer):
     def _long_prompts(self) -> "_LongPromptNotice":
         return _LongPromptNotice()
 
+    def _clean_latents(self, inputs, sides: tuple[str, ...]) -> torch.Tensor:
+        """x0 of every image, winners first, from whichever form the canonical batch holds it in
+        (docs/architecture.md): latents as generated (a rollout's: no VAE round trip), a cached VAE distribution
+        (no VAE call), or pixels to encode."""
+        if f"{sides[0]}latents" in inputs:
+            return torch.cat([inputs[f"{side}latents"] for side in sides])
+        if f"{sides[0]}latent_mean" in inputs:
+            mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
+            std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
+        else:
+            mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
+        return self._sample_latents(mean, std, len(sides), inputs.get("latent_eps"))
+
     def _denoiser_inputs(self, inputs):
-        """x0, noise, timesteps and conditioning of a batch, (groups * B) samples.
+        """x0, noise, timesteps and conditioning of a canonical batch, (groups * B) samples.
 
         Paired batches hold winners then losers (two groups) and draw ONE noise and ONE timestep per pair, shared by
         winner, loser, policy and reference; unpaired (KTO) images are independent: one group, a draw per image.
-        With `precompute_ref_errors` the batch carries each row's own draws instead.
+        A batch may carry each row's own draws instead (`precompute_ref_errors`).
         """
         sides = ("chosen_", "rejected_") if self.paired else ("",)  # the collators' batch-key prefixes
         groups = len(sides)
-        if f"{sides[0]}latents" in inputs:  # sampled by the policy (online DPO): the latents as generated
-            x0 = torch.cat([inputs[f"{side}latents"] for side in sides])
-        else:
-            if f"{sides[0]}latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
-                mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
-                std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
-            else:
-                mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
-            x0 = self._sample_latents(mean, std, groups, inputs.get("latent_eps"))
+        x0 = self._clean_latents(inputs, sides)
         if "noise" in inputs:  # each row's own draws (precompute_ref_errors)
             noise, timesteps = inputs["noise"], inputs["timesteps"]
         else:

@@ -396,3 +396,15 @@ def test_a_very_long_prompt_is_one_warning_naming_its_row(tmp_path, sd_path, pai
     assert notices == ["Row 2: the prompt (10400 characters) is longer than the text encoder reads, so its end is cut "
                        "off (warned once per run; any other long prompt is cut alike)."]
     assert "a red square a red square" not in capfd.readouterr().err
+
+
+def test_a_trl_style_reward_keeps_its_calling_convention_through_the_cli(tmp_path, sd_path, monkeypatch,
+                                                                          reward_module):
+    (tmp_path / "trl_rewards.py").write_text(
+        "import numpy as np\n\n"
+        "def brightness(prompts, completions, **kwargs):\n"
+        "    return [float(np.asarray(image, dtype=np.float64).mean()) for image in completions]\n")
+    out = tmp_path / "pairs"
+    assert cli.main(["build-pairs", "--model", sd_path, "--num_inference_steps", "2", "--resolution", "32", "--prompt",
+                     "a", "--num_images_per_prompt", "2", "--output_dir", str(out),
+                     "--reward", "trl_rewards:brightness"]) == 0

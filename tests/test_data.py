@@ -17,13 +17,10 @@ from PIL import Image
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer, to_preference_pairs
 from diffusion_dpo_trainer.caching import module_fingerprint, precompute_latents
-from diffusion_dpo_trainer.data import (
-    PreferenceCollator,
-    load_image,
-    paired_transform,
-    prepare_preference_dataset,
-)
+from diffusion_dpo_trainer.collators import PreferenceCollator
 from diffusion_dpo_trainer.families import StableDiffusionFamily, load_family
+from diffusion_dpo_trainer.formats import prepare_preference_dataset
+from diffusion_dpo_trainer.transforms import load_image, paired_transform
 
 
 def png(image: Image.Image) -> bytes:
@@ -474,8 +471,9 @@ def test_cached_random_crops_match_encoding_the_stored_crop(tmp_path, sd_path):
     wide, tall = gradient(64, 32), gradient(40, 80)
     data = prepare_preference_dataset(Dataset.from_dict({"prompt": ["p"] * 6, "chosen": [wide] * 6,
                                                          "rejected": [tall] * 6}))
-    cached = precompute_latents(data, family, 32, random_crop=True, random_flip=True, seed=3, batch_size=4)[:]
-    again = precompute_latents(data, family, 32, random_crop=True, random_flip=True, seed=3, batch_size=2)[:]
+    collator = PreferenceCollator(32, random_crop=True)
+    cached = precompute_latents(data, family, collator, random_flip=True, seed=3, batch_size=4)[:]
+    again = precompute_latents(data, family, collator, random_flip=True, seed=3, batch_size=2)[:]
     assert torch.equal(cached["chosen_crop_top_left"], again["chosen_crop_top_left"])  # fixed per pair and seed
     assert len({tuple(c.tolist()) for c in cached["chosen_crop_top_left"]}) > 1  # but random across pairs
     for side, image in (("chosen", wide), ("rejected", tall)):
