@@ -84,8 +84,8 @@ def build_preference_pairs(
             and the `random` strategy draws its pairs from `numpy.random.default_rng(seed)`.
         batch_size: images per pipeline call and per reward call.
         output_path: if given, the dataset is also written there with `save_to_disk`; until then the sampled images
-            are kept in its `samples/` subfolder, so that a run stopped by an error or a kill, started again with the
-            same arguments, samples only the images it lacks.
+            are kept beside it in `<output_path>.samples/`, so that a run stopped by an error or a kill, started
+            again with the same arguments, samples only the images it lacks.
         **pipeline_kwargs: passed to the pipeline call (`num_inference_steps`, `guidance_scale`, `height`, ...).
 
     Returns columns `prompt`, `chosen`, `rejected` (images), `chosen_score`, `rejected_score`, `chosen_seed`,
@@ -114,7 +114,7 @@ def build_preference_pairs(
     images, scores, done, prompt_index, video = [], [], 0, 0, False
     samples = None
     if output_path is not None:
-        samples = _sample_cache(os.path.join(os.fspath(output_path), SAMPLES_FOLDER), pipeline, flat_prompts,
+        samples = _sample_cache(os.fspath(output_path) + SAMPLES_SUFFIX, pipeline, flat_prompts,
                                 flat_seeds, pipeline_kwargs)
     batches = _kept_or_sampled(pipeline, flat_prompts, flat_seeds, batch_size, samples, progress, pipeline_kwargs)
     for batch in batches:
@@ -147,9 +147,10 @@ def build_preference_pairs(
     return dataset
 
 
-#: With `output_path`, every sampled image is kept in this subfolder until the dataset is saved: a run stopped by a
-#: failing reward (or a kill) and started again with the same arguments reads them back instead of sampling again.
-SAMPLES_FOLDER = "samples"
+#: With `output_path`, every sampled image is kept in `output_path + SAMPLES_SUFFIX` until the dataset is saved: a run
+#: stopped by a failing reward (or a kill) and started again with the same arguments reads them back instead of
+#: sampling again. Beside the dataset, not in it: a failed run leaves no `output_path`.
+SAMPLES_SUFFIX = ".samples"
 
 
 def _sample_cache(folder: str, pipeline, prompts, seeds, pipeline_kwargs) -> str:

@@ -324,7 +324,7 @@ def test_build_pairs_reward_failure_is_one_message_and_a_rerun_resumes(tmp_path,
     sampled.clear()
     assert cli.main([*common, "--reward", f"{reward_module}:brightness"]) == 0
     assert sampled == []  # every image was read back
-    assert not (out / "samples").exists()
+    assert not (tmp_path / "pairs.samples").exists()
     assert len(datasets.load_from_disk(str(out))) == 2
 
 
