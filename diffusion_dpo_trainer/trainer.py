@@ -557,17 +557,19 @@ class DiffusionDPOTrainer(Trainer):
     # ----- saving and loading -------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, or, when a write fails (a full disk), an error naming the folder, with the partial
-        folder removed: the previous checkpoint stays the last one, and older ones are rotated only after a success."""
+        folder removed (it has no `trainer_state.json`, the file written last): the previous checkpoint stays the last
+        one, and older ones are rotated only after a success."""
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        existed = os.path.exists(folder)
         try:
             super()._save_checkpoint(model, trial)
         except WRITE_ERRORS as exc:
-            if self.args.should_save and not existed:
+            partial = not os.path.isfile(os.path.join(folder, "trainer_state.json"))
+            if self.args.should_save and partial:
                 shutil.rmtree(folder, ignore_errors=True)
-            raise OSError(f"Could not write the checkpoint {folder} ({exc}); the partial folder was removed, so the "
-                          "previous checkpoint is still the last one. Free disk space (or lower save_total_limit) and "
-                          "resume with --resume_from_checkpoint true.") from exc
+            raise OSError(f"Could not write the checkpoint {folder} ({exc})"
+                          + ("; the partial folder was removed" if partial else "") + ", so the previous checkpoint "
+                          "is still the last one. Free disk space (or lower save_total_limit) and resume with "
+                          "--resume_from_checkpoint true.") from exc
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
