@@ -768,9 +768,11 @@ def _check_checkpoint_files(checkpoint: str) -> None:
                 with open(path, encoding="utf-8") as f:
                     json.load(f)
             except (ValueError, UnicodeDecodeError) as exc:
-                raise ValueError(f"Cannot resume: {path} is not readable JSON (truncated or corrupt?): {exc}") from exc
+                raise ValueError(f"Cannot resume: {path} is missing or unreadable: not valid JSON, truncated or corrupt "
+                                 f"({exc}).") from exc
         elif name.endswith((".pt", ".pth")) and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-            raise ValueError(f"Cannot resume: {path} is not a readable torch.save file (truncated or corrupt?).")
+            raise ValueError(f"Cannot resume: {path} is missing or unreadable: not a torch.save archive, truncated or "
+                             "corrupt.")
 
 
 def _check_safetensors(path: str) -> None:

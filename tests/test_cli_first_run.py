@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 import pytest
 from datasets import Dataset
-from helpers import lora, write_jsonl_pairs
+from helpers import count_sampled, lora, write_jsonl_pairs
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import safe_open
 
@@ -296,23 +296,11 @@ def reward_module(tmp_path, monkeypatch):
     return "flaky_rewards"
 
 
-def _counting_sampler(monkeypatch, module):
-    sampled = []
-    real = module.iter_sample_batches
-
-    def counting(pipe, prompts, *args, **kwargs):
-        sampled.extend(prompts)
-        return real(pipe, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(module, "iter_sample_batches", counting)
-    return sampled
-
-
 def test_build_pairs_reward_failure_is_one_message_and_a_rerun_resumes(tmp_path, sd_path, capsys, monkeypatch,
                                                                        reward_module):
     from diffusion_dpo_trainer import feedback
 
-    sampled = _counting_sampler(monkeypatch, feedback)
+    sampled = count_sampled(monkeypatch, feedback)
     out = tmp_path / "pairs"
     common = ["build-pairs", "--model", sd_path, "--num_inference_steps", "2", "--resolution", "32", "--prompt", "a",
               "--prompt", "b", "--num_images_per_prompt", "2", "--batch_size", "2", "--output_dir", str(out)]
@@ -338,7 +326,7 @@ def test_evaluate_reward_failure_is_one_message_and_a_rerun_resumes(tmp_path, sd
                                                                     reward_module):
     from diffusion_dpo_trainer import protocol
 
-    sampled = _counting_sampler(monkeypatch, protocol)
+    sampled = count_sampled(monkeypatch, protocol)
     (tmp_path / "prompts.txt").write_text("a\nb\nc\nd\n")
     common = ["evaluate", "--model", sd_path, "--base_only", "--prompt_set", str(tmp_path / "prompts.txt"),
               "--num_inference_steps", "2", "--resolution", "32", "--batch_size", "2", "--output_dir",

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import lora, losses_of, make_args
+from helpers import count_sampled, lora, losses_of, make_args
 from safetensors import SafetensorError
 from transformers import TrainerCallback
 
@@ -139,15 +139,7 @@ def test_evaluate_resumes_on_the_adapters_content_not_its_path(tmp_path, sd_path
     def brightness(images, prompts):
         return [float(np.asarray(image, dtype=np.float64).mean()) for image in images]
 
-    sampled = []
-    real = protocol.iter_sample_batches
-
-    def counting(pipe, prompts, seeds, *args, **kwargs):
-        for batch in real(pipe, prompts, seeds, *args, **kwargs):
-            sampled.extend(batch)
-            yield batch
-
-    monkeypatch.setattr(protocol, "iter_sample_batches", counting)
+    sampled = count_sampled(monkeypatch, protocol)
     kwargs = dict(num_inference_steps=2, resolution=32, batch_size=2, progress=False)
     sets = {"p": ["a red square", "a blue circle"]}
     adapter = tmp_path / "adapter"
@@ -190,9 +182,9 @@ def test_resuming_another_adapter_is_refused_in_one_line(tmp_path, sd_path, pair
 
 
 @pytest.mark.parametrize("name, match", [
-    ("trainer_state.json", "is not readable JSON"),
-    ("optimizer.pt", "is not a readable torch.save file"),
-    ("rng_state.pth", "is not a readable torch.save file"),
+    ("trainer_state.json", "is missing or unreadable: not valid JSON"),
+    ("optimizer.pt", "is missing or unreadable: not a torch.save archive"),
+    ("rng_state.pth", "is missing or unreadable: not a torch.save archive"),
 ])
 def test_truncated_trainer_file_of_a_checkpoint_is_named(tmp_path, sd_path, pairs, lora_checkpoint, name, match):
     checkpoint = tmp_path / "checkpoint-1"
