@@ -79,6 +79,7 @@ class PreferenceCollator:
                 for key, value in values.items():
                     stacked.setdefault(self._batch_key(side, key), []).append(torch.as_tensor(value))
         batch.update({key: torch.stack(tensors) for key, tensors in stacked.items()})
+        batch[ROW_COLUMN] = torch.tensor(indices)  # named by errors and warnings about the batch's rows
         if self.prompt_embeddings is not None:
             batch["prompt_embeds"] = self.prompt_embeddings(batch["prompt"])
         return batch

@@ -1,6 +1,7 @@
 """`DiffusionDPOConfig`: TrainingArguments plus what Diffusion-DPO needs, with diffusion-friendly defaults."""
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -88,7 +89,8 @@ class DiffusionDPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Training resolution in pixels (square). Images are resized so their short side matches, then "
-            "cropped. Defaults to the model's native resolution (the denoiser's sample size times the VAE factor)."
+            "cropped. Defaults to the model's native resolution (the denoiser's sample size times the VAE factor); "
+            "0, a negative or a fractional value is refused."
         },
     )
     random_crop: bool = field(
@@ -220,6 +222,11 @@ class DiffusionDPOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        resolution = self.resolution
+        if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, numbers.Integral)
+                                       or resolution <= 0):
+            raise ValueError(f"resolution must be a positive whole number of pixels, got {resolution!r}; leave it "
+                             "unset (None) for the model's native resolution.")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if self.accelerator_config.dispatch_batches is None:

@@ -161,3 +161,17 @@ def write_jsonl_pairs(directory, pairs):
     path = directory / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+def count_sampled(monkeypatch, module) -> list[str]:
+    """Record the prompt of every image `module` samples through its `iter_sample_batches` (a resumed run samples
+    only what is missing); returns the list it fills."""
+    sampled = []
+    real = module.iter_sample_batches
+
+    def counting(pipe, prompts, *args, **kwargs):
+        sampled.extend(prompts)
+        return real(pipe, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(module, "iter_sample_batches", counting)
+    return sampled

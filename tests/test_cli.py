@@ -151,7 +151,8 @@ def test_load_split_reads_saved_datasets_and_files(tmp_path, pairs):
 
     assert cli.load_split(str(tmp_path / "single"), None, "train")["prompt"] == pairs["prompt"]
     assert len(cli.load_split(str(tmp_path / "dict"), None, "test")) == 2
-    assert cli.load_split(str(tmp_path / "pairs.jsonl"), None, "train")["chosen"][3] == "c3.png"
+    # relative image paths are read against the data file's folder (docs/cli.md#data)
+    assert cli.load_split(str(tmp_path / "pairs.jsonl"), None, "train")["chosen"][3] == str(tmp_path / "c3.png")
     with pytest.raises(ValueError, match=r"has splits \['train', 'test'\], not 'validation'"):
         cli.load_split(str(tmp_path / "dict"), None, "validation")
     (tmp_path / "pairs.txt").write_text("x")

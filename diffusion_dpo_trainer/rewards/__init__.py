@@ -68,10 +68,13 @@ class WeightedReward:
 
 
 def _weight(text: str) -> float | None:
+    """The weight in `name:weight`, or None when the tail is no finite number: `module:nan` or `module:inf` name a
+    function (float() would read them as weights)."""
     try:
-        return float(text)
+        weight = float(text)
     except ValueError:
         return None
+    return weight if math.isfinite(weight) else None
 
 
 def _components(spec) -> list[tuple[object, float]]:
