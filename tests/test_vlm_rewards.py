@@ -209,7 +209,7 @@ def test_unifiedreward_scores_the_judges_answer(judge_dir):
     assert first["attention_mask"][shorter, 0] == 0 and first["attention_mask"][:, -1].all()  # padded on the left
     text = reward.tokenizer.decode(first["input_ids"][0][first["input_ids"][0] != image_token],
                                    skip_special_tokens=False)
-    assert "<|vision_start|><|vision_end|>You are presented with a generated image and its associated text caption." in text
+    assert "<|vision_start|><|vision_end|>You are presented with a generated image and its associated text " in text
     assert "Style Score (1-5): Z\n\nYour task is provided as follows:\nText Caption: [a red square]<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
 

@@ -122,7 +122,8 @@ class _HPSv3Model(nn.Module):
         hidden = self.model(input_ids=input_ids, **inputs).last_hidden_state
         at_token = input_ids == self.reward_token_id
         if not bool((at_token.sum(dim=1) == 1).all()):
-            raise ValueError(f"Every HPSv3 input needs exactly one {REWARD_TOKEN} token; got {at_token.sum(1).tolist()}.")
+            raise ValueError(f"Every HPSv3 input needs exactly one {REWARD_TOKEN} token; "
+                             f"got {at_token.sum(1).tolist()}.")
         return self.rm_head(hidden[at_token].float())
 
 
