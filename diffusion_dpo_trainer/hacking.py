@@ -5,17 +5,20 @@ epochs (flow_grpo #233, DanceGRPO #36), blanked backgrounds under an OCR reward 
 VAE-tiling seams (DanceGRPO #117). Each signal here is a pure function of PIL images, cheap, model-free (so it means
 the same whatever reward is trained on), and catches one of these failures:
 
-| signal | what it is | the failure it catches |
-|---|---|---|
-| `diversity` | mean pairwise RMS distance of the images of ONE prompt (0: identical, 1: black vs white) | mode collapse: every seed draws the same picture |
-| `colour_entropy` | entropy (bits) of the colours, 8 levels per channel (0: one colour, at most 9) | blank or flat backgrounds, posterised images |
-| `saturation` | mean HSV saturation (0: grey, 1: pure colours) | the over-saturated look preference rewards drift to |
-| `high_frequency_energy` | share of the luma's spectral energy above 1/4 cycle per pixel (white noise: ~0.80) | noise, speckle, over-sharpening |
-| `grid_energy` | share of the luma's spectral energy at frequencies repeating every 8 px | grids and seams at the VAE's 8 px latent stride |
+- `diversity`: mean pairwise RMS distance of the images of ONE prompt (0: identical, 1: black vs white); catches
+  mode collapse, every seed drawing the same picture;
+- `colour_entropy`: entropy (bits) of the colours, 8 levels per channel (0: one colour, at most 9); catches blank or
+  flat backgrounds and posterised images;
+- `saturation`: mean HSV saturation (0: grey, 1: pure colours); catches the over-saturated look that preference
+  rewards drift to;
+- `high_frequency_energy`: share of the luma's spectral energy above 1/4 cycle per pixel (white noise: about 0.80);
+  catches noise, speckle and over-sharpening;
+- `grid_energy`: share of the luma's spectral energy at frequencies repeating every 8 px; catches grids and seams at
+  the VAE's 8 px latent stride.
 
 The diversity features are the image's pixels downsampled to 16 x 16 (RGB, area averaging): a fixed feature, the
-same for every run, blind to the reward model (a collapsed policy can fool a reward's embedding, not its pixels),
-and cheap enough to run every few steps. It measures layout and colour, not semantics: a policy that draws the same
+same for every run, independent of the reward model (so it does not share the trained reward's blind spots), and
+cheap enough to run every few steps. It measures layout and colour, not semantics: a policy that draws the same
 object in different colours still counts as diverse.
 
 `hacking_alerts` compares the latest evaluation with the first (the policy before training): the training reward
@@ -25,7 +28,7 @@ rose while a held-out reward fell, or diversity fell below a fraction of where i
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -64,15 +67,19 @@ def diversity(images: Sequence[Image.Image], size: int = FEATURE_SIZE) -> float:
     return float(np.mean(distances))
 
 
-def within_prompt_diversity(images: Sequence[Image.Image], prompts: Sequence[str], size: int = FEATURE_SIZE) -> float:
-    """`diversity` of the images of each prompt (the seeds of one prompt), averaged over prompts: the spread a
-    policy keeps for ONE request, which collapse destroys (across prompts, images differ anyway)."""
+def _by_prompt(images: Sequence[Image.Image], prompts: Sequence[str]) -> list[list[Image.Image]]:
     if len(images) != len(prompts):
         raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts; expected one prompt per image.")
     groups = defaultdict(list)
     for image, prompt in zip(images, prompts):
         groups[prompt].append(image)
-    values = [diversity(group, size) for group in groups.values() if len(group) > 1]
+    return list(groups.values())
+
+
+def within_prompt_diversity(images: Sequence[Image.Image], prompts: Sequence[str], size: int = FEATURE_SIZE) -> float:
+    """`diversity` of the images of each prompt (the seeds of one prompt), averaged over prompts: the spread a
+    policy keeps for ONE request, which collapse destroys (across prompts, images differ anyway)."""
+    values = [diversity(group, size) for group in _by_prompt(images, prompts) if len(group) > 1]
     if not values:
         raise ValueError("Within-prompt diversity needs at least two images of one prompt (several seeds).")
     return float(np.mean(values))
@@ -131,12 +138,28 @@ def image_statistics(images: Sequence[Image.Image]) -> dict[str, float]:
     return {name: float(np.mean([functions[name](image) for image in images])) for name in STATISTICS}
 
 
-def hacking_signals(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, float]:
-    """`image_statistics` and, when some prompt has several images, `diversity` (within prompt)."""
-    signals = image_statistics(images)
-    if len(set(prompts)) < len(prompts):
-        signals["diversity"] = within_prompt_diversity(images, prompts)
+def grouped_signals(groups: Iterable[Sequence[Image.Image]]) -> dict[str, float]:
+    """`image_statistics` over all images and, when some group has several images, the mean `diversity` within
+    groups (a group: the images of one prompt). Groups may be a generator: one group is held in memory at a time."""
+    sums, count, spreads = dict.fromkeys(STATISTICS, 0.0), 0, []
+    for group in groups:
+        for name, value in image_statistics(group).items():
+            sums[name] += value * len(group)
+        count += len(group)
+        if len(group) > 1:
+            spreads.append(diversity(group))
+    if not count:
+        raise ValueError("Image statistics need at least one image.")
+    signals = {name: total / count for name, total in sums.items()}
+    if spreads:
+        signals["diversity"] = float(np.mean(spreads))
     return signals
+
+
+def hacking_signals(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, float]:
+    """`grouped_signals` of the images grouped by prompt: `diversity` is within-prompt (present when some prompt has
+    several images)."""
+    return grouped_signals(_by_prompt(images, prompts))
 
 
 def hacking_alerts(history: Sequence[dict], diversity_drop: float = 0.5, heldout_tolerance: float = 0.0,

@@ -190,3 +190,19 @@ def test_a_resumed_run_keeps_its_first_evaluation_and_reads_the_trainers_kl():
     assert callback._from_logs(state) == {"reward": 1.7, "objective/kl": 0.02, "ratio/mean": 0.99}
     with pytest.raises(ValueError, match="eval_steps must be a positive"):
         RewardHackingCallback(trainer=None, prompts=["a"], eval_steps=0)
+
+
+def test_evaluate_reports_diversity_and_image_statistics(tmp_path, sd_path):
+    from diffusion_dpo_trainer.protocol import evaluate_protocol
+
+    prompts = ["a red square", "a blue circle"]
+    report = evaluate_protocol(sd_path, {"shapes": prompts}, [lambda images, prompts: [0.0] * len(images)],
+                               tmp_path / "out", reference=sd_path, seeds=[0, 1], progress=False,
+                               num_inference_steps=2, resolution=32)
+    stats = report["image_statistics"]["shapes"]
+    assert stats["base"] == stats["tuned"]  # the same model twice
+    saved = [Image.open(tmp_path / "out" / "images" / "shapes" / "base" / f"{i:05d}_{s}.png")
+             for i in range(2) for s in (0, 1)]
+    expected = hacking_signals(saved, [p for p in prompts for _ in (0, 1)])
+    assert stats["base"] == pytest.approx(expected)
+    assert set(expected) == {"diversity", "colour_entropy", "saturation", "high_frequency_energy", "grid_energy"}
