@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import numpy as np
+import torch
+from accelerate.utils import broadcast
 from diffusers.utils import make_image_grid
 from PIL import Image
 from transformers import TrainerCallback
@@ -321,20 +323,26 @@ class RewardHackingCallback(TrainerCallback):
     def _run(self, state, control) -> None:
         if self.history and self.history[-1]["step"] == state.global_step:
             return
-        if not state.is_world_process_zero:
-            return
+        alerts = self._evaluate_and_warn(state, control) if state.is_world_process_zero else []
+        if self.stop_on_hacking:
+            # Only the main process evaluates; every process must stop at the same step, or the others hang.
+            flag = torch.tensor([float(bool(alerts))], device=self.trainer.accelerator.device)
+            if self.trainer.accelerator.num_processes > 1:
+                flag = broadcast(flag, from_process=0)
+            if flag.item():
+                control.should_training_stop = True
+
+    def _evaluate_and_warn(self, state, control) -> list[str]:
         record = self.evaluate(state)
         self.history.append(record)
         should_log = control.should_log  # logging resets it; keep the trainer's own loss log of this step
         self.trainer.log({f"hacking/{key}": value for key, value in record.items() if key != "step"})
         control.should_log = should_log
-        alerts = hacking_alerts(self.history, self.diversity_drop, self.heldout_tolerance)
-        for alert in alerts:
+        self.alerts = hacking_alerts(self.history, self.diversity_drop, self.heldout_tolerance)
+        for alert in self.alerts:
             logger.warning("Possible reward hacking at step %d: %s.%s", state.global_step, alert,
                            " Stopping training (stop_on_hacking=True)." if self.stop_on_hacking else "")
-        self.alerts = alerts
-        if alerts and self.stop_on_hacking:
-            control.should_training_stop = True
+        return self.alerts
 
     def on_train_begin(self, args, state, control, **kwargs):
         logged = [{"step": h["step"], **{k.removeprefix("hacking/"): v for k, v in h.items()

@@ -1,8 +1,12 @@
 """Reward-hacking signals on constructed images whose values are known, the alarm rule on scripted evaluation
 sequences, and `RewardHackingCallback` in a real (tiny) training run."""
 
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -206,3 +210,16 @@ def test_evaluate_reports_diversity_and_image_statistics(tmp_path, sd_path):
     expected = hacking_signals(saved, [p for p in prompts for _ in (0, 1)])
     assert stats["base"] == pytest.approx(expected)
     assert set(expected) == {"diversity", "colour_entropy", "saturation", "high_frequency_energy", "grid_energy"}
+
+
+def test_every_process_stops_at_the_alarm(tmp_path, sd_path):
+    """Only the main process evaluates; without the broadcast the other rank trains on and hangs in all-reduce."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(here, "hacking_ddp_worker.py"), sd_path, str(tmp_path / "ddp"), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"hacking-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [{"world": 2, "step": 2}, {"world": 2, "step": 2}]

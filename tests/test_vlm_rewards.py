@@ -156,6 +156,18 @@ def test_parse_answer(answer, template, expected):
     assert parse_answer(answer, template) == (pytest.approx(expected) if expected is not None else None)
 
 
+def test_unifiedreward_defaults_are_the_published_ones():
+    from diffusion_dpo_trainer.rewards import unifiedreward as module
+
+    assert module.DEFAULT_MODEL == "CodeGoat24/UnifiedReward-2.0-qwen-7b"
+    # point_score_ACS_image_generation.py's prompt: its format block and where the caption goes.
+    assert module.ACS_TEMPLATE.format(prompt="a cat").endswith(
+        "Output your evaluation using the format below:\n\nAlignment Score (1-5): X\nCoherence Score (1-5): Y\n"
+        "Style Score (1-5): Z\n\nYour task is provided as follows:\nText Caption: [a cat]")
+    assert module.FINAL_TEMPLATE.format(prompt="a cat").endswith(
+        "and assign a score from 1 to 5 after 'Final Score:'.\nYour task is provided as follows:\nText Caption: [a cat]")
+
+
 def test_parse_answer_unknown_template():
     with pytest.raises(ValueError, match="Unknown UnifiedReward template 'pairwise'"):
         parse_answer("Final Score: 3", "pairwise")
