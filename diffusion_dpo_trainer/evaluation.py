@@ -22,7 +22,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast
 from diffusers.utils import make_image_grid
 from PIL import Image
 from transformers import TrainerCallback
@@ -328,7 +327,7 @@ class RewardHackingCallback(TrainerCallback):
             # Only the main process evaluates; every process must stop at the same step, or the others hang.
             flag = torch.tensor([float(bool(alerts))], device=self.trainer.accelerator.device)
             if self.trainer.accelerator.num_processes > 1:
-                flag = broadcast(flag, from_process=0)
+                torch.distributed.broadcast(flag, src=0)
             if flag.item():
                 control.should_training_stop = True
 
