@@ -238,8 +238,9 @@ class RewardHackingCallback(TrainerCallback):
     so curves compare like with like) on the main process, as `RewardEvaluationCallback` does (eval mode, no grad,
     own generators, forked RNG: training continues exactly as without it), and the callback logs under `hacking/`:
 
-    - `reward`: the training reward on these samples (`reward_fn`); without one, the trainer's own logged training
-      reward (the latest of `train_reward_keys`: online DPO's `objective/scores`, TRL's `reward`);
+    - `reward`: the training reward on these samples (`reward_fn`, called as `reward_fn(images, prompts)` like every
+      `load_reward` reward); without one, the trainer's own logged training reward (the latest of
+      `train_reward_keys`: online DPO's `objective/scores`, TRL's `reward`), on its training prompts;
     - `heldout_reward`: a second reward that is NOT trained on (`heldout_reward_fn`, e.g. a different reward model
       or a judge trained on other data); it is what tells learning the task from learning the reward model;
     - `diversity` (within prompt, so give several seeds) and the image statistics of `hacking.py` (`colour_entropy`,
@@ -320,8 +321,6 @@ class RewardHackingCallback(TrainerCallback):
         return record
 
     def _run(self, state, control) -> None:
-        if self.history and self.history[-1]["step"] == state.global_step:
-            return
         alerts = self._evaluate_and_warn(state, control) if state.is_world_process_zero else []
         if self.stop_on_hacking:
             # Only the main process evaluates; every process must stop at the same step, or the others hang.
