@@ -5,7 +5,13 @@ and scoring code of `rewards/` offline:
   next to a directory with the matching transformers `CLIPConfig` and CLIP tokenizer;
 - `make_imagereward_model`: an `ImageReward.pt`-layout state dict (BLIP ViT + BERT with cross-attention + MLP) and a
   BERT tokenizer with ImageReward's added tokens;
-- `make_aesthetic_model`: a tiny CLIP model directory plus a `sac+logos+ava1-l14-linearMSE.pth`-layout MLP head.
+- `make_aesthetic_model`: a tiny CLIP model directory plus a `sac+logos+ava1-l14-linearMSE.pth`-layout MLP head;
+- `make_hpsv3_model`: an `HPSv3.safetensors`-layout state dict (transformers 4.45 Qwen2-VL names plus the reward
+  head) and a tiny Qwen2-VL base directory (config, tokenizer with the chat template, image-processor config);
+- `make_unifiedreward_model`: a tiny Qwen2.5-VL or Qwen3-VL judge saved as a UnifiedReward-2.0 repository is.
+
+The Qwen-VL tokenizers are byte-level BPE tokenizers written from a small vocabulary; their chat templates and
+`preprocessor_config.json` are the published models' (see `QWEN2_VL_CHAT_TEMPLATE`, `QWEN2_VL_PREPROCESSOR`).
 """
 
 from pathlib import Path
@@ -242,7 +248,7 @@ def make_hpsv3_model(path, seed=0) -> tuple[str, str]:
     from safetensors.torch import save_file
     from transformers import Qwen2VLModel
 
-    from ..rewards.hpsv3 import REWARD_TOKEN, reward_head
+    from ..rewards.hpsv3 import reward_head
 
     path = Path(path)
     base = path / "base"
@@ -259,7 +265,6 @@ def make_hpsv3_model(path, seed=0) -> tuple[str, str]:
              "model." + k.removeprefix("language_model."): v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     state.update({"rm_head." + k: v for k, v in head.state_dict().items()})  # float32, as the reference keeps it
     state["lm_head.weight"] = lm_head.to(torch.bfloat16)
-    assert REWARD_TOKEN not in tokenizer.get_vocab()
     save_file(state, path / "HPSv3.safetensors")
     return str(path / "HPSv3.safetensors"), str(base)
 
