@@ -214,6 +214,9 @@ def test_unifiedreward_scores_the_judges_answer(judge_dir):
     first = seen[0]
     patch = {"qwen2_5_vl": 14, "qwen3_vl": 16}[kind]
     assert first["pixel_values"].shape[1] == 3 * 2 * patch * patch
+    # Qwen3-VL's smallest image is 65536 pixels (256 x 256): 16 x 16 patches; Qwen2.5-VL's is 3136 (56 x 56).
+    smallest = {"qwen2_5_vl": 4, "qwen3_vl": 16}[kind]  # patches per side of the 64 x 64 test image after resizing
+    assert first["image_grid_thw"][0].tolist() == [1, smallest, smallest]
     image_token = reward.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     counts = (first["input_ids"] == image_token).sum(dim=1)
     assert counts.tolist() == (first["image_grid_thw"].prod(dim=1) // 4).tolist()

@@ -10,8 +10,9 @@ and scoring code of `rewards/` offline:
   head) and a tiny Qwen2-VL base directory (config, tokenizer with the chat template, image-processor config);
 - `make_unifiedreward_model`: a tiny Qwen2.5-VL or Qwen3-VL judge saved as a UnifiedReward-2.0 repository is.
 
-The Qwen-VL tokenizers are byte-level BPE tokenizers written from a small vocabulary; their chat templates and
-`preprocessor_config.json` are the published models' (see `QWEN2_VL_CHAT_TEMPLATE`, `QWEN2_VL_PREPROCESSOR`).
+The Qwen-VL tokenizers are byte-level BPE tokenizers written from a small vocabulary; the image-processor configs
+are the published models' and so is Qwen2-VL's chat template (Qwen3-VL's is a minimal stand-in rendering the same
+single-image turn).
 """
 
 from pathlib import Path
@@ -178,8 +179,9 @@ QWEN2_VL_PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "min_p
                          "image_mean": [0.48145466, 0.4578275, 0.40821073],
                          "image_std": [0.26862954, 0.26130258, 0.27577711], "do_rescale": True,
                          "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": True, "do_convert_rgb": True}
-QWEN3_VL_PREPROCESSOR = {**QWEN2_VL_PREPROCESSOR, "patch_size": 16, "image_mean": [0.5, 0.5, 0.5],
-                         "image_std": [0.5, 0.5, 0.5], "size": {"shortest_edge": 65536, "longest_edge": 16777216}}
+QWEN3_VL_PREPROCESSOR = {**{k: v for k, v in QWEN2_VL_PREPROCESSOR.items() if k not in ("min_pixels", "max_pixels")},
+                         "patch_size": 16, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                         "size": {"shortest_edge": 65536, "longest_edge": 16777216}}
 VLM_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 # Words of the judges' prompts and answers, so a tiny tokenizer keeps them short.
 VLM_WORDS = ["Alignment", "Coherence", "Style", "Score", "Final", "image", "caption", "Text", "Caption", "rating",
