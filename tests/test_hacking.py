@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -220,13 +219,12 @@ def test_every_process_stops_at_the_alarm(tmp_path, sd_path):
            "PYTHONPATH": os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(here, "hacking_ddp_worker.py"), sd_path, str(tmp_path / "ddp"), str(tmp_path)]
-    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, stderr = launcher.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)  # the ranks too, not only the launcher
-        launcher.communicate()
+        launcher.terminate()  # torch.distributed.run passes SIGTERM on to its ranks (SIGKILL would orphan them)
+        launcher.communicate(timeout=60)
         pytest.fail("The 2-process run hung: a rank kept training after the main process stopped.")
     assert launcher.returncode == 0, stderr[-3000:]
     ranks = [json.loads((tmp_path / f"hacking-rank{r}.json").read_text()) for r in (0, 1)]
