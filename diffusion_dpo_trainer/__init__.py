@@ -1,5 +1,6 @@
 """Diffusion-DPO for diffusers text-to-image models, with TRL's trainer API."""
 
+from ._version import __version__ as __version__  # re-exported: `diffusion_dpo_trainer.__version__`
 from .collators import PreferenceCollator, UnpairedCollator
 from .config import DiffusionDPOConfig
 from .evaluation import RewardEvaluationCallback, RewardHackingCallback, evaluate_win_rate
@@ -11,8 +12,6 @@ from .protocol import evaluate_protocol
 from .rewards import CLIPScore, PickScore, frame_averaged, load_reward
 from .trainer import DiffusionDPOTrainer
 from .video_data import VideoPreferenceCollator, VideoUnpairedCollator
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DiffusionDPOConfig",

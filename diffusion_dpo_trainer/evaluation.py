@@ -30,18 +30,15 @@ from transformers.integrations import TensorBoardCallback
 from .families import load_pipeline
 from .hacking import hacking_alerts, hacking_signals
 from .rewards import RewardFn, load_reward
+from .rewards.scoring import score_images
 from .sampling import adapters_disabled, sample_images
 
 logger = logging.getLogger(__name__)
 
 
 def _score(reward_fn: RewardFn, images: list[Image.Image], prompts: list[str], batch_size: int) -> list[float]:
-    scores: list[float] = []
-    for start in range(0, len(images), batch_size):
-        scores.extend(float(s) for s in reward_fn(images[start : start + batch_size], prompts[start : start + batch_size]))
-    if len(scores) != len(images):
-        raise ValueError(f"reward_fn returned {len(scores)} scores for {len(images)} images; expected one per image.")
-    return scores
+    """Every image scored (a win rate has no place for an unscored image), with the checks all callers share."""
+    return score_images([reward_fn], images, prompts, batch_size=batch_size, allow_none=False).total.tolist()
 
 
 def compare_rewards(rewards: Sequence[float], reference_rewards: Sequence[float], tie_margin: float = 0.0) -> dict:

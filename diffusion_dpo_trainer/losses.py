@@ -254,3 +254,111 @@ def compute_unpaired_loss(
     for name, weight in loss_types:
         total = total + weight * LOSSES[name].fn(policy_mse, ref_mse, desirable, z0, params).mean()
     return total, metrics
+
+
+# ----- on-policy losses: GRPO on per-step log-densities (sde.py), DiffusionNFT on forward-process predictions ---------
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon: float = 1e-4,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    mean: torch.Tensor | None = None,
+    ref_mean: torch.Tensor | None = None,
+    kl_std: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped-ratio GRPO loss of one sampler step, as flow_grpo's scripts/train_sd3.py:881-897 (ac4c86e).
+
+    ratio = exp(log_prob - old_log_prob) per sample (`log_prob` averaged over latent elements, sde.py), the loss
+    mean_b max(-A ratio, -A clip(ratio, 1 - epsilon, 1 + epsilon_high)) plus, with beta > 0, beta times the KL of the
+    step to the reference's, mean_b [ mean over latent elements of (mean - ref_mean)^2 / (2 kl_std^2) ]. flow_grpo
+    divides by the Flow-SDE's noise scale s squared (`sde.flow_sde_noise_scale`; eta for DanceGRPO's step), not by
+    the transition variance s^2 |dt|; for CPS and DDIM pass the step's `std`.
+
+    Metrics: `clip_ratio/{low,high,region}_mean` as TRL counts them (the clip binds: ratio below 1 - epsilon with
+    A < 0, above 1 + epsilon_high with A > 0), flow_grpo's `clipfrac` (|ratio - 1| > epsilon, any sign) and
+    `approx_kl` (0.5 mean (log_prob - old_log_prob)^2), `importance_ratio/mean` (exactly 1 on fresh samples; below 1
+    is the bf16 bias of flow_grpo #204), `policy_loss`, and `kl` when a reference mean is given.
+    """
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    advantages = advantages.to(log_prob.dtype)
+    ratio = torch.exp(log_prob - old_log_prob.detach())
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+    ratio_d = ratio.detach()
+    low = (ratio_d < 1.0 - epsilon) & (advantages < 0)
+    high = (ratio_d > 1.0 + epsilon_high) & (advantages > 0)
+    metrics = {
+        "policy_loss": policy_loss.detach(),
+        "importance_ratio/mean": ratio_d.mean(),
+        "clip_ratio/low_mean": low.float().mean(),
+        "clip_ratio/high_mean": high.float().mean(),
+        "clip_ratio/region_mean": (low | high).float().mean(),
+        "clipfrac": ((ratio_d - 1.0).abs() > epsilon).float().mean(),
+        "approx_kl": 0.5 * ((log_prob.detach() - old_log_prob.detach()) ** 2).mean(),
+    }
+    loss = policy_loss
+    if beta > 0 and (ref_mean is None or mean is None or kl_std is None):
+        raise ValueError(f"beta={beta} needs the step's `mean`, the reference's `ref_mean` and `kl_std` for the KL.")
+    if ref_mean is not None and mean is not None and kl_std is not None:
+        kl = ((mean - ref_mean.detach()) ** 2 / (2 * kl_std**2)).flatten(1).mean(dim=1).mean()
+        metrics["kl"] = kl.detach()
+        if beta > 0:
+            loss = loss + beta * kl
+    return loss, metrics
+
+
+def nft_loss(
+    x0_pred: torch.Tensor,
+    old_x0_pred: torch.Tensor,
+    x0: torch.Tensor,
+    optimality: torch.Tensor,
+    nft_beta: float = 1.0,
+    loss_scale: float = 5.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DiffusionNFT's policy loss (Zheng et al., arXiv 2509.16117; NVlabs/DiffusionNFT scripts/train_nft_sd3.py:934-960
+    at 24af555) on clean-sample estimates at one noisy x_t of the rollout's clean latents `x0`.
+
+    The implicit positive and negative policies mix the policy's and the old policy's predictions,
+    v+ = nft_beta v + (1 - nft_beta) v_old and v- = (1 + nft_beta) v_old - nft_beta v. The clean-sample estimate is
+    affine in the prediction with coefficients summing to one (flow: x0_hat = x_t - t v; epsilon:
+    (x_t - sqrt(1 - a) eps) / sqrt(a); v-prediction: sqrt(a) x_t - sqrt(1 - a) v), so x0_hat(v+) =
+    nft_beta x0_pred + (1 - nft_beta) old_x0_pred for every parametrisation: this x0 form is the official flow loss
+    and, unchanged, the epsilon- and v-prediction one (derived here: the official code trains only SD3.5, a flow). Per sample, with the adaptive weight w = mean |x0_hat - x0|
+    (detached, at least 1e-5) and r the optimality weight (advantages.nft_optimality),
+
+        loss = loss_scale * mean_b [ r mean((x0_hat+ - x0)^2) / w+ + (1 - r) mean((x0_hat- - x0)^2) / w- ] / nft_beta
+
+    `loss_scale` is the official code's factor, its `adv_clip_max` (5). The KL-like regulariser to the base model is
+    `prediction_kl`, added with its own weight. With the policy equal to the old policy and r = 0.5 the two terms'
+    gradients cancel exactly.
+    """
+    old_x0_pred = old_x0_pred.detach()
+    r = optimality.to(x0_pred.dtype).reshape(-1)
+    dims = tuple(range(1, x0.ndim))
+
+    def weighted_error(estimate):
+        with torch.no_grad():
+            weight = (estimate.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clip(min=1e-5)
+        return ((estimate - x0) ** 2 / weight.to(estimate.dtype)).mean(dim=dims)
+
+    positive = weighted_error(nft_beta * x0_pred + (1 - nft_beta) * old_x0_pred)
+    negative = weighted_error((1 + nft_beta) * old_x0_pred - nft_beta * x0_pred)
+    per_sample = (r * positive + (1 - r) * negative) / nft_beta
+    loss = (per_sample * loss_scale).mean()
+    metrics = {
+        "policy_loss": loss.detach(),
+        "nft/positive_loss": positive.detach().mean(),
+        "nft/negative_loss": negative.detach().mean(),
+        "nft/old_deviation": ((x0_pred.detach() - old_x0_pred) ** 2).mean(),
+        "nft/optimality_mean": r.detach().mean(),
+    }
+    return loss, metrics
+
+
+def prediction_kl(prediction: torch.Tensor, ref_prediction: torch.Tensor) -> torch.Tensor:
+    """DiffusionNFT's KL-like regulariser: mean over samples of the per-sample mean squared gap between the policy's
+    and the base model's raw predictions (train_nft_sd3.py:966-970; weight `train.beta`, 1e-4)."""
+    return ((prediction - ref_prediction.detach()) ** 2).flatten(1).mean(dim=1).mean()

@@ -18,6 +18,7 @@ skip (and which a combined reward must then handle). Images go to the checkpoint
 `preprocessor_config.json` min/max pixels, as the vLLM server the authors recommend does).
 """
 
+import math
 import re
 
 import torch
@@ -109,18 +110,26 @@ class UnifiedReward(ModelReward):
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         return self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
+    def _parse(self, images: list[Image.Image], prompts: list[str], offset: int) -> list[float | None]:
+        scores = []
+        for i, answer in enumerate(self.answers(images, prompts)):
+            score = parse_answer(answer, self.template)
+            if score is None and self.on_unparseable == "raise":
+                raise UnparseableAnswerError(
+                    f"images[{offset + i}]: {self.name} answered {answer[:300]!r}, which has no "
+                    f"{'Alignment/Coherence/Style scores' if self.template == 'acs' else 'Final Score'}; pass "
+                    "on_unparseable='none' to leave such images unscored (None).")
+            scores.append(score)
+        return scores
+
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        """The batch's scores, NaN where an answer holds none (with on_unparseable="none")."""
+        return torch.tensor([math.nan if s is None else s for s in self._parse(images, prompts, 0)],
+                            dtype=torch.float64)
+
     @torch.no_grad()
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[float | None]:
         check_inputs(images, prompts)
-        scores: list[float | None] = []
-        for start in range(0, len(images), self.batch_size):
-            batch = slice(start, start + self.batch_size)
-            for offset, answer in enumerate(self.answers(list(images[batch]), list(prompts[batch]))):
-                score = parse_answer(answer, self.template)
-                if score is None and self.on_unparseable == "raise":
-                    raise UnparseableAnswerError(
-                        f"images[{start + offset}]: {self.name} answered {answer[:300]!r}, which has no "
-                        f"{'Alignment/Coherence/Style scores' if self.template == 'acs' else 'Final Score'}; pass "
-                        "on_unparseable='none' to leave such images unscored (None).")
-                scores.append(score)
-        return scores
+        return [score for start in range(0, len(images), self.batch_size)
+                for score in self._parse(list(images[start : start + self.batch_size]),
+                                         list(prompts[start : start + self.batch_size]), start)]
