@@ -235,9 +235,10 @@ class RewardHackingCallback(TrainerCallback):
     so curves compare like with like) on the main process, as `RewardEvaluationCallback` does (eval mode, no grad,
     own generators, forked RNG: training continues exactly as without it), and the callback logs under `hacking/`:
 
-    - `reward`: the training reward on these samples (`reward_fn`, called as `reward_fn(images, prompts)` like every
-      `load_reward` reward); without one, the trainer's own logged training reward (the latest of
-      `train_reward_keys`: online DPO's `objective/scores`, TRL's `reward`), on its training prompts;
+    - `reward`: the training reward on these samples (`reward_fn`, either convention, scored by
+      `rewards.scoring.score_images`; None scores are left out of the mean); without one, the trainer's own logged
+      training reward (the latest of `train_reward_keys`: online DPO's `objective/scores`, TRL's `reward`), on its
+      training prompts;
     - `heldout_reward`: a second reward that is NOT trained on (`heldout_reward_fn`, e.g. a different reward model
       or a judge trained on other data); it is what tells learning the task from learning the reward model;
     - `diversity` (within prompt, so give several seeds) and the image statistics of `hacking.py` (`colour_entropy`,
@@ -306,15 +307,9 @@ class RewardHackingCallback(TrainerCallback):
                                    progress=False, **self.pipeline_kwargs)
         record = {"step": state.global_step, **self._from_logs(state), **hacking_signals(images, flat_prompts)}
         for key, fn in (("reward", self.reward_fn), ("heldout_reward", self.heldout_reward_fn)):
-            if fn is not None:
-                scores = [s for start in range(0, len(images), self.batch_size)
-                          for s in fn(images[start : start + self.batch_size],
-                                      flat_prompts[start : start + self.batch_size])]
-                if len(scores) != len(images):
-                    raise ValueError(f"The {key.replace('_', ' ')} function returned {len(scores)} scores for "
-                                     f"{len(images)} images; expected one per image (None for an unscored one).")
-                scored = [float(s) for s in scores if s is not None]  # None: unscored (TRL's convention)
-                record[key] = statistics.fmean(scored) if scored else math.nan
+            if fn is not None:  # either convention; None is unscored and left out of the mean
+                scores = score_images([fn], images, flat_prompts, batch_size=self.batch_size).total
+                record[key] = float(scores.nanmean()) if not scores.isnan().all() else math.nan
         return record
 
     def _run(self, state, control) -> None:

@@ -156,11 +156,14 @@ def test_callback_logs_the_signals_warns_and_stops_without_changing_training(tmp
 
     trainer = DiffusionDPOTrainer(model=sd_path, args=args(tmp_path / "cb"), train_dataset=pairs, peft_config=lora())
 
-    def scripted(sign):  # a reward that follows the step: up for training, down for the held-out one
-        return lambda images, prompts: [sign * float(trainer.state.global_step)] * len(images)
+    def reward(images, prompts):  # follows the step: up for the trained reward ...
+        return [float(trainer.state.global_step)] * len(images)
 
-    callback = RewardHackingCallback(trainer, ["a red square", "a blue circle"], reward_fn=scripted(1),
-                                     heldout_reward_fn=scripted(-1), seeds=[0, 1], eval_steps=2,
+    def heldout(prompts, completions, **kwargs):  # ... down for the held-out one (TRL's convention; None: unscored)
+        return [-float(trainer.state.global_step), None] * (len(completions) // 2)
+
+    callback = RewardHackingCallback(trainer, ["a red square", "a blue circle"], reward_fn=reward,
+                                     heldout_reward_fn=heldout, seeds=[0, 1], eval_steps=2,
                                      stop_on_hacking=True, **SAMPLING)
     trainer.add_callback(callback)
     with caplog.at_level(logging.WARNING, logger="diffusion_dpo_trainer.evaluation"):
