@@ -3,7 +3,7 @@
 from ._version import __version__ as __version__  # re-exported: `diffusion_dpo_trainer.__version__`
 from .collators import PreferenceCollator, UnpairedCollator
 from .config import DiffusionDPOConfig
-from .evaluation import RewardEvaluationCallback, evaluate_win_rate
+from .evaluation import RewardEvaluationCallback, RewardHackingCallback, evaluate_win_rate
 from .feedback import build_preference_pairs
 from .formats import load_preference_folder, prepare_preference_dataset, prepare_unpaired_dataset, to_preference_pairs
 from .online_config import DiffusionOnlineDPOConfig
@@ -29,6 +29,7 @@ __all__ = [
     "CLIPScore",
     "PickScore",
     "RewardEvaluationCallback",
+    "RewardHackingCallback",
     "build_preference_pairs",
     "evaluate_protocol",
     "evaluate_win_rate",

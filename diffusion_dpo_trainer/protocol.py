@@ -6,7 +6,10 @@ a fine-tuned denoiser, or a separate pipeline) each sample one image from the sa
 image. The report gives, per prompt set and reward:
 
 - the mean score of base and tuned, each with a 95% confidence interval;
-- the win rate of tuned over base (a tie, equal scores, counts half: `evaluation.compare_rewards`), with its interval.
+- the win rate of tuned over base (a tie, equal scores, counts half: `evaluation.compare_rewards`), with its interval;
+
+and per prompt set and variant the image statistics that move when a model hacks its reward, and the diversity
+across the seeds of a prompt (`hacking.grouped_signals`; `image_statistics` in `report.json`).
 
 Intervals are percentile bootstraps over PROMPTS (1000 resamples, seed 0), the seeds of a prompt averaged first:
 images of one prompt are not independent draws, so resampling images would make the intervals too narrow.
@@ -31,12 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ._version import __version__
 from .caching import module_fingerprint
 from .evaluation import compare_rewards
 from .families import family_class_for, load_pipeline
+from .hacking import grouped_signals
 from .prompt_sets import load_prompt_sets
 from .rewards import load_reward
 from .rewards.scoring import reward_name, score_images
@@ -299,7 +304,11 @@ def evaluate_protocol(
                     log.flush()
                     bar.update(len(batch_items))
 
-    report = {"settings": {**settings, "versions": _versions()}, "results": summarize(rows, names)}
+    report = {"settings": {**settings, "versions": _versions()}, "results": summarize(rows, names),
+              # What moves when a tuned model hacks its reward (hacking.py), from the saved images, prompt by prompt.
+              "image_statistics": {name: {v: grouped_signals(
+                  [Image.open(out / "images" / _slug(name) / v / f"{i:05d}_{s}.png") for s in settings["seeds"]]
+                  for i in range(len(prompts))) for v in variants} for name, prompts in sets.items()}}
     # allow_nan=False: a non-finite figure is a bug to see here, never a bare NaN that makes the file invalid JSON.
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
     samples = {name: [(i, prompts[i], {v: out / "images" / _slug(name) / v / f"{i:05d}_{settings['seeds'][0]}.png"
