@@ -33,8 +33,9 @@ from . import losses
 from .caching import precompute_for_training
 from .collators import PreferenceCollator, UnpairedCollator
 from .config import DiffusionDPOConfig
+from .curriculum import CurriculumSampler
 from .families import load_family
-from .formats import map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
+from .formats import LABEL_COLUMN, map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
 from .model_card import card_hyperparameters, render_model_card
 from .quantization import is_quantized
 from .reference_cache import DrawEpochCallback, RowDraws, precompute_reference_errors, reference_fingerprint
@@ -73,6 +74,8 @@ class DiffusionDPOTrainer(Trainer):
     """
 
     _tag_names = ["diffusion-dpo", "diffusers"]
+    #: The easy-to-hard sampler of `curriculum_stages` > 1, once the train dataloader exists.
+    curriculum: CurriculumSampler | None = None
 
     def __init__(
         self,
@@ -101,6 +104,7 @@ class DiffusionDPOTrainer(Trainer):
         self.loss_types = losses.resolve_loss_types(args.loss_type, args.loss_weights)
         self.paired = losses.is_paired(self.loss_types)
         self.loss_params = losses.LossParams.from_config(args, beta=self.beta)
+        self._check_stabilisers()
         if args.precompute_ref_errors:  # checked before anything is encoded or moved
             if not args.precompute_latents:
                 raise ValueError("precompute_ref_errors=True needs precompute_latents=True: the reference errors are "
@@ -227,8 +231,29 @@ class DiffusionDPOTrainer(Trainer):
     def _prepare_dataset(self, dataset, name: str):
         """Validate a train/eval dataset and normalise its rows for the collator (pairs, or labelled images)."""
         if self.paired:
-            return prepare_preference_dataset(dataset, name)
+            labels = self.args.soft_labels != "none" or self.args.curriculum_stages > 1
+            return prepare_preference_dataset(dataset, name, soft_labels=labels, keep_ties=self.args.keep_ties)
         return prepare_unpaired_dataset(dataset, name, column="image" if self.num_frames is None else "video")
+
+    def _check_stabilisers(self) -> None:
+        """Soft labels and curricula need pairs; soft labels enter through the DPO logit of `sigmoid`."""
+        args, names = self.args, [name for name, _ in self.loss_types]
+        if not self.paired and (args.soft_labels != "none" or args.curriculum_stages > 1 or args.keep_ties):
+            raise ValueError(f"soft_labels, keep_ties and curriculum_stages apply to paired data; loss_type {names} "
+                             "trains on unpaired images.")
+        if args.soft_labels != "none" and not any(losses.LOSSES[name].soft_labels for name in names):
+            raise ValueError(f"soft_labels={args.soft_labels!r} is read by `sigmoid` (the DPO logit), which loss_type "
+                             f"{names} does not include.")
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With `curriculum_stages` > 1, the easy-to-hard `CurriculumSampler` over the pairs' label margins."""
+        if self.args.curriculum_stages == 1:
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        labels = dataset.with_format(None)[LABEL_COLUMN]
+        self.curriculum = CurriculumSampler([abs(2.0 * p - 1.0) for p in labels], self.args.curriculum_stages,
+                                            self.args.seed)
+        return self.curriculum
 
     @property
     def mixed_precision(self) -> str:
@@ -384,8 +409,21 @@ class DiffusionDPOTrainer(Trainer):
         elif losses.needs_reference(self.loss_types):
             with torch.no_grad(), self.family.reference() as reference:
                 ref_mse = losses.per_sample_mse(self.family.predict(reference, noisy, timesteps, conditioning), target)
-        policy_mse = losses.per_sample_mse(self.family.predict(model, noisy, timesteps, conditioning), target)
-        return policy_mse, ref_mse
+        prediction = self.family.predict(model, noisy, timesteps, conditioning)
+        self._stabiliser_terms = self._stabilisers(prediction, target, timesteps)
+        return losses.per_sample_mse(prediction, target), ref_mse
+
+    def _stabilisers(self, prediction, target, timesteps) -> dict:
+        """What the paired-loss stabilisers read besides the errors: `compute_paired_loss`'s keyword arguments."""
+        params, terms = self.loss_params, {}
+        if not self.paired:
+            return terms
+        if params.winner_preserving_mu is not None:  # this process's batch, as the reference code does per GPU
+            error_w, error_l = (prediction.detach().float() - target.float()).chunk(2)
+            terms["lose_scale"] = losses.winner_preserving_lambda(error_w, error_l, params.winner_preserving_mu)
+        if losses.timesteps_active(params):
+            terms["noise_level"] = timesteps.chunk(2)[0].float() / self.family.num_train_timesteps
+        return terms
 
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over the batches of all processes (sum and count gathered, so uneven last batches are fine)."""
@@ -397,7 +435,11 @@ class DiffusionDPOTrainer(Trainer):
         with self.accelerator.autocast():
             policy_mse, ref_mse = self._denoising_errors(model, inputs)
         if self.paired:
-            loss, metrics = losses.compute_paired_loss(self.loss_types, policy_mse, ref_mse, self.loss_params)
+            loss, metrics = losses.compute_paired_loss(self.loss_types, policy_mse, ref_mse, self.loss_params,
+                                                       label=inputs.get(LABEL_COLUMN), **self._stabiliser_terms)
+            if model.training and self.curriculum is not None:  # the stage this step draws from
+                position = (self.state.epoch or 0.0) % 1.0 * len(self.curriculum)
+                metrics["curriculum/stage"] = policy_mse.new_tensor(float(self.curriculum.stage_at(int(position))))
         else:
             loss, metrics = losses.compute_unpaired_loss(
                 self.loss_types, policy_mse, ref_mse, inputs["label"], self.loss_params, self._global_mean
