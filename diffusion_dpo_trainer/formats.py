@@ -51,8 +51,11 @@ def with_soft_labels(dataset, name: str = "dataset", keep_ties: bool = False) ->
     columns = dataset.column_names
     if _format_of(dataset, name) == "pickapic":
         pairs = _pickapic_to_pairs(_with_row_index(dataset), name, keep_ties)
-        ties = np.array(_columns(pairs, "label_0")[0]) == 0.5
-        return pairs.remove_columns("label_0").add_column(LABEL_COLUMN, np.where(ties, 0.5, 1.0))
+        ties = np.zeros(len(pairs), dtype=bool)
+        if keep_ties:
+            ties = np.array(_columns(pairs, "label_0")[0]) == 0.5
+            pairs = pairs.remove_columns("label_0")
+        return pairs.add_column(LABEL_COLUMN, np.where(ties, 0.5, 1.0))
     pairs = to_preference_pairs(dataset, name)  # the rows of `dataset`, in its order
     rows = _columns(pairs, ROW_COLUMN)[0]
     if LABEL_COLUMN in columns:
