@@ -249,10 +249,14 @@ class DiffusionDPOTrainer(Trainer):
         """With `curriculum_stages` > 1, the easy-to-hard `CurriculumSampler` over the pairs' label margins."""
         if self.args.curriculum_stages == 1:
             return super()._get_train_sampler(train_dataset)
+        args = self.args
         dataset = self.train_dataset if train_dataset is None else train_dataset
         labels = dataset.with_format(None)[LABEL_COLUMN]
-        self.curriculum = CurriculumSampler([abs(2.0 * p - 1.0) for p in labels], self.args.curriculum_stages,
-                                            self.args.seed)
+        # With max_steps the whole run is one epoch of the sampler, so the stages span training.
+        samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+            args.world_size if args.max_steps > 0 else None
+        self.curriculum = CurriculumSampler([abs(2.0 * p - 1.0) for p in labels], args.curriculum_stages, args.seed,
+                                            samples)
         return self.curriculum
 
     @property

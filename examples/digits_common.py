@@ -241,6 +241,16 @@ def lora_config(settings: Settings) -> LoraConfig:
     )
 
 
+def winner_error_change(log_history: list) -> dict:
+    """The policy's error minus the reference's on the training pairs' winners and losers, averaged over the last
+    third of the logs: > 0 for the winners is the failure Diffusion-SDPO targets (the preferred images' likelihood
+    falls while the margin grows)."""
+    logs = [h for h in log_history if "mse/chosen" in h and "ref_mse/chosen" in h]
+    late = logs[len(logs) - max(len(logs) // 3, 1):]
+    return {f"{side}_mse_change": float(np.mean([h[f"mse/{key}"] - h[f"ref_mse/{key}"] for h in late])) if late
+            else None for side, key in (("winner", "chosen"), ("loser", "rejected"))}
+
+
 def dpo_trainer(base_path, pairs, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionDPOTrainer:
     args = DiffusionDPOConfig(**training_config(settings, seed, output_dir), **config)
     return DiffusionDPOTrainer(model=base_path, args=args, train_dataset=pairs, peft_config=lora_config(settings))
