@@ -32,7 +32,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
-from transformers import TrainingArguments
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionOnlineDPOConfig, evaluate_win_rate
 from diffusion_dpo_trainer.sampling import sample_images
@@ -78,10 +77,6 @@ def parse_setting(text: str) -> tuple[str, bool, demo.Settings, dict]:
     fields = {f.name: f.type for f in dataclasses.fields(demo.Settings)}
     online_fields = {f.name: f.default for f in dataclasses.fields(DiffusionOnlineDPOConfig)
                      if f.name not in {g.name for g in dataclasses.fields(DiffusionDPOConfig)}}
-    # DiffusionDPOConfig's own scalar fields (e.g. winner_preserving_mu, soft_labels, curriculum_stages), either mode.
-    base_fields = {g.name for g in dataclasses.fields(TrainingArguments)} | set(fields)
-    dpo_fields = {f.name: f.default for f in dataclasses.fields(DiffusionDPOConfig) if f.name not in base_fields
-                  and (isinstance(f.default, (bool, int, float, str)) or f.name == "winner_preserving_mu")}
     reward, online, overrides, config, dpo_config = "svm", False, {}, {}, {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -94,12 +89,13 @@ def parse_setting(text: str) -> tuple[str, bool, demo.Settings, dict]:
         elif key in online_fields and isinstance(online_fields[key], (bool, int, float, str)):
             kind = type(online_fields[key])
             config[key] = value in ("1", "true", "True") if kind is bool else kind(value)
-        elif key in dpo_fields:
-            kind = float if dpo_fields[key] is None else type(dpo_fields[key])
-            dpo_config[key] = value in ("1", "true", "True") if kind is bool else kind(value)
         else:
-            raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic, online=1, "
-                             f"{sorted(fields)}, {sorted(dpo_fields)} or (online) {sorted(online_fields)}")
+            try:  # DiffusionDPOConfig's own fields (e.g. winner_preserving_mu, soft_labels), either mode
+                dpo_config.update([demo.dpo_option(item)])
+            except ValueError:
+                raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic, online=1, "
+                                 f"{sorted(fields)}, DiffusionDPOConfig's own fields, or (online) "
+                                 f"{sorted(online_fields)}") from None
     if config and not online:
         raise SystemExit(f"{sorted(config)} in {text!r} apply to online DPO only: add online=1.")
     return reward, online, dataclasses.replace(demo.FULL, **overrides), {**config, **dpo_config}
