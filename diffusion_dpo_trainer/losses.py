@@ -157,6 +157,7 @@ def timestep_weights(noise_level: torch.Tensor, params: LossParams) -> torch.Ten
 
 
 def timesteps_active(params: LossParams) -> bool:
+    """Whether the timestep mask or weights are switched on (else every pair weighs 1 and no level is needed)."""
     return params.timestep_min > 0.0 or params.timestep_max < 1.0 or params.timestep_weight_power != 0.0
 
 

@@ -245,7 +245,8 @@ def test_all_stabilisers_train_a_lora_and_log_their_metrics(tmp_path, sd_path, s
     assert stages == [0, 0, 1]  # 12 draws: 6 from the 4 easiest pairs, then 6 from all 8
     trainer.save_model()
     card = open(os.path.join(args.output_dir, "README.md"), encoding="utf-8").read()
-    assert "winner_preserving_mu`: 0.6" in card and "soft_labels`: smpo" in card
+    assert "winner_preserving_mu`: 0.6" in card and "soft_labels`: smpo" in card and "curriculum_stages`: 2" in card
+    assert "timestep_min`: 0.2" in card and "timestep_max`: 0.9" in card and "keep_ties" not in card
 
 
 def test_all_stabilisers_with_a_full_finetune_cached_latents_and_precomputed_reference(tmp_path, sd_path, scored):
