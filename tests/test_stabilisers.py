@@ -281,3 +281,17 @@ def test_a_resumed_curriculum_run_sees_the_same_batches(tmp_path, sd_path, score
     resumed.train(resume_from_checkpoint=os.path.join(first.args.output_dir, "checkpoint-2"))
     assert resumed_rows == straight_rows[2:]
     assert sorted(straight_rows[0] + straight_rows[1]) == [0, 1, 2, 4]  # stage 0: the 4 largest gaps
+
+
+def test_the_noise_level_of_a_flow_family_is_its_sigma(tmp_path, sd3_path, scored):
+    """Rectified-flow timesteps are sigma * 1000, so the mask reads sigma; the safeguard needs nothing family-specific."""
+    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=8, winner_preserving_mu=0.6, timestep_min=0.5)
+    trainer = DiffusionDPOTrainer(model=sd3_path, args=args, train_dataset=scored, peft_config=lora(target_modules=None))
+    seen = []
+    original = trainer.family.noisy_latents_and_target
+    trainer.family.noisy_latents_and_target = lambda x0, noise, t: seen.append(t) or original(x0, noise, t)
+    trainer.train()
+    sigmas = trainer.family.sigmas_for(seen[0][:8])
+    first = trainer.state.log_history[0]
+    assert first["timesteps/masked"] == pytest.approx((sigmas < 0.5).float().mean().item())
+    assert losses_of(trainer)[0] == pytest.approx(LN2 * (sigmas >= 0.5).float().mean().item(), abs=1e-5)
