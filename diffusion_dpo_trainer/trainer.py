@@ -231,7 +231,8 @@ class DiffusionDPOTrainer(Trainer):
     def _prepare_dataset(self, dataset, name: str):
         """Validate a train/eval dataset and normalise its rows for the collator (pairs, or labelled images)."""
         if self.paired:
-            labels = self.args.soft_labels != "none" or self.args.curriculum_stages > 1
+            # the loss reads soft labels in training and evaluation; the curriculum orders the training pairs only
+            labels = self.args.soft_labels != "none" or (self.args.curriculum_stages > 1 and name == "train_dataset")
             return prepare_preference_dataset(dataset, name, soft_labels=labels, keep_ties=self.args.keep_ties)
         return prepare_unpaired_dataset(dataset, name, column="image" if self.num_frames is None else "video")
 

@@ -232,8 +232,12 @@ ALL_ON = dict(winner_preserving_mu=0.6, soft_labels="smpo", timestep_min=0.2, ti
               curriculum_stages=2)
 
 
-def test_all_stabilisers_train_a_lora_and_log_their_metrics(tmp_path, sd_path, scored):
+def test_all_stabilisers_train_a_lora_and_log_their_metrics(tmp_path, sd_path, scored, pairs):
     args = make_args(tmp_path, max_steps=3, per_device_train_batch_size=4, beta=5000, learning_rate=1e-4, **ALL_ON)
+    # the evaluation pairs need no label source: the curriculum orders training pairs, and soft labels are off
+    trainer = DiffusionDPOTrainer(model=sd_path, args=dataclasses.replace(args, soft_labels="none"),
+                                  train_dataset=scored, eval_dataset=pairs, peft_config=lora())
+    assert "soft_label" not in trainer.eval_dataset.column_names
     trainer = DiffusionDPOTrainer(model=sd_path, args=args, train_dataset=scored, peft_config=lora())
     trainer.train()
     first = trainer.state.log_history[0]
