@@ -237,11 +237,13 @@ class DiffusionDPOTrainer(Trainer):
         return prepare_unpaired_dataset(dataset, name, column="image" if self.num_frames is None else "video")
 
     def _check_stabilisers(self) -> None:
-        """Soft labels and curricula need pairs; soft labels enter through the DPO logit of `sigmoid`."""
+        """The stabilisers act on pairs; soft labels enter through the DPO logit of `sigmoid`."""
         args, names = self.args, [name for name, _ in self.loss_types]
-        if not self.paired and (args.soft_labels != "none" or args.curriculum_stages > 1 or args.keep_ties):
-            raise ValueError(f"soft_labels, keep_ties and curriculum_stages apply to paired data; loss_type {names} "
-                             "trains on unpaired images.")
+        on = [name for name in ("winner_preserving_mu", "soft_labels", "keep_ties", "timestep_min", "timestep_max",
+                                "timestep_weight_power", "curriculum_stages")
+              if getattr(args, name) != getattr(DiffusionDPOConfig, name)]
+        if not self.paired and on:
+            raise ValueError(f"{on} apply to paired data; loss_type {names} trains on unpaired images.")
         if args.soft_labels != "none" and not any(losses.LOSSES[name].soft_labels for name in names):
             raise ValueError(f"soft_labels={args.soft_labels!r} is read by `sigmoid` (the DPO logit), which loss_type "
                              f"{names} does not include.")

@@ -214,6 +214,15 @@ def test_curriculum_goes_from_easy_to_hard_and_depends_only_on_seed_epoch_and_st
         CurriculumSampler(margins, stages=7, seed=0)
 
 
+def test_stabilisers_are_refused_for_unpaired_data_and_soft_labels_without_sigmoid(tmp_path, sd_path, pairs):
+    with pytest.raises(ValueError, match=r"\['winner_preserving_mu'\] apply to paired data"):
+        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, loss_type="kto", winner_preserving_mu=0.5),
+                            train_dataset=pairs)
+    with pytest.raises(ValueError, match="read by `sigmoid`"):
+        DiffusionDPOTrainer(model=sd_path, args=make_args(tmp_path, loss_type="hinge", soft_labels="smpo"),
+                            train_dataset=pairs)
+
+
 def test_config_refuses_ties_without_soft_labels(tmp_path):
     with pytest.raises(ValueError, match="keep_ties"):
         make_args(tmp_path, keep_ties=True)
