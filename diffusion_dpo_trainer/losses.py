@@ -134,7 +134,7 @@ def winner_preserving_lambda(error_w: torch.Tensor, error_l: torch.Tensor, mu: f
     mse of winners and losers, g_w = dA/d(prediction_w) and g_l = dB/d(prediction_l) are output-space gradients;
     lambda = clamp((1 - mu) * |g_w|^2 / (g_l . g_w), 0, 1) when g_l . g_w > 0, else 1. The common factor 2/N of both
     gradients cancels, so it is (1 - mu) * sum(e_w^2) / sum(e_w * e_l). Then the first-order change of A under the
-    update -g_w + lambda*g_l is at most -mu*|g_w|^2: the winner's error does not rise (paper, Eq. 9).
+    update -g_w + lambda*g_l is at most -mu*|g_w|^2: the winner's error does not rise.
     """
     e_w, e_l = error_w.detach().float().flatten(), error_l.detach().float().flatten()
     norm, dot = e_w.pow(2).sum(), (e_w * e_l).sum()
