@@ -85,6 +85,67 @@ class DiffusionDPOConfig(TrainingArguments):
         default=1.0,
         metadata={"help": "KTO: lambda_U, the weight of the loss on undesirable images (label False)."},
     )
+    # Stabilisers of offline preference training (docs/losses.md, "Stabilisers"): each off at its default and
+    # combinable with every paired loss.
+    winner_preserving_mu: float | None = field(
+        default=None,
+        metadata={
+            "help": "Diffusion-SDPO's winner-preserving safeguard (arXiv 2511.03317): scale the gradient through the "
+            "rejected images' errors by lambda = clamp((1 - mu) * |g_w|^2 / (g_l . g_w), 0, 1) (1 when g_l . g_w <= 0), "
+            "from the output-space gradients of the batch's winner and loser errors, so the preferred images' error "
+            "does not rise to first order. mu in [0, 1]; larger is more conservative. The reference scripts use 0.9 "
+            "for SD1.5 and 0.6 for SDXL with Diffusion-DPO. None (default) is off. Logged as `winner_preserving/lambda`."
+        },
+    )
+    soft_labels: str = field(
+        default="none",
+        metadata={
+            "help": "Per-pair soft preference labels p (the probability that `chosen` is preferred) for `sigmoid` "
+            "(SmPO, arXiv 2506.02698): `smpo` scales the DPO logit by 2p - 1 (SmPO's code), `cross_entropy` uses "
+            "-p*logsigmoid(z) - (1-p)*logsigmoid(-z); `none` (default) is the hard label 1. p comes from a "
+            "`soft_label` column, else from `chosen_score`/`rejected_score` columns as SmPO maps reward gaps: "
+            "sigmoid((s_w - s_l) / (max - min of all scores)), else from Pick-a-Pic's `label_0` (1, or 0.5 for a tie "
+            "kept with `keep_ties`). Logged as `labels/mean`.",
+            "choices": ["none", "smpo", "cross_entropy"],
+        },
+    )
+    keep_ties: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep Pick-a-Pic ties (label_0 == 0.5) as pairs with the soft label 0.5 instead of dropping them. "
+            "Needs `soft_labels` (with the hard label a tie would train as a win)."
+        },
+    )
+    timestep_min: float = field(
+        default=0.0,
+        metadata={
+            "help": "Mask pairs whose noise level (timestep / number of training timesteps, in [0, 1]) is below this: "
+            "they count as 0 in the batch mean (the clip-and-mask idea of arXiv 2505.21893). 0 (default) masks none. "
+            "Logged as `timesteps/masked`."
+        },
+    )
+    timestep_max: float = field(
+        default=1.0,
+        metadata={"help": "Mask pairs whose noise level is above this (see `timestep_min`). 1 (default) masks none."},
+    )
+    timestep_weight_power: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight each pair's loss by noise_level ** power, moving the loss towards noisier timesteps, whose "
+            "preference signal is weaker (the timestep-aware idea of arXiv 2505.18736). 0 (default) weights all "
+            "timesteps alike."
+        },
+    )
+    curriculum_stages: int = field(
+        default=1,
+        metadata={
+            "help": "Curriculum-DPO ordering (Croitoru et al., CVPR 2025): pairs ranked from easy to hard by their "
+            "label margin |2p - 1| (p as for `soft_labels`: a `soft_label` column or the reward gap of "
+            "`chosen_score`/`rejected_score`), cut into this many equal parts; stage k of each epoch visits the "
+            "k+1 easiest parts in a shuffled order that depends only on the seed, the epoch and the stage, so a "
+            "resumed run sees the same batches. 1 (default) is the usual shuffled order. Logged as `curriculum/stage`."
+        },
+    )
     resolution: int | None = field(
         default=None,
         metadata={
@@ -227,6 +288,11 @@ class DiffusionDPOConfig(TrainingArguments):
                                        or resolution <= 0):
             raise ValueError(f"resolution must be a positive whole number of pixels, got {resolution!r}; leave it "
                              "unset (None) for the model's native resolution.")
+        if self.curriculum_stages < 1:
+            raise ValueError(f"curriculum_stages must be at least 1 (1 is no curriculum), got {self.curriculum_stages}.")
+        if self.keep_ties and self.soft_labels == "none":
+            raise ValueError("keep_ties=True needs soft_labels='smpo' or 'cross_entropy': with the hard label 1 a tie "
+                             "would train as a win.")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if self.accelerator_config.dispatch_batches is None:

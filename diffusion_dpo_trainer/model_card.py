@@ -147,6 +147,9 @@ def card_hyperparameters(args, loss_types, loss_params, steps: int, resolution: 
     })
     if args.proportion_empty_prompts:
         values["proportion_empty_prompts"] = args.proportion_empty_prompts
+    for name in ("keep_ties", "curriculum_stages"):  # data-side stabilisers (the loss-side ones are loss values)
+        if getattr(args, name, 1) not in (False, 1):
+            values[name] = getattr(args, name)
     if lora_config is not None:
         values.update({"lora_rank": lora_config.r, "lora_alpha": lora_config.lora_alpha,
                        "lora_target_modules": sorted(lora_config.target_modules)})

@@ -37,8 +37,10 @@ from . import losses
 from .caching import precompute_for_training
 from .collators import PreferenceCollator, UnpairedCollator
 from .config import DiffusionDPOConfig
+from .curriculum import CurriculumSampler
 from .families import load_family
 from .formats import (
+    LABEL_COLUMN,
     ROW_COLUMN,
     check_one_step_fits,
     map_eval_datasets,
@@ -86,6 +88,8 @@ class DiffusionDPOTrainer(Trainer):
     """
 
     _tag_names = ["diffusion-dpo", "diffusers"]
+    #: The easy-to-hard sampler of `curriculum_stages` > 1, once the train dataloader exists.
+    curriculum: CurriculumSampler | None = None
 
     def __init__(
         self,
@@ -145,6 +149,7 @@ class DiffusionDPOTrainer(Trainer):
         self.loss_types = losses.resolve_loss_types(args.loss_type, args.loss_weights)
         self.paired = losses.is_paired(self.loss_types)
         self.loss_params = losses.LossParams.from_config(args, beta=self.beta)
+        self._check_stabilisers()
 
     def _check_precompute_ref_errors(self) -> None:
         """What `precompute_ref_errors` needs, checked before anything is encoded or moved."""
@@ -274,7 +279,9 @@ class DiffusionDPOTrainer(Trainer):
     def _prepare_dataset(self, dataset, name: str):
         """Validate a train/eval dataset and normalise its rows for the collator (pairs, or labelled images)."""
         if self.paired:
-            return prepare_preference_dataset(dataset, name)
+            # the loss reads soft labels in training and evaluation; the curriculum orders the training pairs only
+            labels = self.args.soft_labels != "none" or (self.args.curriculum_stages > 1 and name == "train_dataset")
+            return prepare_preference_dataset(dataset, name, soft_labels=labels, keep_ties=self.args.keep_ties)
         return prepare_unpaired_dataset(dataset, name, column="image" if self.num_frames is None else "video")
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -305,6 +312,32 @@ class DiffusionDPOTrainer(Trainer):
             return super().get_train_dataloader()
         finally:
             args.dataloader_num_workers = workers
+
+    def _check_stabilisers(self) -> None:
+        """The stabilisers act on pairs; soft labels enter through the DPO logit of `sigmoid`."""
+        args, names = self.args, [name for name, _ in self.loss_types]
+        on = [name for name in ("winner_preserving_mu", "soft_labels", "keep_ties", "timestep_min", "timestep_max",
+                                "timestep_weight_power", "curriculum_stages")
+              if getattr(args, name) != getattr(DiffusionDPOConfig, name)]
+        if not self.paired and on:
+            raise ValueError(f"{on} apply to paired data; loss_type {names} trains on unpaired images.")
+        if args.soft_labels != "none" and not any(losses.LOSSES[name].soft_labels for name in names):
+            raise ValueError(f"soft_labels={args.soft_labels!r} is read by `sigmoid` (the DPO logit), which loss_type "
+                             f"{names} does not include.")
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With `curriculum_stages` > 1, the easy-to-hard `CurriculumSampler` over the pairs' label margins."""
+        if self.args.curriculum_stages == 1:
+            return super()._get_train_sampler(train_dataset)
+        args = self.args
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        labels = dataset.with_format(None)[LABEL_COLUMN]
+        # With max_steps the whole run is one epoch of the sampler, so the stages span training.
+        samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+            args.world_size if args.max_steps > 0 else None
+        self.curriculum = CurriculumSampler([abs(2.0 * p - 1.0) for p in labels], args.curriculum_stages, args.seed,
+                                            samples)
+        return self.curriculum
 
     @property
     def mixed_precision(self) -> str:
@@ -470,8 +503,21 @@ class DiffusionDPOTrainer(Trainer):
         elif losses.needs_reference(self.loss_types):
             with torch.no_grad(), self.family.reference() as reference:
                 ref_mse = losses.per_sample_mse(self.family.predict(reference, noisy, timesteps, conditioning), target)
-        policy_mse = losses.per_sample_mse(self.family.predict(model, noisy, timesteps, conditioning), target)
-        return policy_mse, ref_mse
+        prediction = self.family.predict(model, noisy, timesteps, conditioning)
+        self._stabiliser_terms = self._stabilisers(prediction, target, timesteps)
+        return losses.per_sample_mse(prediction, target), ref_mse
+
+    def _stabilisers(self, prediction, target, timesteps) -> dict:
+        """What the paired-loss stabilisers read besides the errors: `compute_paired_loss`'s keyword arguments."""
+        params, terms = self.loss_params, {}
+        if not self.paired:
+            return terms
+        if params.winner_preserving_mu is not None:  # this process's batch, as the reference code does per GPU
+            error_w, error_l = (prediction.detach().float() - target.float()).chunk(2)
+            terms["lose_scale"] = losses.winner_preserving_lambda(error_w, error_l, params.winner_preserving_mu)
+        if losses.timesteps_active(params):
+            terms["noise_level"] = timesteps.chunk(2)[0].float() / self.family.num_train_timesteps
+        return terms
 
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over the batches of all processes (sum and count gathered, so uneven last batches are fine)."""
@@ -483,7 +529,11 @@ class DiffusionDPOTrainer(Trainer):
         with self.accelerator.autocast():
             policy_mse, ref_mse = self._denoising_errors(model, inputs)
         if self.paired:
-            loss, metrics = losses.compute_paired_loss(self.loss_types, policy_mse, ref_mse, self.loss_params)
+            loss, metrics = losses.compute_paired_loss(self.loss_types, policy_mse, ref_mse, self.loss_params,
+                                                       label=inputs.get(LABEL_COLUMN), **self._stabiliser_terms)
+            if model.training and self.curriculum is not None:  # the stage this step draws from
+                position = (self.state.epoch or 0.0) % 1.0 * len(self.curriculum)
+                metrics["curriculum/stage"] = policy_mse.new_tensor(float(self.curriculum.stage_at(int(position))))
         else:
             loss, metrics = losses.compute_unpaired_loss(
                 self.loss_types, policy_mse, ref_mse, inputs["label"], self.loss_params, self._global_mean

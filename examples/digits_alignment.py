@@ -58,6 +58,7 @@ from digits_common import (
     build_base_pipeline,
     digit_classifier,
     diversity,
+    dpo_option,
     dpo_trainer,
     features,
     images_sampled,
@@ -65,6 +66,7 @@ from digits_common import (
     load_halves,
     online_dpo_trainer,
     pil_to_grey,
+    winner_error_change,
     reward_win_rate,
     sampling_kwargs,
     wanted_digits,
@@ -167,7 +169,16 @@ def parse_args(argv):
                         help="Offline: base-model sampling groups per digit for the AI-feedback pairs (default 48: "
                              "1920 images; 96 matches --online's 3840).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice).")
+    parser.add_argument("--dpo-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a DiffusionDPOConfig field for offline DPO, e.g. winner_preserving_mu=0.9, "
+                             "soft_labels=smpo or curriculum_stages=3 (docs/losses.md, Stabilisers); repeatable")
     args = parser.parse_args(argv)
+    try:
+        args.dpo_options = dict(dpo_option(text) for text in args.dpo_option)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.dpo_options and args.online:
+        parser.error("--dpo-option applies to offline DPO only (not with --online).")
     if args.groups_per_digit is not None and (args.online or args.groups_per_digit < 1):
         parser.error("--groups-per-digit takes a positive number and applies to offline DPO only (not with --online).")
     return args
@@ -214,7 +225,7 @@ def main(argv=None) -> dict:
         gaps = np.array(pairs["chosen_score"]) - np.array(pairs["rejected_score"])
         lap("build_pairs")
         # (d) Diffusion-DPO with LoRA
-        trainer = dpo_trainer(base_path, pairs, settings, args.seed, lora_path)
+        trainer = dpo_trainer(base_path, pairs, settings, args.seed, lora_path, **args.dpo_options)
     monitor = RewardEvaluationCallback(
         trainer, PROMPTS, reward, seeds=[EVAL_SEED_OFFSET - 1 - s for s in range(4)],
         eval_steps=max(settings.dpo_steps // 5, 2), batch_size=settings.batch_size, **sampling,
@@ -267,6 +278,8 @@ def main(argv=None) -> dict:
         **(online_figures(trainer.state.log_history) if args.online else {
             "num_pairs": len(pairs), "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0}),
         "images_sampled": images_sampled(settings, args.online),
+        "dpo_options": args.dpo_options,
+        **winner_error_change(trainer.state.log_history),
         "mode": "online" if args.online else "offline",
         "seed": args.seed,
         "quick": args.quick,

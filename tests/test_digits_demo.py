@@ -67,6 +67,12 @@ def test_groups_per_digit_is_refused_with_online():
     assert done.returncode == 2 and "offline DPO only" in done.stderr
 
 
+def test_an_unknown_dpo_option_is_refused():
+    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--dpo-option", "winner_preserving=0.9"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "winner_preserving_mu" in done.stderr
+
+
 def test_quick_online_run_reports_its_sampling_budget(tmp_path):
     out = tmp_path / "digits-online"
     done = subprocess.run([sys.executable, str(DEMO), "--quick", "--online", "--output-dir", str(out), "--seed", "1"],
