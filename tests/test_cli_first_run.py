@@ -316,6 +316,14 @@ def test_build_pairs_reward_failure_is_one_message_and_a_rerun_resumes(tmp_path,
     assert len(datasets.load_from_disk(str(out))) == 2
 
 
+def test_a_reward_returning_a_non_number_is_one_message(tmp_path, sd_path, capsys, reward_module):
+    (tmp_path / "word_rewards.py").write_text("def word(images, prompts):\n    return ['high'] * len(images)\n")
+    argv = ["build-pairs", "--model", sd_path, "--num_inference_steps", "2", "--resolution", "32", "--prompt", "a",
+            "--num_images_per_prompt", "2", "--output_dir", str(tmp_path / "pairs"), "--reward", "word_rewards:word"]
+    assert cli.main(argv) == 2
+    assert "returned 'high' (str) for image 0" in single_error(capsys)
+
+
 def test_a_missing_reward_module_fails_before_the_pipeline_loads(tmp_path, capsys, reward_module):
     argv = ["build-pairs", "--model", str(tmp_path / "never-loaded"), "--prompt", "a", "--output_dir", str(tmp_path / "o")]
     assert cli.main([*argv, "--reward", "no_such_module:score"]) == 2
