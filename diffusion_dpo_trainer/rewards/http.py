@@ -199,16 +199,10 @@ class HTTPReward:
         return scores
 
 
-class RewardServer(ThreadingHTTPServer):
-    """One thread per connection (`daemon_threads`: a stuck client never keeps the process alive)."""
-
-    daemon_threads = True
-
-
 def make_reward_server(reward_fn, host: str = "127.0.0.1", port: int = 8000, name: str = "reward",
                        max_request_bytes: int = 256 * 2**20, max_batch_size: int = 256,
                        client_timeout: float = 60.0, max_image_pixels: int = 4096 * 4096,
-                       max_request_pixels: int = 64 * 1024 * 1024) -> RewardServer:
+                       max_request_pixels: int = 64 * 1024 * 1024) -> ThreadingHTTPServer:
     """A server that scores requests with `reward_fn`; run it with `serve_forever()`, stop with `shutdown()`.
 
     Port 0 picks a free port (`server.server_address[1]` tells which). `client_timeout` bounds every wait on a
@@ -310,4 +304,4 @@ def make_reward_server(reward_fn, host: str = "127.0.0.1", port: int = 8000, nam
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
                 raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not JSON ({exc})") from exc
 
-    return RewardServer((host, port), Handler)
+    return ThreadingHTTPServer((host, port), Handler)  # a thread per connection, daemonic: none outlives the process
