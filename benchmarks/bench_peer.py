@@ -276,7 +276,8 @@ def compare_difference(opts, workdir: str, pipe: str, data: str, env: dict) -> d
     """Seconds per step as (a `--steps` run - a `--short-steps` run) / the difference in steps, for each configuration,
     from the whole process's CPU (or wall) seconds: everything a step costs counts, whether or not the probe times it,
     and start-up and the final save cancel. Both runs read the same dataset and each has its own `datasets` cache, so
-    our pre-passes run cold in both and cancel too (their cost is reported apart). Within a round the short runs of
+    our pre-passes run cold in both: the same work, whose measured cost still varies by a few %, so each run's own
+    pre-pass seconds are taken out (the plain difference is kept as `raw_step_s`). Within a round the short runs of
     all configurations alternate, then the long runs."""
     key = "run_cpu_s" if opts.clock == "cpu" else "wall_s"
     runs = {name: [] for name in opts.configs}
@@ -299,11 +300,17 @@ def compare_difference(opts, workdir: str, pipe: str, data: str, env: dict) -> d
                 print(f"round {round_} {name}, {steps} steps: {probe[key]:.1f} s", file=sys.stderr, flush=True)
         for name, by_steps in probes.items():
             short, long = by_steps[opts.short_steps], by_steps[opts.steps]
-            phases = {}
-            for phase, _, _, cpu_s in long["phases"]:
-                phases[phase] = phases.get(phase, 0.0) + cpu_s
+            phases, pre_pass = {}, {}
+            for steps, probe in by_steps.items():
+                for phase, t0, t1, cpu_s in probe["phases"]:
+                    pre_pass[steps] = pre_pass.get(steps, 0.0) + (cpu_s if opts.clock == "cpu" else t1 - t0)
+                    if probe is long:
+                        phases[phase] = phases.get(phase, 0.0) + cpu_s
+            steps = opts.steps - opts.short_steps
             runs[name].append({
-                "step_s": (long[key] - short[key]) / (opts.steps - opts.short_steps),
+                "step_s": ((long[key] - pre_pass.get(opts.steps, 0.0))
+                           - (short[key] - pre_pass.get(opts.short_steps, 0.0))) / steps,
+                "raw_step_s": (long[key] - short[key]) / steps,
                 "short_run_s": short[key], "long_run_s": long[key], "pre_pass_cpu_s": phases,
                 "probe_breakdown_s": summarize(long, opts.warmup, opts.clock)["breakdown_s"],
                 "peak_rss_gib": long["peak_rss_gib"],
@@ -312,32 +319,38 @@ def compare_difference(opts, workdir: str, pipe: str, data: str, env: dict) -> d
     peer_steps = [r["step_s"] for r in runs.get(PEER, [])]
     for name, results in runs.items():
         steps = [r["step_s"] for r in results]
-        entry = {"step_s": statistics.median(steps), "peak_rss_gib": max(r["peak_rss_gib"] for r in results),
+        entry = {"step_s": statistics.median(steps),
+                 "raw_step_s": statistics.median(r["raw_step_s"] for r in results),
+                 "peak_rss_gib": max(r["peak_rss_gib"] for r in results),
                  "pre_pass_cpu_s": results[-1]["pre_pass_cpu_s"],
                  "probe_breakdown_s": {k: statistics.median(r["probe_breakdown_s"][k] for r in results)
                                        for k in results[0]["probe_breakdown_s"]}}
         if name != PEER and peer_steps:
             entry["paired_ratio"] = statistics.median(s / p for s, p in zip(steps, peer_steps))
+            entry["raw_paired_ratio"] = statistics.median(
+                r["raw_step_s"] / p["raw_step_s"] for r, p in zip(results, runs[PEER]))
         summary[name] = entry
     return {"method": "difference", "summary": summary, "runs": runs}
 
 
 def markdown_difference(result: dict) -> str:
     c = result["config"]
-    lines = [f"{c['model']}, {c['resolution']} px, {c['batch']} pair(s)/step, LoRA r{RANK}, {c['rounds']} round(s), "
-             f"{c['clock']} seconds per step = ({c['steps']}-step run - {c['short_steps']}-step run) / "
-             f"{c['steps'] - c['short_steps']}, OMP_NUM_THREADS={result['omp_num_threads']}\n",
-             "| run | s/step | ratio to the peer | short run s | long run s | pre-passes (CPU s, cold) | "
-             + " | ".join(CATEGORIES) + " | other (probe, long run) | peak RSS |",
-             "|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 2)]
+    lines = [(f"{c['model']}, {c['resolution']} px, {c['batch']} pair(s)/step, LoRA r{RANK}, {c['rounds']} round(s), "
+              f"{c['clock']} seconds per step = ({c['steps']}-step run - {c['short_steps']}-step run) / "
+              f"{c['steps'] - c['short_steps']}, OMP_NUM_THREADS={result['omp_num_threads']}\n"),
+             ("| run | s/step | ratio to the peer | plain difference: s/step, ratio | short run s | long run s | "
+              "pre-passes (CPU s, cold, long run) | ") + " | ".join(CATEGORIES)
+             + " | other (probe, long run) | peak RSS |",
+             "|---|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 2)]
     for name, e in result["summary"].items():
         ratio = f"**{e['paired_ratio']:.3f}**" if "paired_ratio" in e else "1"
+        raw = f"{e['raw_step_s']:.2f}, " + (f"{e['raw_paired_ratio']:.3f}" if "raw_paired_ratio" in e else "1")
         runs = result["runs"][name]
         short = ", ".join(f"{r['short_run_s']:.1f}" for r in runs)
         long = ", ".join(f"{r['long_run_s']:.1f}" for r in runs)
         pre = ", ".join(f"{k} {v:.1f}" for k, v in e["pre_pass_cpu_s"].items()) or "-"
         parts = " | ".join(f"{e['probe_breakdown_s'][k]:.2f}" for k in (*CATEGORIES, "other"))
-        lines.append(f"| {name} | {e['step_s']:.2f} | {ratio} | {short} | {long} | {pre} | {parts} | "
+        lines.append(f"| {name} | {e['step_s']:.2f} | {ratio} | {raw} | {short} | {long} | {pre} | {parts} | "
                      f"{e['peak_rss_gib']:.2f} GiB |")
     return "\n".join(lines) + "\n"
 

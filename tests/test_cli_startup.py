@@ -53,17 +53,20 @@ SO = "/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so"
 CASES = [
     ("torchao", f"Failed to load {SO}: Could not load this library: {SO}",
      "Skipping import of cpp extensions due to incompatible torch version. Please upgrade to torch >= 2.11.0"),
-    ("torch.utils._pytree", "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by "
-     "torch.compile as an opaque value type. Calling register_constant() on Enum subclasses is deprecated",
+    ("torch.utils._pytree", ("<enum 'KernelPreference'> is an Enum subclass and is now natively supported by "
+                             "torch.compile as an opaque value type. Calling register_constant() on Enum subclasses "
+                             "is deprecated"),
      "pytree: something else about Enum subclasses"),
-    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
-     "because Hugging Face Hub is in offline mode.",
+    ("kernels._internals.hf_hub", ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+                                   "because Hugging Face Hub is in offline mode."),
      "Skipping publisher trust check for 'someone/their-kernel' because Hugging Face Hub is in offline mode."),
-    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: Version 1 of "
-     "'kernels-community/quantization-bitsandbytes' is not available in the local cache",
+    ("bitsandbytes.backends.cpu.ops", ("Failed to load CPU gemm_4bit_forward from kernels-community: Version 1 of "
+                                       "'kernels-community/quantization-bitsandbytes' is not available in the local "
+                                       "cache"),
      "Failed to load the CUDA library"),
-    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects. This may affect "
-     "loading checkpoints serialized with `torchao`", "torchao quantization needs torch >= 2.5"),
+    ("diffusers.quantizers.torchao.torchao_quantizer", ("Unable to import `torchao` Tensor objects. This may affect "
+                                                        "loading checkpoints serialized with `torchao`"),
+     "torchao quantization needs torch >= 2.5"),
 ]
 
 

@@ -71,7 +71,7 @@ def open_image(data: str, index: int, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:
         raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"images[{index}]: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 (PIL raises several types for data it cannot identify)
+    except Exception as exc:  # PIL raises several types for data it cannot identify
         raise RequestError(HTTPStatus.BAD_REQUEST, f"images[{index}]: not a base64-encoded image (PNG, JPEG or "
                            f"WebP; {exc})") from exc
     width, height = image.size
@@ -84,7 +84,7 @@ def open_image(data: str, index: int, max_pixels: int) -> Image.Image:
 def decode_image(image: Image.Image, index: int) -> Image.Image:
     try:
         image.load()
-    except Exception as exc:  # noqa: BLE001 (truncated or corrupt data: OSError, SyntaxError, zlib.error, ...)
+    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, zlib.error, ...
         raise RequestError(HTTPStatus.BAD_REQUEST, f"images[{index}]: truncated or corrupt image data ({exc})") from exc
     return image
 
@@ -176,7 +176,8 @@ class HTTPReward:
         try:
             return check_scores(scores, payload["prompts"], self.url)
         except ValueError as exc:
-            raise RewardServerError(f"Reward server {self.url} answered {batch} with an unusable score: {exc}.") from exc
+            raise RewardServerError(f"Reward server {self.url} answered {batch} with an unusable score: "
+                                    f"{exc}.") from exc
 
     def _unreachable(self, reason) -> str:
         """Refused (nothing listens: start the server) and timed out (it listens but does not answer: a stuck or
