@@ -11,22 +11,22 @@ A subcommand is a name, a one-line help and a function of the remaining argument
 """
 
 import argparse
-import dataclasses
 import difflib
 import os
-import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
-from transformers import TrainingArguments
-from trl import TrlParser
-
 from ._version import __version__
-from .config import DiffusionDPOConfig
-from .formats import FOLDER_METADATA, load_preference_folder
+
+# What a command needs is imported when it runs, so `--help` and `--version` answer at once (torch, diffusers and
+# transformers take seconds to import).
+if typing.TYPE_CHECKING:
+    import datasets
+
+    from .config import DiffusionDPOConfig
+    from .train_parser import DiffusionDPOParser
 
 PROG = "diffusion-dpo"
 #: Set to 1 (or pass `diffusion-dpo --debug COMMAND ...`) to see the traceback behind an error message.
@@ -102,48 +102,20 @@ class ScriptArguments:
             self.lora_target_modules = [self.lora_target_modules]
 
 
-class DiffusionDPOParser(TrlParser):
-    """`TrlParser` that lists our own fields before the (long) inherited `TrainingArguments` in `--help`, keeps plain
-    defaults of list-typed fields, and accepts a bare `%` in help texts (argparse would crash on `--help`)."""
 
-    def __init__(self, dataclass_types, **kwargs):
-        super().__init__(dataclass_types, **kwargs)
-        # HfArgumentParser drops the plain (non-factory) default of a list-typed field such as `loss_type: str |
-        # list[str] = "sigmoid"`, which would reach the config as None. (Empty defaults, like `debug=""`, mean None.)
-        for dtype in self.dataclass_types:
-            for config_field in dataclasses.fields(dtype):
-                default = config_field.default
-                missing = self.get_default(config_field.name) is None
-                if config_field.init and default is not dataclasses.MISSING and default and missing:
-                    self.set_defaults(**{config_field.name: default})
-        for action in self._actions:
-            if action.help:
-                action.help = re.sub(r"(?<!%)%(?![%(])", "%%", action.help)
+def __getattr__(name: str):
+    """The train parser's names, from the module that imports transformers, when they are used."""
+    if name in ("DiffusionDPOParser", "split_config_fields"):
+        from . import train_parser
 
-    def _add_dataclass_arguments(self, dtype):
-        if not (isinstance(dtype, type) and issubclass(dtype, TrainingArguments)):
-            return super()._add_dataclass_arguments(dtype)
-        hints = typing.get_type_hints(dtype)
-        own_fields, inherited_fields = split_config_fields(dtype)
-        for title, fields in (
-            (f"{dtype.__name__} options", own_fields),
-            ("transformers.TrainingArguments options (https://huggingface.co/docs/transformers/main_classes/trainer)",
-             inherited_fields),
-        ):
-            group = self.add_argument_group(title)
-            for config_field in fields:
-                config_field.type = hints[config_field.name]
-                self._parse_dataclass_field(group, config_field)
+        return getattr(train_parser, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def split_config_fields(dtype=DiffusionDPOConfig) -> tuple[list[dataclasses.Field], list[dataclasses.Field]]:
-    """`dtype`'s init fields in two lists: those it adds to `TrainingArguments`, and the inherited ones."""
-    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
-    fields = [f for f in dataclasses.fields(dtype) if f.init]
-    return [f for f in fields if f.name not in inherited], [f for f in fields if f.name in inherited]
+def make_train_parser(prog: str = f"{PROG} train") -> "DiffusionDPOParser":
+    from .config import DiffusionDPOConfig
+    from .train_parser import DiffusionDPOParser
 
-
-def make_train_parser(prog: str = f"{PROG} train") -> DiffusionDPOParser:
     return DiffusionDPOParser(
         (ScriptArguments, DiffusionDPOConfig),
         prog=prog,
@@ -154,7 +126,7 @@ def make_train_parser(prog: str = f"{PROG} train") -> DiffusionDPOParser:
     )
 
 
-def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, DiffusionDPOConfig]:
+def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, "DiffusionDPOConfig"]:
     """Parse `--config` and flags; an unknown flag or config key, or an invalid value, exits with argparse's code 2."""
     import yaml
 
@@ -181,9 +153,13 @@ def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, DiffusionDPOConf
 
 def load_split(
     name: str, config: str | None, split: str, streaming: bool = False
-) -> datasets.Dataset | datasets.IterableDataset:
+) -> "datasets.Dataset | datasets.IterableDataset":
     """One split from a hub id, an image folder with a metadata.jsonl, a `save_to_disk` directory or a data file;
     with `streaming`, as a `datasets.IterableDataset` that is read while training."""
+    import datasets
+
+    from .formats import FOLDER_METADATA, load_preference_folder
+
     path = Path(name)
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
@@ -230,10 +206,12 @@ def _has_rows(path: Path, builder: str) -> bool:
         return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
 
 
-def _load_saved(path: Path, split: str) -> datasets.Dataset:
+def _load_saved(path: Path, split: str) -> "datasets.Dataset":
     """One split of a `save_to_disk` folder. Only that split is loaded (`load_from_disk` of a whole DatasetDict fails
     on any empty split), and an empty one is named (`load_from_disk` raises an IndexError for it)."""
     import json
+
+    import datasets
 
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
@@ -251,7 +229,7 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     return datasets.load_from_disk(str(path))
 
 
-def load_model(script_args: ScriptArguments, training_args: DiffusionDPOConfig):
+def load_model(script_args: ScriptArguments, training_args: "DiffusionDPOConfig"):
     """The model argument for the trainer: the id/path, or the loaded pipeline when its VAE is replaced."""
     if script_args.vae_name_or_path is None:
         return script_args.model_name_or_path
@@ -306,7 +284,7 @@ def train(argv: list[str]) -> int:
     return 0
 
 
-def _check_streaming_options(script_args: ScriptArguments, training_args: DiffusionDPOConfig) -> None:
+def _check_streaming_options(script_args: ScriptArguments, training_args: "DiffusionDPOConfig") -> None:
     """Before anything is downloaded: the options a stream rules out, named."""
     for split in (script_args.dataset_train_split, script_args.dataset_test_split):
         if split and "[" in split:
@@ -508,6 +486,15 @@ def serve_reward(argv: list[str]) -> int:
     parser.add_argument("--device", default=None, help="Device of the reward model, e.g. cuda.")
     parser.add_argument("--batch_size", type=int, default=None, help="Images per reward forward pass.")
     parser.add_argument("--max_batch_size", type=int, default=256, help="Refuse requests with more images.")
+    parser.add_argument("--max_request_bytes", type=int, default=256 * 2**20,
+                        help="Refuse request bodies larger than this (checked before reading them).")
+    parser.add_argument("--max_image_pixels", type=int, default=4096 * 4096,
+                        help="Refuse an image with more pixels (width x height, read from its header before "
+                        "decoding).")
+    parser.add_argument("--max_request_pixels", type=int, default=64 * 1024 * 1024,
+                        help="Refuse a request whose images have more pixels in all (64 Mpx of RGB: 192 MiB).")
+    parser.add_argument("--client_timeout", type=float, default=60.0,
+                        help="Seconds to wait for a client's next bytes before dropping it (408).")
     parser.add_argument("--max_requests", type=int, default=None, help="Exit after this many requests.")
     args = parser.parse_args(argv)
     from .rewards import load_reward
@@ -515,7 +502,9 @@ def serve_reward(argv: list[str]) -> int:
 
     kwargs = {k: v for k, v in (("device", args.device), ("batch_size", args.batch_size)) if v is not None}
     server = make_reward_server(load_reward(args.reward, **kwargs), args.host, args.port, name=args.reward,
-                                max_batch_size=args.max_batch_size)
+                                max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
+                                client_timeout=args.client_timeout, max_image_pixels=args.max_image_pixels,
+                                max_request_pixels=args.max_request_pixels)
     host, port = server.server_address[:2]
     print(f"serving {args.reward} on http://{host}:{port}/", flush=True)
     try:

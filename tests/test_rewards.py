@@ -339,7 +339,8 @@ def test_http_reward_errors(server, monkeypatch):
 
     with pytest.raises(RewardServerError, match=r"rejected the request \(500\): RuntimeError: CUDA out of memory"):
         HTTPReward(server(boom))(images(1), PROMPTS[:1])
-    with pytest.raises(RewardServerError, match=r"answered \{'scores': \[1.0\]\}; expected.*for 2 images"):
+    # The server checks the reward's answer (the client's own check: tests/test_reward_server.py).
+    with pytest.raises(RewardServerError, match=r"\(500\): ValueError: reward 'reward' returned 1 scores for 2 images"):
         HTTPReward(server(lambda images, prompts: [1.0]))(images(2), PROMPTS[:2])
     small = server(brightness, max_batch_size=2)
     with pytest.raises(RewardServerError, match=r"\(400\).*at most 2"):
