@@ -5,6 +5,8 @@ from .config import DiffusionDPOConfig
 from .evaluation import RewardEvaluationCallback, evaluate_win_rate
 from .feedback import build_preference_pairs
 from .formats import load_preference_folder, prepare_preference_dataset, prepare_unpaired_dataset, to_preference_pairs
+from .grpo_config import DiffusionGRPOConfig
+from .grpo_trainer import DiffusionGRPOTrainer
 from .online_config import DiffusionOnlineDPOConfig
 from .online_trainer import DiffusionOnlineDPOTrainer
 from .protocol import evaluate_protocol
@@ -17,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DiffusionDPOConfig",
     "DiffusionDPOTrainer",
+    "DiffusionGRPOConfig",
+    "DiffusionGRPOTrainer",
     "DiffusionOnlineDPOConfig",
     "DiffusionOnlineDPOTrainer",
     "PreferenceCollator",
