@@ -102,8 +102,8 @@ class DiffusionGRPOTrainer(DiffusionDPOTrainer):
         last = args.num_inference_steps - 1
         self._deterministic = {last} if self.dynamics == "cps" or (
             self.dynamics == "ddim" and float(pipeline.scheduler.final_alpha_cumprod) == 1.0) else set()
-        if self.beta == 0:
-            self.family.set_reference(None)  # no KL: a full fine-tune keeps no frozen copy
+        if self.beta > 0 and not self.is_lora:
+            self.family.freeze_reference_copy()  # the KL's reference: with LoRA, the base with the adapter off
         if args.sync_ref_model:
             self.synced_reference = SyncedReference(self)
             self.add_callback(self.synced_reference)
@@ -111,6 +111,9 @@ class DiffusionGRPOTrainer(DiffusionDPOTrainer):
             encoder.to(self.accelerator.device)
         self._buffer = RolloutBuffer(args.num_iterations)
         self._eval_batches = 0
+
+    def _resolve_loss(self, args):
+        return [], False, None  # GRPO's loss is its own (losses.grpo_loss); no DPO loss, no reference for one
 
     # ----- data ---------------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, name):
