@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements, as one prepared script (run it from the repository root on a machine with a CUDA GPU):
 # the SDXL 1024 px consumer-GPU LoRA recipe (peak memory, step time) and the comparison with the published diffusers
-# script on the SD1.5 architecture at 512 px, and GRPO's rollout against the pipeline's sampling (bench_rollout.py). Results go to $OUT (default gpu-results/); see docs/performance.md.
+# script on the SD1.5 architecture at 512 px, and GRPO's rollout against the pipeline's own sampling
+# (bench_rollout.py). Results go to $OUT (default gpu-results/); see docs/performance.md.
 # usage: benchmarks/gpu.sh [PEER_DIR]   (PEER_DIR defaults to ../shared/peer)
 set -euo pipefail
 peer=${1:-../shared/peer}
