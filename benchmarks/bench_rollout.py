@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 from datasets import Dataset
 from peft import LoraConfig
@@ -48,7 +49,7 @@ def load_model(model: str, workdir: str, device: str):
 
 
 def brightness(prompts, completions, **kwargs):
-    return [float(torch.tensor(list(image.convert("L").getdata()), dtype=torch.float64).mean()) for image in completions]
+    return [float(np.asarray(image.convert("L"), dtype=np.float64).mean()) for image in completions]
 
 
 def trainer_for(model, opts, workdir: str, **overrides) -> DiffusionGRPOTrainer:
@@ -109,6 +110,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--train-steps", type=int, default=2)
+    parser.add_argument("--no-training", action="store_true", help="measure the sampling only")
     parser.add_argument("--json", default=None, help="also write the result here")
     opts = parser.parse_args(argv)
     opts.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,8 +121,9 @@ def main(argv=None):
 
         result = {"model": opts.model, "device": opts.device, "resolution": opts.resolution, "steps": opts.steps,
                   "batch": opts.batch, "guidance": opts.guidance, "torch_threads": torch.get_num_threads(),
-                  "sampling": sampling(trainer_for(model_for(), opts, workdir), opts),
-                  "training": training(model_for, opts, workdir)}
+                  "sampling": sampling(trainer_for(model_for(), opts, workdir), opts)}
+        if not opts.no_training:
+            result["training"] = training(model_for, opts, workdir)
     print(json.dumps(result, indent=2))
     if opts.json:
         with open(opts.json, "w", encoding="utf-8") as f:

@@ -157,7 +157,7 @@ class DiffusionGRPOTrainer(DiffusionDPOTrainer):
         return FunctionStep(FLOW_STEPS[self.dynamics], self.noise_level, stochastic)
 
     # ----- rollout -> rewards -> advantages -----------------------------------------------------------------------
-    def _score(self, inputs: dict, images: list, flat_prompts: list[str], mode: str):
+    def _score(self, inputs: dict, images: list, flat_prompts: list[str]):
         """Scores of this process's images, gathered: (global per-function rewards, this process's slice)."""
         n = self.args.num_generations
         columns = {k: [v for v in values for _ in range(n)] for k, values in inputs.items() if k != "prompt"}
@@ -189,7 +189,7 @@ class DiffusionGRPOTrainer(DiffusionDPOTrainer):
                              record=True, num_inference_steps=args.num_inference_steps,
                              guidance_scale=args.guidance_scale)
         sampled = time.perf_counter()
-        per_function, own = self._score(inputs, result.images, flat_prompts, "train")
+        per_function, own = self._score(inputs, result.images, flat_prompts)
         advantages = compute_advantages(per_function, n, reward_weights=self.reward_weights,
                                         scale_rewards=args.scale_rewards,
                                         multi_objective_aggregation=args.multi_objective_aggregation,
@@ -299,7 +299,7 @@ class DiffusionGRPOTrainer(DiffusionDPOTrainer):
         with self.accelerator.autocast():
             result = rollout(self.family, prompts, seeds, self.resolution, args.generation_batch_size,
                              num_inference_steps=args.eval_num_inference_steps, guidance_scale=args.guidance_scale)
-        per_function, _ = self._score(inputs, result.images, prompts, "eval")
+        per_function, _ = self._score(inputs, result.images, prompts)
         advantages = compute_advantages(per_function, n, reward_weights=self.reward_weights,
                                         scale_rewards=args.scale_rewards,
                                         multi_objective_aggregation=args.multi_objective_aggregation)

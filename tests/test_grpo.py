@@ -213,3 +213,20 @@ def short(prompts, completions, **kwargs):
 
 def nan_reward(prompts, completions, **kwargs):
     return [1.0, float("nan")] + [1.0] * (len(completions) - 2)
+
+
+def test_evaluation_samples_with_the_deterministic_sampler_and_logs_the_reward(sd3_path, tmp_path):
+    """`evaluate()` samples the eval prompts at `eval_num_inference_steps` with the pipeline's own sampler and logs
+    the reward figures; the same seeds give the same figures."""
+    trainer = DiffusionGRPOTrainer(model=sd3_path, reward_funcs=brightness,
+                                   args=grpo_args(tmp_path, eval_num_inference_steps=2, per_device_eval_batch_size=2),
+                                   train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                                   eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}), peft_config=lora())
+    first, again = trainer.evaluate(), trainer.evaluate()
+    assert first["eval_reward"] == again["eval_reward"] and 0 < first["eval_reward"] < 255
+    assert "eval_rewards/brightness/mean" in first and "eval_frac_reward_zero_std" in first
+    seeds = trainer.args.seed
+    expected = rollout(trainer.family, [p for p in PROMPTS[:2] for _ in range(2)],
+                       grpo_module.rollout_seeds(seeds, (1, 0), 0, 2, 2), 32, num_inference_steps=2,
+                       guidance_scale=2.0)
+    assert first["eval_reward"] == pytest.approx(np.mean(brightness(None, expected.images)), rel=1e-6)
