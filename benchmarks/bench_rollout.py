@@ -28,9 +28,9 @@ from peft import LoraConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from diffusion_dpo_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer  # noqa: E402
-from diffusion_dpo_trainer.rollout import rollout  # noqa: E402
-from diffusion_dpo_trainer.testing import make_sd3_pipeline, make_sd_pipeline  # noqa: E402
+from diffusion_dpo_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from diffusion_dpo_trainer.rollout import rollout
+from diffusion_dpo_trainer.testing import make_sd3_pipeline, make_sd_pipeline
 
 PROMPTS = ["a red square", "a blue circle", "a green tree", "a yellow sun"]
 
