@@ -230,3 +230,46 @@ def test_evaluation_samples_with_the_deterministic_sampler_and_logs_the_reward(s
                        grpo_module.rollout_seeds(seeds, (1, 0), 0, 2, 2), 32, num_inference_steps=2,
                        guidance_scale=2.0)
     assert first["eval_reward"] == pytest.approx(np.mean(brightness(None, expected.images)), rel=1e-6)
+
+
+def test_a_trained_step_equals_a_hand_computation(sd3_path, tmp_path):
+    """One trained step of a reused rollout, recomputed here from the paper's formulas with the pipeline's own prompt
+    encoding (torch.distributions for the density): the ratio, the clipped loss and the KL to the adapter-off base."""
+    a, beta, epsilon = 0.7, 0.5, 1e-3
+    trainer = grpo_trainer(sd3_path, tmp_path, learning_rate=3e-2, beta=beta, epsilon=epsilon)
+    trainer.train()  # one update: the policy now differs from the rollout's and from the base
+    batch, j = trainer._buffer.batches[0], 1
+    inputs = {"batch": batch, "j": j, "conditioning": trainer._conditioning(batch["prompt"])}
+    loss, metrics = trainer.compute_loss(trainer.model, inputs, return_outputs=True)
+
+    pipe = trainer.pipeline
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(batch["prompt"], None, None, negative_prompt="",
+                                                                   do_classifier_free_guidance=True)
+    x, t = batch["latents"][:, j], batch["timesteps"][:, j]
+    sigma, sigma_next = batch["sigma"][:, j, None, None, None], batch["sigma_next"][:, j, None, None, None]
+
+    def step_mean(transformer):
+        with torch.no_grad():
+            out = transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
+                              encoder_hidden_states=torch.cat([negative, embeds]),
+                              pooled_projections=torch.cat([negative_pooled, pooled]), return_dict=False)[0]
+        unconditional, conditional = out.chunk(2)
+        v = unconditional + 2.0 * (conditional - unconditional)
+        s = a * torch.sqrt(sigma / (1 - sigma))
+        dt = sigma_next - sigma
+        return x + (v + s**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt, s, s * torch.sqrt(-dt)
+
+    mean, s, std = step_mean(trainer.family.denoiser)
+    with trainer.family.reference() as base:
+        ref_mean, _, _ = step_mean(base)
+    log_prob = torch.distributions.Normal(mean, std).log_prob(batch["next_latents"][:, j]).mean(dim=(1, 2, 3))
+    ratio = torch.exp(log_prob - batch["log_prob"][:, j])
+    A = batch["advantages"]
+    policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - epsilon, 1 + epsilon)).mean()
+    kl = ((mean - ref_mean) ** 2 / (2 * s**2)).mean(dim=(1, 2, 3)).mean()
+    assert kl > 0 and (ratio - 1).abs().max() > 1e-6
+    torch.testing.assert_close(metrics["importance_ratio/mean"], ratio.mean(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(metrics["kl"], kl, rtol=1e-4, atol=1e-10)
+    # The policy term is A * (ratio - 1) to first order: float rounding of the log-density shows at 1e-8.
+    torch.testing.assert_close(loss.detach(), (policy + beta * kl) / len(batch["steps"]), rtol=1e-4, atol=1e-7)
+    assert beta * kl / len(batch["steps"]) > 1e-5  # the KL term is far above that tolerance
