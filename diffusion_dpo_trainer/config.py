@@ -1,6 +1,7 @@
 """`DiffusionDPOConfig`: TrainingArguments plus what Diffusion-DPO needs, with diffusion-friendly defaults."""
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -18,8 +19,8 @@ class DiffusionDPOConfig(TrainingArguments):
     reference denoising errors averaged over latent elements (mean reduction). With this convention the published
     default for SD1.5 and SDXL is `beta=5000`. An implementation that sums over latent elements instead needs a beta
     smaller by the number of latent elements; one without the `1/2` needs half of it. `beta=None` (the default) takes
-    the model family's default: 5000 for SD1.x/2.x and SDXL, 500 for SD3/SD3.5 and Wan, 1000 for FLUX.1, whose
-    velocity errors are larger than epsilon errors (see docs/flow-models.md).
+    the model family's `default_beta`, listed per family in docs/models.md: flow-matching families take a smaller one,
+    since their velocity errors are larger than epsilon errors (see docs/flow-models.md).
 
     Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the collator needs the image
     columns), `label_names=[]` (there are no labels), `logging_steps=10`, and unless set,
@@ -37,8 +38,9 @@ class DiffusionDPOConfig(TrainingArguments):
         metadata={
             "help": "Strength of the KL regularisation towards the reference model, in the reference code's "
             "convention (per-sample mse averaged over latent elements, factor -beta/2). Larger beta keeps the model "
-            "closer to the reference. None uses the model family's default: 5000 for SD1.x/2.x and SDXL (the "
-            "published value), 500 for SD3/SD3.5 and Wan, 1000 for FLUX.1 (flow-matching errors are larger)."
+            "closer to the reference. None uses the model family's default, listed per family in docs/models.md: 5000 "
+            "(the published value) for SD1.x/2.x and SDXL, smaller for flow-matching models (their errors are "
+            "larger)."
         },
     )
     loss_type: str | list[str] = field(
@@ -87,7 +89,8 @@ class DiffusionDPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Training resolution in pixels (square). Images are resized so their short side matches, then "
-            "cropped. Defaults to the model's native resolution (the denoiser's sample size times the VAE factor)."
+            "cropped. Defaults to the model's native resolution (the denoiser's sample size times the VAE factor); "
+            "0, a negative or a fractional value is refused."
         },
     )
     random_crop: bool = field(
@@ -150,10 +153,9 @@ class DiffusionDPOConfig(TrainingArguments):
     max_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "Maximum number of prompt tokens of long-context text encoders: T5 (SD3, FLUX), Qwen2.5-VL "
-            "(Qwen-Image), Qwen3 (Z-Image), Gemma2 (Sana). CLIP encoders always use their 77 tokens. Defaults to the "
-            "pipeline's own default; Qwen-Image and Z-Image pad every prompt to it, so a prompt cache stores that "
-            "many tokens per prompt."
+            "help": "Maximum number of prompt tokens of the text encoders other than CLIP (CLIP encoders always use "
+            "their 77 tokens); docs/models.md names each family's encoders. Defaults to the pipeline's own default. "
+            "A prompt cache stores up to that many tokens per prompt."
         },
     )
     model_init_kwargs: dict[str, Any] | str | None = field(
@@ -168,15 +170,15 @@ class DiffusionDPOConfig(TrainingArguments):
         metadata={"help": "Keyword arguments for `from_pretrained` when `ref_model` is an id or a path."},
     )
 
-    # Flow-matching models (SD3/SD3.5, FLUX.1, Qwen-Image, Z-Image, Sana): timestep sampling and guidance, as in
-    # diffusers' training scripts.
+    # Flow-matching models (the families built on families/flow.py): timestep sampling and guidance, as in diffusers'
+    # training scripts.
     weighting_scheme: str = field(
         default="logit_normal",
         metadata={
-            "help": "How flow-matching models (SD3, FLUX, Qwen-Image, Z-Image, Sana) draw the noise level: `logit_normal` (sigmoid of a normal "
-            "with `logit_mean`/`logit_std`, SD3's training distribution, favouring mid-range noise), `uniform` "
-            "(diffusers' `none`) or `mode` (with `mode_scale`). The draw indexes the scheduler's training sigmas. "
-            "Ignored by SD1.x/2.x and SDXL, which draw timesteps uniformly.",
+            "help": "How flow-matching models (velocity target in docs/models.md) draw the noise level: `logit_normal` "
+            "(sigmoid of a normal with `logit_mean`/`logit_std`, SD3's training distribution, favouring mid-range "
+            "noise), `uniform` (diffusers' `none`) or `mode` (with `mode_scale`). The draw indexes the scheduler's "
+            "training sigmas. Ignored by SD1.x/2.x and SDXL, which draw timesteps uniformly.",
             "choices": ["logit_normal", "uniform", "mode"],
         },
     )
@@ -220,6 +222,11 @@ class DiffusionDPOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        resolution = self.resolution
+        if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, numbers.Integral)
+                                       or resolution <= 0):
+            raise ValueError(f"resolution must be a positive whole number of pixels, got {resolution!r}; leave it "
+                             "unset (None) for the model's native resolution.")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if self.accelerator_config.dispatch_batches is None:

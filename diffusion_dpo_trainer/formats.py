@@ -7,6 +7,7 @@ datasets of any size stay memory-mapped; images are decoded in the collator, so 
 and column. Unpaired rows (KTO) are `prompt`, `image`, `label`.
 """
 
+import itertools
 import json
 import logging
 import os
@@ -97,6 +98,36 @@ def _streamed_pairs(dataset: datasets.IterableDataset, name: str) -> datasets.It
     return pairs.filter(lambda row: not row["tie"]).remove_columns("tie")
 
 
+def check_one_step_fits(dataset, batch_size: int, accumulation: int, processes: int, drop_last: bool,
+                        name: str = "train_dataset") -> None:
+    """Refuse a dataset that can never complete one optimizer step, naming the numbers that conflict.
+
+    The Trainer does not: a stream shorter than one step (`batch_size` x `accumulation` x `processes` rows) passes over
+    its rows again and again without ever stepping (a silent hang), and with `drop_last` a dataset smaller than one
+    batch per process yields no batch at all (the run "finishes" untrained). A stream is checked by reading at most
+    one step's rows, undecoded.
+    """
+    per_step = batch_size * accumulation * processes
+    numbers = (f"per_device_train_batch_size {batch_size} x gradient_accumulation_steps {accumulation} x "
+               f"{processes} process(es)")
+    if isinstance(dataset, datasets.IterableDataset):
+        rows = sum(1 for _ in itertools.islice(dataset, per_step))
+        if rows == 0:
+            raise ValueError(f"`{name}` is an empty stream: there are no rows to train on.")
+        if rows < per_step:
+            raise ValueError(
+                f"`{name}` is a stream of {rows} rows, fewer than one optimizer step takes ({numbers} = {per_step}): "
+                "training would never complete a step. Lower per_device_train_batch_size or "
+                "gradient_accumulation_steps, or add rows."
+            )
+    elif drop_last and len(dataset) < batch_size * processes:
+        raise ValueError(
+            f"`{name}` has {len(dataset)} rows, fewer than one batch (per_device_train_batch_size {batch_size} x "
+            f"{processes} process(es)), and dataloader_drop_last drops that partial batch: nothing would be trained. "
+            "Lower per_device_train_batch_size, turn dataloader_drop_last off, or add rows."
+        )
+
+
 def _format_of(dataset, name: str) -> str:
     """'trl' or 'pickapic', detected from the columns; the missing columns of the detected format are named."""
     columns = dataset.column_names
@@ -149,6 +180,8 @@ def load_preference_folder(path, **load_dataset_kwargs) -> datasets.Dataset:
                         f"the folder), found {sorted(keys)}."
                     )
                 break
+        else:
+            raise ValueError(f"{metadata} is empty: there are no preference pairs to train on.")
     return datasets.load_dataset("imagefolder", data_dir=str(path), split="train", **load_dataset_kwargs)
 
 

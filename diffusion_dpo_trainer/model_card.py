@@ -7,6 +7,9 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import losses
 
+#: `datasets` builders for local files: the `dataset_name` of data they read, which names no dataset on the Hub.
+LOCAL_BUILDERS = ("json", "csv", "parquet", "arrow", "text", "imagefolder", "videofolder", "audiofolder", "webdataset")
+
 CITATION = """@inproceedings{wallace2024diffusion,
   title     = {Diffusion Model Alignment Using Direct Preference Optimization},
   author    = {Wallace, Bram and Dang, Meihua and Rafailov, Rafael and Zhou, Linqi and Lou, Aaron and
@@ -39,7 +42,7 @@ def render_model_card(
         library_name="diffusers",
         pipeline_tag=task,
         tags=list(dict.fromkeys(tags)),
-        datasets=[dataset] if dataset else None,
+        datasets=[dataset] if _hub_id(dataset) and dataset not in LOCAL_BUILDERS else None,
     )
     base = base_model or "<base model>"
     base_link = f"[{base}](https://huggingface.co/{base})" if hub_id else f"`{base}`"
@@ -70,7 +73,7 @@ This model is {kind} {base_link}, aligned to preference pairs with
 Diffusion-DPO using [diffusion-dpo-trainer](https://pypi.org/project/diffusion-dpo-trainer/).
 
 - Base model: `{base}`
-- Dataset: `{dataset or "unspecified"}`
+- Dataset: {_describe_dataset(dataset)}
 - Loss: {loss_line}
 
 ## Training hyper-parameters
@@ -105,6 +108,17 @@ def _hub_id(model: str | None) -> str | None:
     except HFValidationError:
         return None
     return model
+
+
+def _describe_dataset(dataset: str | None) -> str:
+    """A Hub dataset by its id (linked), local data by its path, or the `datasets` builder that read local files."""
+    if not dataset:
+        return "unspecified"
+    if dataset in LOCAL_BUILDERS:
+        return f"local {dataset} files (`datasets.load_dataset({dataset!r}, ...)`)"
+    if _hub_id(dataset):
+        return f"[{dataset}](https://huggingface.co/datasets/{dataset})"
+    return f"`{dataset}` (local)"
 
 
 def _format(value) -> str:

@@ -17,7 +17,9 @@ stratified halves A and B.
 3. AI feedback: `build_preference_pairs` samples several images per prompt from the base model and pairs the best
    against the worst by the reward model.
 4. Diffusion-DPO with `DiffusionDPOTrainer` and a LoRA adapter; `RewardEvaluationCallback` tracks the reward-model
-   win rate during training. With `--online`, steps 3 and 4 are one: `DiffusionOnlineDPOTrainer` samples groups from
+   win rate during training, and `RewardHackingCallback` the signals of reward hacking: the reward model's score and
+   the judge's (held out: it only watches) on fixed prompts and seeds, within-prompt diversity and image statistics,
+   with a warning if the reward rises while the judge falls or diversity halves (training_curves.png, last panel). With `--online`, steps 3 and 4 are one: `DiffusionOnlineDPOTrainer` samples groups from
    the policy being trained and pairs them by the same reward model as it goes (every pair of a group; each batch
    of samples serves `online_iterations` optimizer steps), with its own validated beta (`FULL_ONLINE`). With
    `--grpo`, `DiffusionGRPOTrainer` samples the same groups with DDIM eta 1 and trains a sliding window of the
@@ -73,7 +75,7 @@ from digits_common import (
     wanted_digits,
 )
 
-from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, evaluate_win_rate
+from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, RewardHackingCallback, evaluate_win_rate
 
 
 # ----- figures ------------------------------------------------------------------------------------------------------
@@ -125,7 +127,7 @@ def save_training_curves(path, pretrain_losses: dict, log_history: list):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for name, values in pretrain_losses.items():
         axes[0].plot(values, label=f"{name} loss", alpha=0.8)
     axes[0].set_yscale("log")
@@ -146,6 +148,13 @@ def save_training_curves(path, pretrain_losses: dict, log_history: list):
     axes[2].set_ylim(0, 1.02)
     axes[2].set_xlabel("DPO step")
     axes[2].set_title("win rate vs base by the reward model (callback)")
+    signals = [h for h in log_history if "hacking/diversity" in h]
+    for key, label in (("reward", "reward model"), ("heldout_reward", "judge (held out)"), ("diversity", "diversity"),
+                       ("high_frequency_energy", "high-frequency energy"), ("grid_energy", "8 px grid energy")):
+        axes[3].plot([h["step"] for h in signals], [h[f"hacking/{key}"] for h in signals], marker="o", label=label)
+    axes[3].set_xlabel("DPO step")
+    axes[3].set_title("reward hacking signals (callback)")
+    axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=60)
     plt.close(fig)
@@ -223,6 +232,11 @@ def main(argv=None) -> dict:
         eval_steps=max(settings.dpo_steps // 5, 2), batch_size=settings.batch_size, **sampling,
     )
     trainer.add_callback(monitor)
+    hacking = RewardHackingCallback(
+        trainer, PROMPTS, reward, heldout_reward_fn=judge, seeds=[EVAL_SEED_OFFSET - 1 - s for s in range(4)],
+        eval_steps=max(settings.dpo_steps // 5, 2), batch_size=settings.batch_size, **sampling,
+    )
+    trainer.add_callback(hacking)
     trainer.train()
     trainer.save_model()
     lap("dpo_training")
@@ -261,6 +275,7 @@ def main(argv=None) -> dict:
             [h["step"], h["eval_win_rate"]] for h in trainer.state.log_history if "eval_win_rate" in h
         ],
         "classifier_accuracy": classifier_accuracy,
+        "reward_hacking": {"signals": hacking.history, "alerts": hacking.alerts},
         **(online_figures(trainer.state.log_history) if args.online else
            grpo_figures(trainer.state.log_history) if args.grpo else {
             "num_pairs": len(pairs), "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0}),
@@ -334,6 +349,7 @@ def print_summary(report: dict) -> None:
                         ("base_correct", "judge read the base sample as the right digit")):
         if split[name]["comparisons"]:
             print(f"win rate where the {label}: {split[name]['win_rate']:.1%} of {split[name]['comparisons']}")
+    print(f"reward-hacking alerts: {report['reward_hacking']['alerts'] or 'none'}")
     method = "GRPO" if report["mode"] == "grpo" else f"{report['mode']} DPO"
     print(f"{method}; images sampled to train on: {report['images_sampled']}; "
           f"time: {report['timings_s']['total']:.0f} s {report['timings_s']}")
