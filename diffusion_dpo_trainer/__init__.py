@@ -15,6 +15,8 @@ quiet.install()
 _MODULES = {
     "DiffusionDPOConfig": "config",
     "DiffusionDPOTrainer": "trainer",
+    "DiffusionGRPOConfig": "grpo_config",
+    "DiffusionGRPOTrainer": "grpo_trainer",
     "DiffusionOnlineDPOConfig": "online_config",
     "DiffusionOnlineDPOTrainer": "online_trainer",
     "PreferenceCollator": "collators",

@@ -146,9 +146,7 @@ class DiffusionDPOTrainer(Trainer):
         # Resolved once; everything reads `self.beta`, never `args.beta` (None means the family's default).
         self.beta = float(args.beta) if args.beta is not None else float(self.family.default_beta)
         self.base_model_id = model if isinstance(model, (str, os.PathLike)) else self.family.pipeline.name_or_path
-        self.loss_types = losses.resolve_loss_types(args.loss_type, args.loss_weights)
-        self.paired = losses.is_paired(self.loss_types)
-        self.loss_params = losses.LossParams.from_config(args, beta=self.beta)
+        self.loss_types, self.paired, self.loss_params = self._resolve_loss(args)
         self._check_stabilisers()
 
     def _check_precompute_ref_errors(self) -> None:
@@ -264,6 +262,12 @@ class DiffusionDPOTrainer(Trainer):
         if args.precompute_ref_errors:
             with args.main_process_first(desc="precomputing the reference's errors"):
                 self._precompute_reference_errors()
+
+    def _resolve_loss(self, args):
+        """The selected Diffusion-DPO losses as (name, weight) pairs, whether they are paired, and their parameters.
+        A trainer with a loss of its own (GRPO) returns no DPO loss: then no reference is set up for one."""
+        loss_types = losses.resolve_loss_types(args.loss_type, args.loss_weights)
+        return loss_types, losses.is_paired(loss_types), losses.LossParams.from_config(args, beta=self.beta)
 
     @property
     def pipeline(self) -> DiffusionPipeline:

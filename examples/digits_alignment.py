@@ -3,6 +3,7 @@
     python examples/digits_alignment.py                 # full run (a few minutes on 2 CPU cores)
     python examples/digits_alignment.py --quick         # smoke run (about a minute), numbers not meaningful
     python examples/digits_alignment.py --online        # on-policy DPO instead of pairs from the base model
+    python examples/digits_alignment.py --grpo          # GRPO (DDIM with eta) on the policy's own samples
 
 Data: scikit-learn's handwritten digits (`sklearn.datasets.load_digits`, 1797 real 8x8 scans), split in two
 stratified halves A and B.
@@ -20,7 +21,9 @@ stratified halves A and B.
    the judge's (held out: it only watches) on fixed prompts and seeds, within-prompt diversity and image statistics,
    with a warning if the reward rises while the judge falls or diversity halves (training_curves.png, last panel). With `--online`, steps 3 and 4 are one: `DiffusionOnlineDPOTrainer` samples groups from
    the policy being trained and pairs them by the same reward model as it goes (every pair of a group; each batch
-   of samples serves `online_iterations` optimizer steps), with its own validated beta (`FULL_ONLINE`).
+   of samples serves `online_iterations` optimizer steps), with its own validated beta (`FULL_ONLINE`). With
+   `--grpo`, `DiffusionGRPOTrainer` samples the same groups with DDIM eta 1 and trains a sliding window of the
+   denoising steps on their group-relative advantages under the same reward model (`FULL_GRPO`).
 5. Evaluation on held-out seeds (never used for pairs): for every (prompt, seed) the judge scores the DPO sample
    and the base sample drawn from the same starting noise; `win_rate` counts ties as half a win. Also: mean judge
    score, per-digit accuracy (judge's argmax == prompted digit) and a diversity figure (mean pairwise pixel
@@ -49,6 +52,7 @@ from diffusers import StableDiffusionPipeline
 from digits_common import (
     EVAL_SEED_OFFSET,
     FULL,
+    FULL_GRPO,
     FULL_ONLINE,
     PROMPTS,
     QUICK,
@@ -61,6 +65,7 @@ from digits_common import (
     dpo_option,
     dpo_trainer,
     features,
+    grpo_trainer,
     images_sampled,
     judged_statistics,
     load_halves,
@@ -165,6 +170,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="Tiny settings for CI: finishes in about a minute.")
     parser.add_argument("--online", action="store_true",
                         help="On-policy DPO (DiffusionOnlineDPOTrainer) instead of pairs sampled from the base model.")
+    parser.add_argument("--grpo", action="store_true",
+                        help="GRPO (DiffusionGRPOTrainer) on the policy's own samples instead of DPO.")
     parser.add_argument("--groups-per-digit", type=int, default=None,
                         help="Offline: base-model sampling groups per digit for the AI-feedback pairs (default 48: "
                              "1920 images; 96 matches --online's 3840).")
@@ -177,16 +184,19 @@ def parse_args(argv):
         args.dpo_options = dict(dpo_option(text) for text in args.dpo_option)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.dpo_options and args.online:
-        parser.error("--dpo-option applies to offline DPO only (not with --online).")
-    if args.groups_per_digit is not None and (args.online or args.groups_per_digit < 1):
-        parser.error("--groups-per-digit takes a positive number and applies to offline DPO only (not with --online).")
+    if args.dpo_options and (args.online or args.grpo):
+        parser.error("--dpo-option applies to offline DPO only (not with --online or --grpo).")
+    if args.online and args.grpo:
+        parser.error("--online and --grpo are two methods: choose one.")
+    if args.groups_per_digit is not None and (args.online or args.grpo or args.groups_per_digit < 1):
+        parser.error("--groups-per-digit takes a positive number and applies to offline DPO only (not with --online "
+                     "or --grpo).")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    settings = QUICK if args.quick else FULL_ONLINE if args.online else FULL
+    settings = QUICK if args.quick else FULL_ONLINE if args.online else FULL_GRPO if args.grpo else FULL
     if args.groups_per_digit:
         settings = replace(settings, groups_per_digit=args.groups_per_digit)
     if args.threads:
@@ -220,6 +230,8 @@ def main(argv=None) -> dict:
     sampling = sampling_kwargs(settings)
     if args.online:
         trainer = online_dpo_trainer(base_path, reward, settings, args.seed, lora_path)
+    elif args.grpo:
+        trainer = grpo_trainer(base_path, reward, settings, args.seed, lora_path)
     else:
         pairs = ai_feedback_pairs(base_path, reward, settings, args.seed)
         gaps = np.array(pairs["chosen_score"]) - np.array(pairs["rejected_score"])
@@ -275,12 +287,13 @@ def main(argv=None) -> dict:
         ],
         "classifier_accuracy": classifier_accuracy,
         "reward_hacking": {"signals": hacking.history, "alerts": hacking.alerts},
-        **(online_figures(trainer.state.log_history) if args.online else {
+        **(online_figures(trainer.state.log_history) if args.online else
+           grpo_figures(trainer.state.log_history) if args.grpo else {
             "num_pairs": len(pairs), "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0}),
-        "images_sampled": images_sampled(settings, args.online),
+        "images_sampled": images_sampled(settings, args.online or args.grpo),
         "dpo_options": args.dpo_options,
         **winner_error_change(trainer.state.log_history),
-        "mode": "online" if args.online else "offline",
+        "mode": "online" if args.online else "grpo" if args.grpo else "offline",
         "seed": args.seed,
         "quick": args.quick,
         "settings": asdict(settings),
@@ -306,6 +319,18 @@ def online_figures(log_history: list) -> dict:
         "no_pair_fraction": float(np.mean([h["objective/no_pair_fraction"] for h in logged])),
         "reward_model_score_while_training": [[h["step"], h["objective/scores"]] for h in logged],
         "sampling_s": round(logged_total(log_history, "time/generation"), 1),
+        "training_s": round(logged_total(log_history, "time/training"), 1),
+    }
+
+
+def grpo_figures(log_history: list) -> dict:
+    """The reward of the groups sampled while training and the time split of a GRPO run, from the trainer's log."""
+    logged = [h for h in log_history if "reward" in h]
+    return {
+        "reward_model_score_while_training": [[h["step"], h["reward"]] for h in logged],
+        "frac_reward_zero_std": float(np.mean([h["frac_reward_zero_std"] for h in logged])),
+        "sampling_s": round(logged_total(log_history, "time/sampling"), 1),
+        "rewards_s": round(logged_total(log_history, "time/rewards"), 1),
         "training_s": round(logged_total(log_history, "time/training"), 1),
     }
 
@@ -338,7 +363,8 @@ def print_summary(report: dict) -> None:
         if split[name]["comparisons"]:
             print(f"win rate where the {label}: {split[name]['win_rate']:.1%} of {split[name]['comparisons']}")
     print(f"reward-hacking alerts: {report['reward_hacking']['alerts'] or 'none'}")
-    print(f"{report['mode']} DPO; images sampled to train on: {report['images_sampled']}; "
+    method = "GRPO" if report["mode"] == "grpo" else f"{report['mode']} DPO"
+    print(f"{method}; images sampled to train on: {report['images_sampled']}; "
           f"time: {report['timings_s']['total']:.0f} s {report['timings_s']}")
 
 

@@ -24,6 +24,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, TrainingA
 from diffusion_dpo_trainer import (
     DiffusionDPOConfig,
     DiffusionDPOTrainer,
+    DiffusionGRPOConfig,
+    DiffusionGRPOTrainer,
     DiffusionOnlineDPOConfig,
     DiffusionOnlineDPOTrainer,
 )
@@ -56,6 +58,12 @@ class Settings:
     # `online_pair_strategy` (DiffusionOnlineDPOConfig's `pair_strategy`).
     online_iterations: int = 10
     online_pair_strategy: str = "best_vs_worst"
+    # --grpo: groups of `images_per_group` sampled with DDIM eta 1 for `dpo_batch_size` prompts every
+    # `online_iterations` steps, as --online; only a window of `grpo_window` steps is stochastic and trained, sliding
+    # by one step every `grpo_window_shift_every` optimizer steps (MixGRPO), KL weight `grpo_beta`.
+    grpo_window: int = 4
+    grpo_window_shift_every: int = 10
+    grpo_beta: float = 0.0
 
 
 # The reward model and DPO strength were chosen with benchmarks/digits_sweep.py on other data splits (--seed 3, 4) and
@@ -64,8 +72,12 @@ FULL = Settings(vae_steps=200, unet_steps=800, groups_per_digit=48, images_per_g
 # --online: a smaller beta, fresh samples every 5 steps and every pair of a group (chosen with digits_sweep.py on splits
 # 3 and 4: docs/online-dpo.md); it samples 3840 images to train on, twice what the offline pairs are built from.
 FULL_ONLINE = replace(FULL, beta=1000.0, online_iterations=5, online_pair_strategy="all_pairs")
+# --grpo: not yet chosen on the validation splits (docs/grpo.md): the published MixGRPO-style window, the DPO learning
+# rate, and as many sampled images as --online.
+FULL_GRPO = replace(FULL, online_iterations=5)
 QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_group=4, dpo_steps=4, eval_seeds=4,
-                 inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2)
+                 inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2, grpo_window=2,
+                 grpo_window_shift_every=1)
 
 
 # ----- data ---------------------------------------------------------------------------------------------------------
@@ -284,6 +296,20 @@ def online_dpo_trainer(base_path, reward, settings: Settings, seed: int, output_
     prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
     return DiffusionOnlineDPOTrainer(model=base_path, reward_funcs=reward, args=args, train_dataset=prompts,
                                      peft_config=lora_config(settings))
+
+
+def grpo_trainer(base_path, reward, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionGRPOTrainer:
+    """GRPO (DDIM with eta 1, DDPO's SD step): every `online_iterations` steps, `images_per_group` policy samples for
+    each of `dpo_batch_size` prompts, advantages within each group from the reward model; the same LoRA and learning
+    rate as DPO."""
+    values = {**training_config(settings, seed, output_dir), "beta": settings.grpo_beta,
+              "num_generations": settings.images_per_group, "num_iterations": settings.online_iterations,
+              "num_inference_steps": settings.inference_steps, "eval_num_inference_steps": settings.inference_steps,
+              "guidance_scale": 1.0, "sde_window_size": settings.grpo_window, "sde_window_mode": "sliding",
+              "sde_window_shift_every": settings.grpo_window_shift_every, **config}
+    prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    return DiffusionGRPOTrainer(model=base_path, reward_funcs=reward, args=DiffusionGRPOConfig(**values),
+                                train_dataset=prompts, peft_config=lora_config(settings))
 
 
 def images_sampled(settings: Settings, online: bool) -> int:
