@@ -1,4 +1,9 @@
+import runpy
+
 from setuptools import find_packages, setup
+
+# The one place the version is written; read without importing the package (which needs torch).
+VERSION = runpy.run_path("diffusion_dpo_trainer/_version.py")["__version__"]
 
 TEST = ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.15"]
 OPTIONAL = {
@@ -16,7 +21,7 @@ OPTIONAL = {
 
 setup(
     name="diffusion-dpo-trainer",
-    version="0.1.0",
+    version=VERSION,
     description="Align text-to-image diffusion models to preferences with Diffusion-DPO, TRL-style.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

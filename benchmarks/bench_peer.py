@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -112,14 +113,14 @@ def write_pickapic(path: str, rows: int, resolution: int) -> str:
 
 
 # ----- one run each -------------------------------------------------------------------------------------------------
-def peer_command(peer: str, pipe: str, data: str, opts, out: str) -> list[str]:
-    return ["bash", os.path.join(peer, "run.sh"), pipe, data, str(opts.steps), out, "--resolution",
+def peer_command(peer: str, pipe: str, data: str, opts, out: str, steps: int) -> list[str]:
+    return ["bash", os.path.join(peer, "run.sh"), pipe, data, str(steps), out, "--resolution",
             str(opts.resolution), "--train_batch_size", str(opts.batch), "--rank", str(RANK), "--learning_rate",
             str(LEARNING_RATE), "--beta_dpo", str(BETA)]
 
 
-def ours_command(config: str, pipe: str, data: str, opts, out: str) -> list[str]:
-    child = {"config": config, "pipe": pipe, "data": data, "out": out, "steps": opts.steps,
+def ours_command(config: str, pipe: str, data: str, opts, out: str, steps: int) -> list[str]:
+    child = {"config": config, "pipe": pipe, "data": data, "out": out, "steps": steps,
              "resolution": opts.resolution, "batch": opts.batch}
     return [sys.executable, os.path.abspath(__file__), "--child", json.dumps(child)]
 
@@ -154,14 +155,22 @@ def run_ours(child: dict) -> None:
 
 
 def run_probed(command: list[str], probe_out: str, env: dict) -> dict:
+    """Run one training process; the probe's record plus the whole run's wall and CPU seconds (user + system of the
+    process and any children it waited for, from `getrusage(RUSAGE_CHILDREN)`), kept in the probe's file."""
     env = {**env, "BENCH_PROBE_OUT": probe_out}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"{' '.join(command[:3])} ... failed ({done.returncode}):\n{done.stderr[-4000:]}")
     with open(probe_out) as f:
         probe = json.load(f)
-    probe["wall_s"] = time.perf_counter() - start
+    probe["wall_s"] = wall
+    probe["run_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    with open(probe_out, "w") as f:
+        json.dump(probe, f)
     return probe
 
 
@@ -209,12 +218,16 @@ def compare(opts) -> dict:
     data = write_pickapic(os.path.join(workdir, f"data-{opts.resolution}-{rows}"), rows, opts.resolution)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([PROBE, ROOT]), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_CACHE": os.path.join(workdir, "datasets-cache"), "WANDB_DISABLED": "true"}
+    if opts.short_steps is not None:
+        return {"config": {k: v for k, v in vars(opts).items() if k not in ("json", "markdown")}, "rows": rows,
+                "machine": machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                **compare_difference(opts, workdir, pipe, data, env)}
     runs = {name: [] for name in opts.configs}
     for round_ in range(opts.rounds):
         for name in runs:
             out = os.path.join(workdir, "out", f"{name}-{round_}")
-            command = (peer_command(opts.peer, pipe, data, opts, out) if name == PEER
-                       else ours_command(name, pipe, data, opts, out))
+            command = (peer_command(opts.peer, pipe, data, opts, out, opts.steps) if name == PEER
+                       else ours_command(name, pipe, data, opts, out, opts.steps))
             probe_out = os.path.join(workdir, f"probe-{name}-{round_}.json")
             if opts.reuse and os.path.isfile(probe_out):
                 with open(probe_out) as f:
@@ -259,7 +272,92 @@ def compare(opts) -> dict:
             "runs": runs}
 
 
+def compare_difference(opts, workdir: str, pipe: str, data: str, env: dict) -> dict:
+    """Seconds per step as (a `--steps` run - a `--short-steps` run) / the difference in steps, for each configuration,
+    from the whole process's CPU (or wall) seconds: everything a step costs counts, whether or not the probe times it,
+    and start-up and the final save cancel. Both runs read the same dataset and each has its own `datasets` cache, so
+    our pre-passes run cold in both: the same work, whose measured cost still varies by a few %, so each run's own
+    pre-pass seconds are taken out (the plain difference is kept as `raw_step_s`). Within a round the short runs of
+    all configurations alternate, then the long runs."""
+    key = "run_cpu_s" if opts.clock == "cpu" else "wall_s"
+    runs = {name: [] for name in opts.configs}
+    for round_ in range(opts.rounds):
+        probes = {name: {} for name in runs}
+        for steps in (opts.short_steps, opts.steps):
+            for name in runs:
+                tag = f"{name}-{steps}steps-{round_}"
+                out = os.path.join(workdir, "out", tag)
+                command = (peer_command(opts.peer, pipe, data, opts, out, steps) if name == PEER
+                           else ours_command(name, pipe, data, opts, out, steps))
+                probe_out = os.path.join(workdir, f"probe-{tag}.json")
+                if opts.reuse and os.path.isfile(probe_out):
+                    with open(probe_out) as f:
+                        probe = json.load(f)
+                else:
+                    run_env = {**env, "HF_DATASETS_CACHE": os.path.join(workdir, f"datasets-cache-{tag}")}
+                    probe = run_probed(command, probe_out, run_env)
+                probes[name][steps] = probe
+                print(f"round {round_} {name}, {steps} steps: {probe[key]:.1f} s", file=sys.stderr, flush=True)
+        for name, by_steps in probes.items():
+            short, long = by_steps[opts.short_steps], by_steps[opts.steps]
+            phases, pre_pass = {}, {}
+            for steps, probe in by_steps.items():
+                for phase, t0, t1, cpu_s in probe["phases"]:
+                    pre_pass[steps] = pre_pass.get(steps, 0.0) + (cpu_s if opts.clock == "cpu" else t1 - t0)
+                    if probe is long:
+                        phases[phase] = phases.get(phase, 0.0) + cpu_s
+            steps = opts.steps - opts.short_steps
+            runs[name].append({
+                "step_s": ((long[key] - pre_pass.get(opts.steps, 0.0))
+                           - (short[key] - pre_pass.get(opts.short_steps, 0.0))) / steps,
+                "raw_step_s": (long[key] - short[key]) / steps,
+                "short_run_s": short[key], "long_run_s": long[key], "pre_pass_cpu_s": phases,
+                "probe_breakdown_s": summarize(long, opts.warmup, opts.clock)["breakdown_s"],
+                "peak_rss_gib": long["peak_rss_gib"],
+            })
+    summary = {}
+    peer_steps = [r["step_s"] for r in runs.get(PEER, [])]
+    for name, results in runs.items():
+        steps = [r["step_s"] for r in results]
+        entry = {"step_s": statistics.median(steps),
+                 "raw_step_s": statistics.median(r["raw_step_s"] for r in results),
+                 "peak_rss_gib": max(r["peak_rss_gib"] for r in results),
+                 "pre_pass_cpu_s": results[-1]["pre_pass_cpu_s"],
+                 "probe_breakdown_s": {k: statistics.median(r["probe_breakdown_s"][k] for r in results)
+                                       for k in results[0]["probe_breakdown_s"]}}
+        if name != PEER and peer_steps:
+            entry["paired_ratio"] = statistics.median(s / p for s, p in zip(steps, peer_steps))
+            entry["raw_paired_ratio"] = statistics.median(
+                r["raw_step_s"] / p["raw_step_s"] for r, p in zip(results, runs[PEER]))
+        summary[name] = entry
+    return {"method": "difference", "summary": summary, "runs": runs}
+
+
+def markdown_difference(result: dict) -> str:
+    c = result["config"]
+    lines = [(f"{c['model']}, {c['resolution']} px, {c['batch']} pair(s)/step, LoRA r{RANK}, {c['rounds']} round(s), "
+              f"{c['clock']} seconds per step = ({c['steps']}-step run - {c['short_steps']}-step run) / "
+              f"{c['steps'] - c['short_steps']}, OMP_NUM_THREADS={result['omp_num_threads']}\n"),
+             ("| run | s/step | ratio to the peer | plain difference: s/step, ratio | short run s | long run s | "
+              "pre-passes (CPU s, cold, long run) | ") + " | ".join(CATEGORIES)
+             + " | other (probe, long run) | peak RSS |",
+             "|---|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 2)]
+    for name, e in result["summary"].items():
+        ratio = f"**{e['paired_ratio']:.3f}**" if "paired_ratio" in e else "1"
+        raw = f"{e['raw_step_s']:.2f}, " + (f"{e['raw_paired_ratio']:.3f}" if "raw_paired_ratio" in e else "1")
+        runs = result["runs"][name]
+        short = ", ".join(f"{r['short_run_s']:.1f}" for r in runs)
+        long = ", ".join(f"{r['long_run_s']:.1f}" for r in runs)
+        pre = ", ".join(f"{k} {v:.1f}" for k, v in e["pre_pass_cpu_s"].items()) or "-"
+        parts = " | ".join(f"{e['probe_breakdown_s'][k]:.2f}" for k in (*CATEGORIES, "other"))
+        lines.append(f"| {name} | {e['step_s']:.2f} | {ratio} | {raw} | {short} | {long} | {pre} | {parts} | "
+                     f"{e['peak_rss_gib']:.2f} GiB |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
+    if result.get("method") == "difference":
+        return markdown_difference(result)
     c = result["config"]
     lines = [f"{c['model']}, {c['resolution']} px, {c['batch']} pair(s)/step, LoRA r{RANK}, {c['rounds']} rounds x "
              f"{c['steps']} steps ({c['warmup']} warm-up), OMP_NUM_THREADS={result['omp_num_threads']}, "
@@ -293,7 +391,11 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1, help="preference pairs per step")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="step intervals skipped at the start of each run")
+    parser.add_argument("--short-steps", type=int,
+                        help="measure each configuration by two runs, of --short-steps and of --steps optimizer steps: "
+                             "s/step = the difference of their whole-process seconds / the difference in steps")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="step intervals skipped at the start of each run (the probe's per-step figures)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of all runs")
     parser.add_argument("--configs", nargs="+", choices=(PEER, *CONFIGS), default=[PEER, "off", "cache", "cache+ref"],
                         help="the runs of each round, in order (peer: the published script)")
@@ -308,6 +410,8 @@ def main(argv=None):
     opts = parser.parse_args(argv)
     if opts.child:
         return run_ours(json.loads(opts.child))
+    if opts.short_steps is not None and not 0 < opts.short_steps < opts.steps:
+        parser.error(f"--short-steps must be between 1 and --steps - 1 ({opts.steps - 1}), got {opts.short_steps}")
     if not os.path.isfile(os.path.join(opts.peer, "run.sh")):
         sys.exit(f"No run.sh in {opts.peer}: pass --peer with the peer's folder.")
     sys.path.insert(0, ROOT)

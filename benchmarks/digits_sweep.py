@@ -11,7 +11,8 @@ VALIDATION sampling seeds (2e9 + s): disjoint from the pair-sampling seeds and f
 A setting is comma-separated overrides of the demo's `Settings` fields, plus `reward=svm` (the demo's calibrated
 RBF-SVM) or `reward=logistic` (a logistic regression, C=0.5), and `online=1` for on-policy DPO (the demo's --online;
 `online_iterations`, `images_per_group`, `dpo_batch_size` set its sampling; any scalar field that
-`DiffusionOnlineDPOConfig` adds, e.g. `pair_strategy=all_pairs` or `sync_ref_model=1`, is passed on). Prints one JSON
+`DiffusionOnlineDPOConfig` adds, e.g. `pair_strategy=all_pairs` or `sync_ref_model=1`, is passed on) or `grpo=1` for
+GRPO (the demo's --grpo, from `FULL_GRPO`; scalar `DiffusionGRPOConfig` fields such as `epsilon=1e-3` pass on). Prints one JSON
 line per run, then a Markdown table;
 "judge agrees with pair labels" is the share of AI-feedback pairs whose chosen image the judge also scores higher.
 `--reference-points 8` first prints, per pipeline seed, the judged win rates of two yardsticks against base samples:
@@ -33,7 +34,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionOnlineDPOConfig, evaluate_win_rate
+from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionGRPOConfig, DiffusionOnlineDPOConfig, evaluate_win_rate
 from diffusion_dpo_trainer.sampling import sample_images
 
 # The demo's building blocks live in examples/digits_common.py, a module the demo and this sweep share.
@@ -72,29 +73,37 @@ def reference_points(base_path, reward, judge, pixels_a, labels_a, n: int, per_d
     return points
 
 
-def parse_setting(text: str) -> tuple[str, bool, demo.Settings, dict]:
-    """(reward, online, the demo's Settings, online-only DiffusionOnlineDPOConfig overrides) of one setting."""
+def parse_setting(text: str) -> tuple[str, str, demo.Settings, dict]:
+    """(reward, method: offline, online or grpo, the demo's Settings, the method's own config overrides) of one
+    setting."""
     fields = {f.name: f.type for f in dataclasses.fields(demo.Settings)}
-    online_fields = {f.name: f.default for f in dataclasses.fields(DiffusionOnlineDPOConfig)
+    method = "grpo" if "grpo=1" in text.split(",") else "online" if "online=1" in text.split(",") else "offline"
+    config_class = DiffusionGRPOConfig if method == "grpo" else DiffusionOnlineDPOConfig
+    online_fields = {f.name: f.default for f in dataclasses.fields(config_class)
                      if f.name not in {g.name for g in dataclasses.fields(DiffusionDPOConfig)}}
-    reward, online, overrides, config = "svm", False, {}, {}
+    reward, overrides, config, dpo_config = "svm", {}, {}, {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key == "reward" and value in ("svm", "logistic"):
             reward = value
-        elif key == "online":
-            online = value == "1"
+        elif key in ("online", "grpo"):
+            continue
         elif key in fields:
             overrides[key] = {int: int, "int": int, str: str, "str": str}.get(fields[key], float)(value)
         elif key in online_fields and isinstance(online_fields[key], (bool, int, float, str)):
             kind = type(online_fields[key])
             config[key] = value in ("1", "true", "True") if kind is bool else kind(value)
         else:
-            raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic, online=1, "
-                             f"{sorted(fields)} or (online) {sorted(online_fields)}")
-    if config and not online:
-        raise SystemExit(f"{sorted(config)} in {text!r} apply to online DPO only: add online=1.")
-    return reward, online, dataclasses.replace(demo.FULL, **overrides), config
+            try:  # DiffusionDPOConfig's own fields (e.g. winner_preserving_mu, soft_labels), any method
+                dpo_config.update([demo.dpo_option(item)])
+            except ValueError:
+                raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic, online=1, grpo=1, "
+                                 f"{sorted(fields)}, DiffusionDPOConfig's own fields, or ({method}) "
+                                 f"{sorted(online_fields)}") from None
+    if config and method == "offline":
+        raise SystemExit(f"{sorted(config)} in {text!r} apply to online DPO or GRPO only: add online=1 or grpo=1.")
+    base = {"offline": demo.FULL, "online": demo.FULL, "grpo": demo.FULL_GRPO}[method]
+    return reward, method, dataclasses.replace(base, **overrides), {**config, **dpo_config}
 
 
 def main(argv=None) -> list[dict]:
@@ -129,7 +138,8 @@ def main(argv=None) -> list[dict]:
             print(json.dumps({"seed": seed, "reference_points": points}), flush=True)
         pairs, agreement = {}, {}  # agreement: share of pairs whose chosen image the judge also scores higher
         for text in args.settings:
-            reward, online, settings, online_config = parse_setting(text)
+            reward, method, settings, online_config = parse_setting(text)
+            online = method != "offline"
             key = (reward, settings.groups_per_digit, settings.images_per_group)
             if not online and key not in pairs:
                 pairs[key] = demo.ai_feedback_pairs(base_path, rewards[reward], settings, seed)
@@ -138,12 +148,15 @@ def main(argv=None) -> list[dict]:
                 agreement[key] = float(np.mean(np.array(chosen) > np.array(rejected)))
             for dpo_seed in args.dpo_seeds:
                 output_dir = os.path.join(work_dir, "lora")
-                if online:
+                if method == "grpo":
+                    trainer = demo.grpo_trainer(base_path, rewards[reward], settings, seed + dpo_seed, output_dir,
+                                                disable_tqdm=True, **online_config)
+                elif online:
                     trainer = demo.online_dpo_trainer(base_path, rewards[reward], settings, seed + dpo_seed,
                                                       output_dir, disable_tqdm=True, **online_config)
                 else:
                     trainer = demo.dpo_trainer(base_path, pairs[key], settings, seed + dpo_seed, output_dir,
-                                               disable_tqdm=True)
+                                               disable_tqdm=True, **online_config)
                 start = time.perf_counter()
                 trainer.train()
                 train_s = time.perf_counter() - start
@@ -159,7 +172,8 @@ def main(argv=None) -> list[dict]:
                        "accuracy": [base["accuracy"], dpo["accuracy"]],
                        "diversity": [base["diversity"], dpo["diversity"]], "reward_model_win_rate": reward_win_rate,
                        "pair_judge_agreement": agreement.get(key) if not online else None,
-                       "images_sampled": demo.images_sampled(settings, online), "train_s": round(train_s, 1)}
+                       "images_sampled": demo.images_sampled(settings, online), "train_s": round(train_s, 1),
+                       **demo.winner_error_change(trainer.state.log_history)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if not args.settings:

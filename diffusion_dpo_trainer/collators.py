@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from .caching import LATENT_STATS, cached_images
-from .formats import IMAGE_COLUMNS, ROW_COLUMN
+from .formats import IMAGE_COLUMNS, LABEL_COLUMN, ROW_COLUMN
 from .transforms import load_image, paired_transform
 
 #: A constant of the prompt-dropout draw's seed, so it is independent of other per-row draws (e.g. cached crops).
@@ -79,6 +79,9 @@ class PreferenceCollator:
                 for key, value in values.items():
                     stacked.setdefault(self._batch_key(side, key), []).append(torch.as_tensor(value))
         batch.update({key: torch.stack(tensors) for key, tensors in stacked.items()})
+        batch[ROW_COLUMN] = torch.tensor(indices)  # named by errors and warnings about the batch's rows
+        if rows and LABEL_COLUMN in rows[0]:  # soft preference labels (`soft_labels`, `curriculum_stages`)
+            batch[LABEL_COLUMN] = torch.tensor([float(row[LABEL_COLUMN]) for row in rows])
         if self.prompt_embeddings is not None:
             batch["prompt_embeds"] = self.prompt_embeddings(batch["prompt"])
         return batch
@@ -115,8 +118,8 @@ class UnpairedCollator(PreferenceCollator):
     """Turns unpaired rows into tensors: one image per row, so each image gets its own crop and flip (the images are
     independent), and the batch keys carry no side prefix (`pixel_values`, `latent_mean`, ...) plus `label`.
 
-    Cached rows (`caching.precompute_latents(..., image_columns=("image",))`) and `prompt_embeddings` are handled
-    as in `PreferenceCollator`.
+    Cached rows (`caching.precompute_latents(dataset, family, UnpairedCollator(...))`) and `prompt_embeddings` are
+    handled as in `PreferenceCollator`.
     """
 
     image_columns = ("image",)

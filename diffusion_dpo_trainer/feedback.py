@@ -7,11 +7,17 @@ instead of people. The scores stay in the dataset (`chosen_score`, `rejected_sco
 """
 
 import io
+import json
+import logging
 import os
+import shutil
 from collections.abc import Sequence
 
 import datasets
 import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .families import load_pipeline
 from .pairing import select_pairs
@@ -19,6 +25,8 @@ from .rewards import RewardFn, load_reward
 from .rewards.scoring import score_images
 from .sampling import iter_sample_batches
 from .video_data import encode_video
+
+logger = logging.getLogger(__name__)
 
 FEATURES = datasets.Features(
     {
@@ -75,7 +83,9 @@ def build_preference_pairs(
         seed: image j of prompt i is drawn with seed `seed + i * num_images_per_prompt + j` (kept in the dataset),
             and the `random` strategy draws its pairs from `numpy.random.default_rng(seed)`.
         batch_size: images per pipeline call and per reward call.
-        output_path: if given, the dataset is also written there with `save_to_disk`.
+        output_path: if given, the dataset is also written there with `save_to_disk`; until then the sampled images
+            are kept beside it in `<output_path>.samples/`, so that a run stopped by an error or a kill, started
+            again with the same arguments, samples only the images it lacks.
         **pipeline_kwargs: passed to the pipeline call (`num_inference_steps`, `guidance_scale`, `height`, ...).
 
     Returns columns `prompt`, `chosen`, `rejected` (images), `chosen_score`, `rejected_score`, `chosen_seed`,
@@ -102,9 +112,11 @@ def build_preference_pairs(
     # Images are scored batch by batch and paired (then PNG-encoded) as soon as a prompt's group is complete, so
     # memory holds at most one batch plus one group of decoded images.
     images, scores, done, prompt_index, video = [], [], 0, 0, False
-    batches = iter_sample_batches(
-        pipeline, flat_prompts, flat_seeds, batch_size, progress and "Sampling", **pipeline_kwargs
-    )
+    samples = None
+    if output_path is not None:
+        samples = _sample_cache(os.fspath(output_path) + SAMPLES_SUFFIX, pipeline, flat_prompts,
+                                flat_seeds, pipeline_kwargs)
+    batches = _kept_or_sampled(pipeline, flat_prompts, flat_seeds, batch_size, samples, progress, pipeline_kwargs)
     for batch in batches:
         video = isinstance(batch[0], (list, tuple))  # a video pipeline yields lists of frames
         # None (not scored) becomes NaN, which never wins a comparison: such an image is never paired.
@@ -131,4 +143,59 @@ def build_preference_pairs(
     dataset = datasets.Dataset.from_dict(rows, features=VIDEO_FEATURES if video else FEATURES)
     if output_path is not None:
         dataset.save_to_disk(os.fspath(output_path))
+        shutil.rmtree(samples)
     return dataset
+
+
+#: With `output_path`, every sampled image is kept in `output_path + SAMPLES_SUFFIX` until the dataset is saved: a run
+#: stopped by a failing reward (or a kill) and started again with the same arguments reads them back instead of
+#: sampling again. Beside the dataset, not in it: a failed run leaves no `output_path`.
+SAMPLES_SUFFIX = ".samples"
+
+
+def _sample_cache(folder: str, pipeline, prompts, seeds, pipeline_kwargs) -> str:
+    """`folder`, holding only images of this very run: those of other arguments or other weights are dropped."""
+    from .caching import module_fingerprint
+
+    modules = [c for c in pipeline.components.values() if isinstance(c, torch.nn.Module)]
+    key = {"prompts": prompts, "seeds": seeds, "pipeline_kwargs": {k: repr(v) for k, v in pipeline_kwargs.items()},
+           "weights": module_fingerprint(*modules)}
+    settings = os.path.join(folder, "settings.json")
+    if os.path.isfile(settings):
+        with open(settings, encoding="utf-8") as f:
+            if json.load(f) == key:
+                return folder
+        logger.warning(f"{folder} holds images of another run (other prompts, seeds, settings or weights): "
+                       "sampling again.")
+        shutil.rmtree(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(settings, "w", encoding="utf-8") as f:
+        json.dump(key, f)
+    return folder
+
+
+def _kept_or_sampled(pipeline, prompts, seeds, batch_size, folder, progress, pipeline_kwargs):
+    """`iter_sample_batches`, reading back each image kept in `folder` and keeping each new one there (written to a
+    temporary name, then renamed: a kill never leaves half a file). Videos are not kept."""
+    with tqdm(total=len(prompts), desc="Sampling", disable=not progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            window = range(start, min(start + batch_size, len(prompts)))
+            paths = {k: os.path.join(folder, f"{k:06d}_{seeds[k]}.png") for k in window} if folder else {}
+            kept = {k: _read_png(paths[k]) for k in window if folder and os.path.isfile(paths[k])}
+            missing = [k for k in window if k not in kept]
+            if missing:
+                batch = next(iter_sample_batches(pipeline, [prompts[k] for k in missing], [seeds[k] for k in missing],
+                                                 len(missing), False, **pipeline_kwargs))
+                for k, image in zip(missing, batch):
+                    kept[k] = image
+                    if folder and isinstance(image, Image.Image):
+                        image.save(paths[k] + ".tmp", format="PNG")
+                        os.replace(paths[k] + ".tmp", paths[k])
+            bar.update(len(window))
+            yield [kept[k] for k in window]
+
+
+def _read_png(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image

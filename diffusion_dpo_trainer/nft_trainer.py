@@ -112,8 +112,8 @@ class DiffusionNFTTrainer(DiffusionDPOTrainer):
         return [(named[name.replace(".default.", f".{OLD_ADAPTER}.")], p) for name, p in named.items()
                 if ".default." in name]
 
-    def _loss_params(self, args):
-        return None  # no preference loss: `beta` is the regulariser's weight, 0 allowed
+    def _resolve_loss(self, args):
+        return [], False, None  # NFT's loss is its own (losses.nft_loss); `beta` is the regulariser's weight, 0 allowed
 
     def _card_loss_type(self):
         return "nft"

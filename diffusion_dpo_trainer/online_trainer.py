@@ -35,24 +35,21 @@ from .trainer import DiffusionDPOTrainer
 
 
 class _NoPairWatch(TrainerCallback):
-    """Warns at the first optimizer step that formed no pair, and stops after `no_pair_patience` in a row: a reward
-    that scores nothing must not "train" at loss 0 unnoticed."""
+    """Warns at the first optimizer step that formed no pair, and stops after `patience` such steps in a row: a reward
+    that scores nothing must not "train" at loss 0 unnoticed. The trainer adds each micro-step's global pairs."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, patience: int | None):
+        self.patience, self.pairs, self.streak, self.warned = patience, 0, 0, False
 
     def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        trainer._steps_without_pairs = 0 if trainer._step_pairs else trainer._steps_without_pairs + 1
-        trainer._step_pairs = 0
-        if trainer._steps_without_pairs == 1 and not trainer._warned_no_pairs:
-            trainer._warned_no_pairs = True
+        self.streak, self.pairs = (0 if self.pairs else self.streak + 1), 0
+        if self.streak and not self.warned:
+            self.warned = True
             warnings.warn(f"Step {state.global_step} formed no preference pair on any process (every slot tied, "
                           "missed min_score_gap or was unscored): the step left the model unchanged.")
-        patience = args.no_pair_patience
-        if patience is not None and trainer._steps_without_pairs >= patience:
-            raise ValueError(f"No preference pair in {patience} consecutive optimizer steps (no_pair_patience), up to "
-                             f"step {state.global_step}: the rewards do not rank the sampled images (a constant "
+        if self.patience is not None and self.streak >= self.patience:
+            raise ValueError(f"No preference pair in {self.patience} consecutive optimizer steps (no_pair_patience), "
+                             f"up to step {state.global_step}: the rewards do not rank the sampled images (a constant "
                              "reward, or None for every image?), so training cannot change the model.")
 
 
@@ -113,13 +110,13 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
                                  "denoiser: do not pass `ref_model`.")
             self.synced_reference = SyncedReference(self)
             self.add_callback(self.synced_reference)
-        self.add_callback(_NoPairWatch(self))
+        self._no_pairs = _NoPairWatch(args.no_pair_patience)
+        self.add_callback(self._no_pairs)
         # The cached embeddings serve the training step; the pipeline still encodes prompts when it samples.
         for encoder in self.family.text_encoders:
             encoder.to(self.accelerator.device)
         self._buffer = RolloutBuffer(args.num_iterations)
         self._eval_batches = 0
-        self._step_pairs, self._steps_without_pairs, self._warned_no_pairs = 0, 0, False
 
     def sync_reference(self, alpha: float | None = None) -> None:
         """ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter (alpha: `ref_model_mixup_alpha`)."""
@@ -192,7 +189,7 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
             self._metrics["train"]["time/generation"].append(torch.tensor(0.0))
         if list(inputs["prompt"]) != batch["prompt"][:: len(batch["prompt"]) // len(inputs["prompt"])]:
             raise RuntimeError("Internal error: the reused samples belong to other prompts than this step's.")
-        self._step_pairs += batch["num_pairs"]
+        self._no_pairs.pairs += batch["num_pairs"]
         start = time.perf_counter()
         if batch["num_pairs"] == 0:  # no pair on any process: no forward, no backward, no update
             loss = torch.zeros((), device=self.args.device)

@@ -9,10 +9,14 @@ guidance) and returns the next latents, plus extra per-step tensors (e.g. log-pr
 - `FunctionStep(fn, noise_level)` plugs in a pure step function on sigmas, `fn(latents, model_output, sigma,
   sigma_next, noise_level, generator=None) -> (prev_sample, log_prob, mean, std)` (the form of `sde.py`'s steps),
   for schedulers with a `sigmas` table (the rectified-flow ones); with noise level 0 an Euler step reproduces the
-  pipeline's own output.
+  pipeline's own output;
+- `DDIMStep(eta)` is DDIM with eta (`sde.ddim_step`) on a `DDIMScheduler`, for the SD families.
+
+Both take `stochastic`, the step indices that get the noise (a window, MixGRPO); the others are deterministic.
 
 `record=True` keeps the trajectory: per image and step the input latents, next latents, timestep and model output,
-and every extra the step returns, in the pipeline's latent layout.
+and every extra the step returns (the steps above: schedule values, `log_prob`, and `prev_sample`, the float32
+next latents, when the model's dtype rounds them), in the pipeline's latent layout.
 
 Seeds: image j of prompt g is drawn with `derived_seed(seed, *key, first + g, j)`, where `key` says which rollout it
 is (e.g. training step and micro-step) and `first` is the prompt's place in the global batch, so a run is
@@ -20,15 +24,17 @@ reproducible, resumes exactly, and N processes sample what one process would.
 """
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from .caching import derived_seed
 from .sampling import iter_sample_batches
+from .sde import ddim_alphas, ddim_step
 
 
 def rollout_seeds(seed: int, key: Sequence[int], first: int, num_prompts: int, n: int) -> list[int]:
@@ -47,8 +53,8 @@ class SchedulerStep:
 class FunctionStep(SchedulerStep):
     """A step function on sigmas in place of the scheduler's arithmetic; the scheduler still keeps the step count."""
 
-    def __init__(self, fn: Callable, noise_level: float = 0.0):
-        self.fn, self.noise_level = fn, noise_level
+    def __init__(self, fn: Callable, noise_level: float = 0.0, stochastic: Collection[int] | None = None):
+        self.fn, self.noise_level, self.stochastic = fn, noise_level, stochastic
 
     def __call__(self, scheduler, scheduler_step, model_output, timestep, latents, *args, **kwargs):
         if getattr(scheduler, "sigmas", None) is None:
@@ -59,13 +65,46 @@ class FunctionStep(SchedulerStep):
         index = scheduler.step_index
         sigma, sigma_next = scheduler.sigmas[index], scheduler.sigmas[index + 1]
         # In float32 as the flow schedulers step, then back to the model's dtype.
+        noise_level = self.noise_level if self.stochastic is None or index in self.stochastic else 0.0
         prev, log_prob, _, _ = self.fn(latents.float(), model_output.float(), sigma, sigma_next,
-                                       self.noise_level, generator=kwargs.get("generator"))
+                                       noise_level, generator=kwargs.get("generator"))
         scheduler._step_index = index + 1
         extras = {"sigma": sigma.expand(len(latents)), "sigma_next": sigma_next.expand(len(latents))}
         if log_prob is not None:
             extras["log_prob"] = log_prob
-        return prev.to(model_output.dtype), extras
+        return _model_dtype(prev, model_output.dtype, extras)
+
+
+class DDIMStep(SchedulerStep):
+    """DDIM with eta (`sde.ddim_step`) in place of a `DDIMScheduler`'s step, recording each step's alphas; steps
+    outside `stochastic` (step indices; None: all) take eta 0, the deterministic DDIM step."""
+
+    def __init__(self, eta: float = 1.0, stochastic: Collection[int] | None = None):
+        self.eta, self.stochastic = eta, stochastic
+
+    def __call__(self, scheduler, scheduler_step, model_output, timestep, latents, *args, **kwargs):
+        if not isinstance(scheduler, DDIMScheduler):
+            raise ValueError(f"{type(scheduler).__name__} is not a DDIMScheduler: DDIM with eta needs one (build it "
+                             "with DDIMScheduler.from_config(pipeline.scheduler.config)).")
+        index = int((scheduler.timesteps == torch.as_tensor(timestep)).nonzero()[0, 0])
+        eta = self.eta if self.stochastic is None or index in self.stochastic else 0.0
+        alpha, alpha_prev = ddim_alphas(scheduler, torch.as_tensor(timestep).reshape(1))
+        clip = scheduler.config.clip_sample_range if scheduler.config.clip_sample else None
+        prev, log_prob, _, _ = ddim_step(latents.float(), model_output.float(), alpha, alpha_prev, eta,
+                                         prediction_type=scheduler.config.prediction_type, clip_sample_range=clip,
+                                         generator=kwargs.get("generator"))
+        extras = {"alpha": alpha.float().expand(len(latents)), "alpha_prev": alpha_prev.float().expand(len(latents)),
+                  "log_prob": log_prob}
+        return _model_dtype(prev, model_output.dtype, extras)
+
+
+def _model_dtype(prev: torch.Tensor, dtype: torch.dtype, extras: dict) -> tuple[torch.Tensor, dict]:
+    """The next latents in the model's dtype for the pipeline; when that rounds them (bf16), the float32 sample whose
+    log-density was computed is recorded too (`prev_sample`), so training recomputes the density of the same sample
+    (flow_grpo keeps the float32 sample the same way)."""
+    if prev.dtype != dtype:
+        extras["prev_sample"] = prev
+    return prev.to(dtype), extras
 
 
 @dataclass

@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .families import family_class_for, load_pipeline  # noqa: F401  (load_pipeline: its old import path)
+from .families import family_class_for
 
 
 def _modules(pipeline: DiffusionPipeline) -> list[torch.nn.Module]:

@@ -4,6 +4,7 @@
     python examples/digits_alignment.py --quick         # smoke run (about a minute), numbers not meaningful
     python examples/digits_alignment.py --online        # on-policy DPO instead of pairs from the base model
     python examples/digits_alignment.py --nft           # DiffusionNFT (on-policy, forward process) instead
+    python examples/digits_alignment.py --grpo          # GRPO (DDIM with eta) on the policy's own samples
 
 Data: scikit-learn's handwritten digits (`sklearn.datasets.load_digits`, 1797 real 8x8 scans), split in two
 stratified halves A and B.
@@ -17,11 +18,15 @@ stratified halves A and B.
 3. AI feedback: `build_preference_pairs` samples several images per prompt from the base model and pairs the best
    against the worst by the reward model.
 4. Diffusion-DPO with `DiffusionDPOTrainer` and a LoRA adapter; `RewardEvaluationCallback` tracks the reward-model
-   win rate during training. With `--online`, steps 3 and 4 are one: `DiffusionOnlineDPOTrainer` samples groups from
+   win rate during training, and `RewardHackingCallback` the signals of reward hacking: the reward model's score and
+   the judge's (held out: it only watches) on fixed prompts and seeds, within-prompt diversity and image statistics,
+   with a warning if the reward rises while the judge falls or diversity halves (training_curves.png, last panel). With `--online`, steps 3 and 4 are one: `DiffusionOnlineDPOTrainer` samples groups from
    the policy being trained and pairs them by the same reward model as it goes (every pair of a group; each batch
    of samples serves `online_iterations` optimizer steps), with its own validated beta (`FULL_ONLINE`). With
    `--nft`, `DiffusionNFTTrainer` samples the same budget, turns each group's rewards into optimality weights and
-   trains on the samples re-noised by the forward process (`FULL_NFT`; docs/nft.md).
+   trains on the samples re-noised by the forward process (`FULL_NFT`; docs/nft.md). With
+   `--grpo`, `DiffusionGRPOTrainer` samples the same groups with DDIM eta 1 and trains a sliding window of the
+   denoising steps on their group-relative advantages under the same reward model (`FULL_GRPO`).
 5. Evaluation on held-out seeds (never used for pairs): for every (prompt, seed) the judge scores the DPO sample
    and the base sample drawn from the same starting noise; `win_rate` counts ties as half a win. Also: mean judge
    score, per-digit accuracy (judge's argmax == prompted digit) and a diversity figure (mean pairwise pixel
@@ -51,6 +56,7 @@ from digits_common import (
     EVAL_SEED_OFFSET,
     FULL,
     FULL_NFT,
+    FULL_GRPO,
     FULL_ONLINE,
     PROMPTS,
     QUICK,
@@ -60,20 +66,23 @@ from digits_common import (
     build_base_pipeline,
     digit_classifier,
     diversity,
+    dpo_option,
     dpo_trainer,
     features,
+    grpo_trainer,
     images_sampled,
     judged_statistics,
     load_halves,
     nft_trainer,
     online_dpo_trainer,
     pil_to_grey,
+    winner_error_change,
     reward_win_rate,
     sampling_kwargs,
     wanted_digits,
 )
 
-from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, evaluate_win_rate
+from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, RewardHackingCallback, evaluate_win_rate
 
 
 # ----- figures ------------------------------------------------------------------------------------------------------
@@ -125,7 +134,7 @@ def save_training_curves(path, pretrain_losses: dict, log_history: list):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for name, values in pretrain_losses.items():
         axes[0].plot(values, label=f"{name} loss", alpha=0.8)
     axes[0].set_yscale("log")
@@ -146,6 +155,13 @@ def save_training_curves(path, pretrain_losses: dict, log_history: list):
     axes[2].set_ylim(0, 1.02)
     axes[2].set_xlabel("DPO step")
     axes[2].set_title("win rate vs base by the reward model (callback)")
+    signals = [h for h in log_history if "hacking/diversity" in h]
+    for key, label in (("reward", "reward model"), ("heldout_reward", "judge (held out)"), ("diversity", "diversity"),
+                       ("high_frequency_energy", "high-frequency energy"), ("grid_energy", "8 px grid energy")):
+        axes[3].plot([h["step"] for h in signals], [h[f"hacking/{key}"] for h in signals], marker="o", label=label)
+    axes[3].set_xlabel("DPO step")
+    axes[3].set_title("reward hacking signals (callback)")
+    axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=60)
     plt.close(fig)
@@ -161,23 +177,34 @@ def parse_args(argv):
                         help="On-policy DPO (DiffusionOnlineDPOTrainer) instead of pairs sampled from the base model.")
     parser.add_argument("--nft", action="store_true",
                         help="DiffusionNFT (DiffusionNFTTrainer) on the policy's own samples instead of DPO.")
+    parser.add_argument("--grpo", action="store_true",
+                        help="GRPO (DiffusionGRPOTrainer) on the policy's own samples instead of DPO.")
     parser.add_argument("--groups-per-digit", type=int, default=None,
                         help="Offline: base-model sampling groups per digit for the AI-feedback pairs (default 48: "
                              "1920 images; 96 matches --online's 3840).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice).")
+    parser.add_argument("--dpo-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a DiffusionDPOConfig field for offline DPO, e.g. winner_preserving_mu=0.9, "
+                             "soft_labels=smpo or curriculum_stages=3 (docs/losses.md, Stabilisers); repeatable")
     args = parser.parse_args(argv)
-    if args.online and args.nft:
-        parser.error("--online and --nft are two methods: choose one.")
-    if args.groups_per_digit is not None and (args.online or args.nft or args.groups_per_digit < 1):
-        parser.error("--groups-per-digit takes a positive number and applies to offline DPO only (not with --online "
-                     "or --nft).")
+    try:
+        args.dpo_options = dict(dpo_option(text) for text in args.dpo_option)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.dpo_options and (args.online or args.grpo or args.nft):
+        parser.error("--dpo-option applies to offline DPO only (not with --online, --grpo or --nft).")
+    if args.online + args.grpo + args.nft > 1:
+        parser.error("--online, --grpo and --nft are three methods: choose one.")
+    if args.groups_per_digit is not None and (args.online or args.grpo or args.nft or args.groups_per_digit < 1):
+        parser.error("--groups-per-digit takes a positive number and applies to offline DPO only (not with --online, "
+                     "--grpo or --nft).")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    settings = QUICK if args.quick else FULL_ONLINE if args.online else FULL_NFT if args.nft else FULL
-    mode = "online" if args.online else "nft" if args.nft else "offline"
+    settings = (QUICK if args.quick else FULL_ONLINE if args.online else FULL_GRPO if args.grpo else FULL_NFT if args.nft
+                else FULL)
     if args.groups_per_digit:
         settings = replace(settings, groups_per_digit=args.groups_per_digit)
     if args.threads:
@@ -213,17 +240,24 @@ def main(argv=None) -> dict:
         trainer = online_dpo_trainer(base_path, reward, settings, args.seed, lora_path)
     elif args.nft:
         trainer = nft_trainer(base_path, reward, settings, args.seed, lora_path)
+    elif args.grpo:
+        trainer = grpo_trainer(base_path, reward, settings, args.seed, lora_path)
     else:
         pairs = ai_feedback_pairs(base_path, reward, settings, args.seed)
         gaps = np.array(pairs["chosen_score"]) - np.array(pairs["rejected_score"])
         lap("build_pairs")
         # (d) Diffusion-DPO with LoRA
-        trainer = dpo_trainer(base_path, pairs, settings, args.seed, lora_path)
+        trainer = dpo_trainer(base_path, pairs, settings, args.seed, lora_path, **args.dpo_options)
     monitor = RewardEvaluationCallback(
         trainer, PROMPTS, reward, seeds=[EVAL_SEED_OFFSET - 1 - s for s in range(4)],
         eval_steps=max(settings.dpo_steps // 5, 2), batch_size=settings.batch_size, **sampling,
     )
     trainer.add_callback(monitor)
+    hacking = RewardHackingCallback(
+        trainer, PROMPTS, reward, heldout_reward_fn=judge, seeds=[EVAL_SEED_OFFSET - 1 - s for s in range(4)],
+        eval_steps=max(settings.dpo_steps // 5, 2), batch_size=settings.batch_size, **sampling,
+    )
+    trainer.add_callback(hacking)
     trainer.train()
     trainer.save_model()
     lap("dpo_training")
@@ -262,10 +296,14 @@ def main(argv=None) -> dict:
             [h["step"], h["eval_win_rate"]] for h in trainer.state.log_history if "eval_win_rate" in h
         ],
         "classifier_accuracy": classifier_accuracy,
-        **(online_figures(trainer.state.log_history) if args.online else nft_figures(trainer.state.log_history)
-           if args.nft else {"num_pairs": len(pairs), "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0}),
-        "images_sampled": images_sampled(settings, args.online or args.nft),
-        "mode": mode,
+        "reward_hacking": {"signals": hacking.history, "alerts": hacking.alerts},
+        **(online_figures(trainer.state.log_history) if args.online else
+           grpo_figures(trainer.state.log_history) if args.grpo else nft_figures(trainer.state.log_history) if args.nft
+           else {"num_pairs": len(pairs), "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0}),
+        "images_sampled": images_sampled(settings, args.online or args.grpo or args.nft),
+        "dpo_options": args.dpo_options,
+        **winner_error_change(trainer.state.log_history),
+        "mode": "online" if args.online else "grpo" if args.grpo else "nft" if args.nft else "offline",
         "seed": args.seed,
         "quick": args.quick,
         "settings": asdict(settings),
@@ -301,6 +339,14 @@ def nft_figures(log_history: list) -> dict:
         "reward_model_score_while_training": [[h["step"], h["reward"]] for h in log_history if "reward" in h],
         "sampling_s": round(logged_total(log_history, "time/sampling"), 1),
         "rewards_s": round(logged_total(log_history, "time/rewards"), 3),
+def grpo_figures(log_history: list) -> dict:
+    """The reward of the groups sampled while training and the time split of a GRPO run, from the trainer's log."""
+    logged = [h for h in log_history if "reward" in h]
+    return {
+        "reward_model_score_while_training": [[h["step"], h["reward"]] for h in logged],
+        "frac_reward_zero_std": float(np.mean([h["frac_reward_zero_std"] for h in logged])),
+        "sampling_s": round(logged_total(log_history, "time/sampling"), 1),
+        "rewards_s": round(logged_total(log_history, "time/rewards"), 1),
         "training_s": round(logged_total(log_history, "time/training"), 1),
     }
 
@@ -332,7 +378,9 @@ def print_summary(report: dict) -> None:
                         ("base_correct", "judge read the base sample as the right digit")):
         if split[name]["comparisons"]:
             print(f"win rate where the {label}: {split[name]['win_rate']:.1%} of {split[name]['comparisons']}")
-    print(f"{report['mode']} DPO; images sampled to train on: {report['images_sampled']}; "
+    print(f"reward-hacking alerts: {report['reward_hacking']['alerts'] or 'none'}")
+    method = "GRPO" if report["mode"] == "grpo" else f"{report['mode']} DPO"
+    print(f"{method}; images sampled to train on: {report['images_sampled']}; "
           f"time: {report['timings_s']['total']:.0f} s {report['timings_s']}")
 
 

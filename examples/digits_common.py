@@ -6,6 +6,7 @@ on its path.
 """
 
 import tempfile
+import dataclasses
 from dataclasses import dataclass, replace
 
 import datasets
@@ -18,13 +19,15 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, TrainingArguments
 
 from diffusion_dpo_trainer import (
     DiffusionDPOConfig,
     DiffusionDPOTrainer,
     DiffusionNFTConfig,
     DiffusionNFTTrainer,
+    DiffusionGRPOConfig,
+    DiffusionGRPOTrainer,
     DiffusionOnlineDPOConfig,
     DiffusionOnlineDPOTrainer,
 )
@@ -65,6 +68,12 @@ class Settings:
     nft_beta: float = 1.0
     nft_kl_weight: float = 1e-4
     nft_learning_rate: float = 5e-4
+    # --grpo: groups of `images_per_group` sampled with DDIM eta 1 for `dpo_batch_size` prompts every
+    # `online_iterations` steps, as --online; only a window of `grpo_window` steps is stochastic and trained, sliding
+    # by one step every `grpo_window_shift_every` optimizer steps (MixGRPO), KL weight `grpo_beta`.
+    grpo_window: int = 4
+    grpo_window_shift_every: int = 10
+    grpo_beta: float = 0.0
 
 
 # The reward model and DPO strength were chosen with benchmarks/digits_sweep.py on other data splits (--seed 3, 4) and
@@ -76,8 +85,12 @@ FULL_ONLINE = replace(FULL, beta=1000.0, online_iterations=5, online_pair_strate
 # --nft: online DPO's sampling budget (3840 images: new samples every 5 steps); DiffusionNFT's published nft_beta and
 # KL weight, 2 of the 20 sampler timesteps per image and step. Not yet tuned on the validation splits (docs/nft.md).
 FULL_NFT = replace(FULL, online_iterations=5)
+# --grpo: not yet chosen on the validation splits (docs/grpo.md): the published MixGRPO-style window, the DPO learning
+# rate, and as many sampled images as --online.
+FULL_GRPO = replace(FULL, online_iterations=5)
 QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_group=4, dpo_steps=4, eval_seeds=4,
-                 inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2)
+                 inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2, grpo_window=2,
+                 grpo_window_shift_every=1)
 
 
 # ----- data ---------------------------------------------------------------------------------------------------------
@@ -254,6 +267,31 @@ def lora_config(settings: Settings) -> LoraConfig:
     )
 
 
+def dpo_option(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` for one of DiffusionDPOConfig's own scalar fields (e.g. `winner_preserving_mu=0.9`,
+    `soft_labels=smpo`, `curriculum_stages=3`), the value converted to the field's type; ValueError otherwise."""
+    key, _, value = text.partition("=")
+    own = {f.name for f in dataclasses.fields(DiffusionDPOConfig)} - {
+        f.name for f in dataclasses.fields(TrainingArguments)} - {"beta"}  # beta: a Settings field
+    defaults = {f.name: f.default for f in dataclasses.fields(DiffusionDPOConfig) if f.name in own}
+    default = defaults.get(key, dataclasses.MISSING)
+    if not value or (default is not None and not isinstance(default, (bool, int, float, str))):
+        raise ValueError(f"{text!r}: expected KEY=VALUE with KEY one of DiffusionDPOConfig's scalar fields "
+                         f"{sorted(k for k, v in defaults.items() if v is None or isinstance(v, (bool, int, float, str)))}.")
+    kind = float if default is None else type(default)
+    return key, value in ("1", "true", "True") if kind is bool else kind(value)
+
+
+def winner_error_change(log_history: list) -> dict:
+    """The policy's error minus the reference's on the training pairs' winners and losers, averaged over the last
+    third of the logs: > 0 for the winners is the failure Diffusion-SDPO targets (the preferred images' likelihood
+    falls while the margin grows)."""
+    logs = [h for h in log_history if "mse/chosen" in h and "ref_mse/chosen" in h]
+    late = logs[len(logs) - max(len(logs) // 3, 1):]
+    return {f"{side}_mse_change": float(np.mean([h[f"mse/{key}"] - h[f"ref_mse/{key}"] for h in late])) if late
+            else None for side, key in (("winner", "chosen"), ("loser", "rejected"))}
+
+
 def dpo_trainer(base_path, pairs, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionDPOTrainer:
     args = DiffusionDPOConfig(**training_config(settings, seed, output_dir), **config)
     return DiffusionDPOTrainer(model=base_path, args=args, train_dataset=pairs, peft_config=lora_config(settings))
@@ -271,6 +309,20 @@ def online_dpo_trainer(base_path, reward, settings: Settings, seed: int, output_
     prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
     return DiffusionOnlineDPOTrainer(model=base_path, reward_funcs=reward, args=args, train_dataset=prompts,
                                      peft_config=lora_config(settings))
+
+
+def grpo_trainer(base_path, reward, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionGRPOTrainer:
+    """GRPO (DDIM with eta 1, DDPO's SD step): every `online_iterations` steps, `images_per_group` policy samples for
+    each of `dpo_batch_size` prompts, advantages within each group from the reward model; the same LoRA and learning
+    rate as DPO."""
+    values = {**training_config(settings, seed, output_dir), "beta": settings.grpo_beta,
+              "num_generations": settings.images_per_group, "num_iterations": settings.online_iterations,
+              "num_inference_steps": settings.inference_steps, "eval_num_inference_steps": settings.inference_steps,
+              "guidance_scale": 1.0, "sde_window_size": settings.grpo_window, "sde_window_mode": "sliding",
+              "sde_window_shift_every": settings.grpo_window_shift_every, **config}
+    prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    return DiffusionGRPOTrainer(model=base_path, reward_funcs=reward, args=DiffusionGRPOConfig(**values),
+                                train_dataset=prompts, peft_config=lora_config(settings))
 
 
 def images_sampled(settings: Settings, online: bool) -> int:

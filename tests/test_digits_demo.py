@@ -45,6 +45,11 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
         assert math.isclose(stats["accuracy"], np.mean(list(stats["per_digit_accuracy"].values())))
         assert isinstance(stats["diversity"], float) and stats["diversity"] >= 0.0
     assert report["seed"] == 1 and report["quick"] is True
+    signals = report["reward_hacking"]["signals"]  # RewardHackingCallback: before training, then every 2 steps
+    assert [s["step"] for s in signals] == [0, 2, 4]
+    assert all(is_fraction(s["reward"]) and is_fraction(s["heldout_reward"]) and is_fraction(s["diversity"])
+               for s in signals)
+    assert isinstance(report["reward_hacking"]["alerts"], list)
     assert all(value >= 0 for value in report["timings_s"].values())
 
     for name in ("samples.png", "training_curves.png"):
@@ -62,6 +67,12 @@ def test_groups_per_digit_is_refused_with_online():
     assert done.returncode == 2 and "offline DPO only" in done.stderr
 
 
+def test_an_unknown_dpo_option_is_refused():
+    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--dpo-option", "winner_preserving=0.9"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "winner_preserving_mu" in done.stderr
+
+
 def test_quick_online_run_reports_its_sampling_budget(tmp_path):
     out = tmp_path / "digits-online"
     done = subprocess.run([sys.executable, str(DEMO), "--quick", "--online", "--output-dir", str(out), "--seed", "1"],
@@ -77,6 +88,30 @@ def test_quick_online_run_reports_its_sampling_budget(tmp_path):
     assert 0 < report["sampling_s"] < report["timings_s"]["dpo_training"]
     pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
     pipe.load_lora_weights(out / "dpo-lora")
+
+
+def test_quick_grpo_run_reports_its_sampling_budget_and_time_split(tmp_path):
+    out = tmp_path / "digits-grpo"
+    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--grpo", "--output-dir", str(out), "--seed", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    settings = report["settings"]
+    assert report["mode"] == "grpo" and is_fraction(report["win_rate"]) and "GRPO; images sampled" in done.stdout
+    # 4 steps, new groups every 2: 2 rollouts of dpo_batch_size prompts x images_per_group images.
+    assert report["images_sampled"] == 2 * settings["dpo_batch_size"] * settings["images_per_group"]
+    assert [step for step, _ in report["reward_model_score_while_training"]] == [1, 3]
+    assert is_fraction(report["frac_reward_zero_std"])
+    assert 0 < report["sampling_s"] < report["timings_s"]["dpo_training"]
+    assert 0 < report["training_s"] < report["timings_s"]["dpo_training"]
+    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
+    pipe.load_lora_weights(out / "dpo-lora")
+
+
+def test_online_and_grpo_are_refused_together():
+    done = subprocess.run([sys.executable, str(DEMO), "--online", "--grpo"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "choose one" in done.stderr
 
 
 def test_quick_nft_run_reports_its_sampling_budget_and_time_split(tmp_path):
@@ -97,6 +132,6 @@ def test_quick_nft_run_reports_its_sampling_budget_and_time_split(tmp_path):
     pipe.load_lora_weights(out / "dpo-lora")
 
 
-def test_online_and_nft_are_refused_together():
-    done = subprocess.run([sys.executable, str(DEMO), "--online", "--nft"], capture_output=True, text=True, timeout=120)
+def test_grpo_and_nft_are_refused_together():
+    done = subprocess.run([sys.executable, str(DEMO), "--grpo", "--nft"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "choose one" in done.stderr

@@ -8,8 +8,9 @@ import torch
 from diffusers import DiffusionPipeline
 from transformers import AutoProcessor, CLIPModel
 
-from diffusion_dpo_trainer.data import PreferenceCollator, prepare_preference_dataset
+from diffusion_dpo_trainer.collators import PreferenceCollator
 from diffusion_dpo_trainer.feedback import build_preference_pairs, select_pairs
+from diffusion_dpo_trainer.formats import prepare_preference_dataset
 from diffusion_dpo_trainer.rewards import CLIPScore, PickScore, load_reward
 from diffusion_dpo_trainer.sampling import sample_images
 from diffusion_dpo_trainer.testing import make_clip_model

@@ -467,10 +467,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd
     logged = [h for h in ranks[0]["log_history"] if "loss" in h]
     single_logged = [h for h in single["log_history"] if "loss" in h]
     assert len(logged) == len(single_logged) == 3
-    for ours, theirs in zip(logged, single_logged, strict=True):
+    # Step 0 samples from identical weights: its scores are the same to the last bit. Step 2 samples from weights
+    # after two optimizer steps, which DDP's all-reduced gradients leave equal only to float rounding (the LoRA check
+    # below): there one 8-bit pixel may round the other way, 1/8192 of the brightness mean (1 / 1024 pixels / 8
+    # images), so a few such flips are allowed, far below what a wrong prompt or seed changes.
+    pixel_level = 1 / (32 * 32 * 8)
+    for step, (ours, theirs) in enumerate(zip(logged, single_logged, strict=True)):
         for name in ("objective/scores", "objective/scores_std", "objective/scores_margin"):
             if name in theirs:
-                assert ours[name] == pytest.approx(theirs[name], rel=1e-9), name
+                expected = (pytest.approx(theirs[name], rel=1e-9) if step == 0
+                            else pytest.approx(theirs[name], abs=4 * pixel_level))
+                assert ours[name] == expected, (step, name)
         for name in ("mse/chosen", "ref_mse/rejected"):
             assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
         for name in ("loss", "rewards/margins"):

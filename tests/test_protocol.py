@@ -14,6 +14,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from helpers import lora
 from peft.utils import get_peft_model_state_dict
 
+import diffusion_dpo_trainer
 from diffusion_dpo_trainer import cli, prompt_sets, protocol
 from diffusion_dpo_trainer.protocol import evaluate_protocol, sampling_settings, summarize
 from diffusion_dpo_trainer.sampling import sample_images
@@ -125,6 +126,7 @@ def test_report_figures_recomputed_from_the_raw_scores(tmp_path, sd_path, lora_d
     settings = report["settings"]
     assert settings["sampling"]["num_inference_steps"] == 2 and settings["sampling"]["guidance_scale"] == 7.5
     assert settings["seeds"] == [0, 1] and settings["lora"] == lora_dir and "diffusers" in settings["versions"]
+    assert settings["versions"]["diffusion_dpo_trainer"] == diffusion_dpo_trainer.__version__
     for reward in ("brightness", "redness"):
         entry = report["results"][prompts_file][reward]
         score = {(r["variant"], r["index"], r["seed"]): r["scores"][reward] for r in rows}

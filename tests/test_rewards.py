@@ -19,6 +19,7 @@ from diffusion_dpo_trainer.rewards.aesthetic import AestheticScore
 from diffusion_dpo_trainer.rewards.base import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    ModelReward,
     load_torch_checkpoint,
     normalize,
     resize_center_crop,
@@ -253,6 +254,15 @@ def test_bad_input_gets_a_clear_error(all_rewards):
         load_reward("hps3")
 
 
+def test_a_reward_model_without_score_batch_cannot_be_built():
+    class Unfinished(ModelReward):
+        def __init__(self):
+            self.model = torch.nn.Linear(1, 1)
+
+    with pytest.raises(TypeError, match="score_batch"):
+        Unfinished()
+
+
 def test_a_missing_optional_package_names_the_extra(hps, monkeypatch):
     monkeypatch.setitem(sys.modules, "ftfy", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r'pip install "diffusion-dpo-trainer\[rewards\]"'):
@@ -329,7 +339,8 @@ def test_http_reward_errors(server, monkeypatch):
 
     with pytest.raises(RewardServerError, match=r"rejected the request \(500\): RuntimeError: CUDA out of memory"):
         HTTPReward(server(boom))(images(1), PROMPTS[:1])
-    with pytest.raises(RewardServerError, match=r"answered \{'scores': \[1.0\]\}; expected.*for 2 images"):
+    # The server checks the reward's answer (the client's own check: tests/test_reward_server.py).
+    with pytest.raises(RewardServerError, match=r"\(500\): ValueError: reward 'reward' returned 1 scores for 2 images"):
         HTTPReward(server(lambda images, prompts: [1.0]))(images(2), PROMPTS[:2])
     small = server(brightness, max_batch_size=2)
     with pytest.raises(RewardServerError, match=r"\(400\).*at most 2"):

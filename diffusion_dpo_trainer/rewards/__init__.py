@@ -12,6 +12,8 @@ evaluation protocol (`evaluation.py`, `protocol.py`). `load_reward` builds the o
 | `geneval`, `geneval-partial` | Mask2Former over HTTP (`geneval:http://host:port/path`) | GenEval rules: 0/1, partial |
 | `aesthetic` | LAION improved aesthetic predictor on CLIP ViT-L/14 | AVA scale (about 1-10) |
 | `clip` | `openai/clip-vit-large-patch14` | 100 x cosine |
+| `hpsv3` | `MizzenAI/HPSv3` (Qwen2-VL-7B + reward head) | the head's predicted mean (unbounded) |
+| `unifiedreward` | `CodeGoat24/UnifiedReward-2.0-qwen-7b` (a VLM judge; `:<id>` for another) | mean of its 1-5 axes |
 
 The model classes import their weights lazily, so `import diffusion_dpo_trainer` stays light. For video pipelines
 the samples are videos (lists of PIL frames): any callable on lists of frames works, and `frame_averaged` turns an
@@ -44,6 +46,8 @@ REWARDS = {
     "hpsv2.1": (".hps", "HPSv2", {"version": "2.1"}, "checkpoint"),
     "imagereward": (".imagereward", "ImageReward", {}, "checkpoint"),
     "aesthetic": (".aesthetic", "AestheticScore", {}, "head"),
+    "hpsv3": (".hpsv3", "HPSv3", {}, "checkpoint"),
+    "unifiedreward": (".unifiedreward", "UnifiedReward", {}, "model"),
 }
 
 
@@ -68,10 +72,13 @@ class WeightedReward:
 
 
 def _weight(text: str) -> float | None:
+    """The weight in `name:weight`, or None when the tail is no finite number: `module:nan` or `module:inf` name a
+    function (float() would read them as weights)."""
     try:
-        return float(text)
+        weight = float(text)
     except ValueError:
         return None
+    return weight if math.isfinite(weight) else None
 
 
 def _components(spec) -> list[tuple[object, float]]:

@@ -14,6 +14,7 @@ Preprocessing follows each model's reference code to the pixel, because reward n
 - `normalize`: per-channel `(x - mean) / std`, with the OpenAI CLIP constants for every model here.
 """
 
+import abc
 import importlib
 import os
 from collections.abc import Sequence
@@ -113,10 +114,11 @@ def normalize(pixels: torch.Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN,
     return (pixels - mean) / std
 
 
-class ModelReward:
+class ModelReward(abc.ABC):
     """Base of the reward models: checks the inputs, batches them, returns one float per image.
 
-    Subclasses set `self.model` (an `nn.Module`, for device and dtype) and implement `score_batch`.
+    Subclasses set `self.model` (an `nn.Module`, for device and dtype) and implement `score_batch`; one that does not
+    cannot be instantiated.
     """
 
     batch_size: int = 16
@@ -133,8 +135,9 @@ class ModelReward:
         self.model.eval().requires_grad_(False)
         self.model.to(device=device, dtype=dtype)
 
+    @abc.abstractmethod
     def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """One score per image of a checked batch (at most `batch_size` images), in any float dtype."""
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[float]:

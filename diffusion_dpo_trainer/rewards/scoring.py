@@ -38,6 +38,11 @@ def takes_trl_keywords(fn) -> bool:
     return "completions" in names or all(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
+class NotAScoreError(TypeError, ValueError):
+    """A reward returned something that is not a number: a TypeError to Python, and a bad value of the user's reward
+    (ValueError) to the command line, which reports it in one line instead of a traceback."""
+
+
 def check_scores(values, prompts: Sequence[str], name: str, allow_none: bool = True, offset: int = 0) -> list[float]:
     """One finite float per image (NaN for None where `allow_none`); `offset` is the first image's index in the run,
     so an error names the image as the caller counts it."""
@@ -57,7 +62,7 @@ def check_scores(values, prompts: Sequence[str], name: str, allow_none: bool = T
         if isinstance(value, torch.Tensor | np.ndarray) and np.ndim(value) == 0:
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-            raise TypeError(f"Reward function {name!r} returned {value!r} ({type(value).__name__}) for {where}; "
+            raise NotAScoreError(f"Reward function {name!r} returned {value!r} ({type(value).__name__}) for {where}; "
                             "expected a number" + (", or None to skip the image." if allow_none else "."))
         if not math.isfinite(value):
             raise ValueError(f"Reward function {name!r} returned {value} for {where}; expected a finite number"

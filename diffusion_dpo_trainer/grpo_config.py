@@ -1,0 +1,213 @@
+"""`DiffusionGRPOConfig`: `DiffusionDPOConfig` plus what GRPO on a diffusion model needs, named as in TRL's
+`GRPOConfig` where the idea is the same (`num_generations`, `beta`, `epsilon`, `num_iterations`, `scale_rewards`,
+...), with each published value and its source (docs/on-policy-math.md, section 4)."""
+
+from dataclasses import dataclass, field
+
+from .advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
+from .config import DiffusionDPOConfig
+
+#: The stochastic sampler steps (sde.py) and each one's published noise level (docs/on-policy-math.md).
+DYNAMICS = {"flow_sde": 0.7, "dance": 0.3, "cps": 0.8, "ddim": 1.0}
+WINDOW_MODES = ("fixed", "sliding")
+
+
+@dataclass
+class DiffusionGRPOConfig(DiffusionDPOConfig):
+    r"""
+    Configuration for [`DiffusionGRPOTrainer`]. Every field of `DiffusionDPOConfig` (and so of
+    `transformers.TrainingArguments`) is accepted too, with the same meaning, except:
+
+    - `per_device_train_batch_size` counts PROMPTS per process and micro-step: each prompt gets `num_generations`
+      images, a group, so a group never straddles two processes (advantages are still formed over the gathered batch).
+    - `beta` is the KL weight (TRL's meaning), not Diffusion-DPO's; `loss_type` and the DPO-only fields do not apply.
+    - `guidance_scale` is the classifier-free guidance of the rollout AND of the training forward (the same, or the
+      importance ratio would not be 1); the unconditional branch is detached in training, as in flow_grpo.
+    - `resolution` is the size the images are sampled at; `precompute_latents` and `max_prompt_length` do not apply.
+
+    Cost of one micro-step: `per_device_train_batch_size * num_generations` images of `num_inference_steps` denoiser
+    calls each (two with guidance) every `num_iterations` optimizer steps, plus per trained step one policy forward
+    and backward (and, with `beta > 0`, one reference forward) on those images.
+    """
+
+    beta: float | None = field(
+        default=0.04,
+        metadata={
+            "help": "Weight of the KL between the policy's and the reference's step means, "
+            "||mu - mu_ref||^2 / (2 s^2) averaged over latent elements (flow_grpo's form, losses.grpo_loss). 0 uses "
+            "and loads no reference. Published: 0.04 (Flow-GRPO GenEval and OCR), 0.01 PickScore, 0.02 CLIPScore, 0 "
+            "(MixGRPO, Flow-GRPO-Fast); TRL's default is 0.0."
+        },
+    )
+    num_generations: int = field(
+        default=8,
+        metadata={
+            "help": "Images per prompt (the group whose rewards are compared; at least 2). Published: 24 (Flow-GRPO), "
+            "12 (DanceGRPO FLUX, MixGRPO), 16 (DanceGRPO SD); TRL's default 8."
+        },
+    )
+    epsilon: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Clip range of the importance ratio. 1e-4 is the published value (Flow-GRPO, DanceGRPO, DDPO) because "
+            "the per-step log-density is AVERAGED over latent elements; TRL's 0.2 is for summed token log-probs."
+        },
+    )
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={"help": "Upper clip range (DAPO's asymmetric clipping); None: equal to `epsilon`."},
+    )
+    num_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "Optimizer steps trained on each rollout (GRPO's mu, TRL's name): new images every `num_iterations` "
+            "steps. 1 (published for Flow-GRPO and TRL's default) is fully on-policy; the ratio is exactly 1 then."
+        },
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={
+            "help": "Divide the advantages by the std of the rewards of the group (TRL's default), of the whole "
+            "gathered batch ('batch': Flow-GRPO's published `global_std=True`), or not at all ('none', Dr. GRPO).",
+            "choices": list(SCALE_REWARDS),
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per reward function (TRL); None: every weight is 1.0."},
+    )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={
+            "help": "How several rewards make one advantage (TRL): the weighted sum normalised per group, or each "
+            "reward normalised in its group, then summed and normalised over the batch (GDPO).",
+            "choices": list(MULTI_OBJECTIVE_AGGREGATIONS),
+        },
+    )
+    advantage_clip: float | None = field(
+        default=5.0,
+        metadata={"help": "Clamp advantages to [-c, c]; published 5 (flow_grpo `adv_clip_max`, DanceGRPO, DDPO)."},
+    )
+    dynamics: str | None = field(
+        default=None,
+        metadata={
+            "help": "The stochastic sampler step whose log-density the ratio uses: 'flow_sde' (Flow-GRPO), 'dance' "
+            "(DanceGRPO, constant noise), 'cps' (Coefficients-Preserving Sampling, arXiv 2509.05952) for the flow "
+            "families; 'ddim' (DDIM with eta, DDPO / DanceGRPO's SD path) for SD. None: 'flow_sde' for flow models, "
+            "'ddim' for SD.",
+            "choices": list(DYNAMICS),
+        },
+    )
+    noise_level: float | None = field(
+        default=None,
+        metadata={
+            "help": "The step's noise: a of the Flow-SDE (published 0.7), eta of DanceGRPO (0.3) and of DDIM (1.0), "
+            "CPS's angle (0.8). None: that published value. 0 samples deterministically (nothing to train)."
+        },
+    )
+    num_inference_steps: int = field(
+        default=10,
+        metadata={"help": "Sampling steps of a training rollout. Published: 10 (Flow-GRPO), 16 (DanceGRPO FLUX), 25 "
+                  "(MixGRPO), 50 (DDPO, DanceGRPO SD)."},
+    )
+    eval_num_inference_steps: int = field(
+        default=40,
+        metadata={"help": "Sampling steps at evaluation (deterministic sampler); published 40 (Flow-GRPO)."},
+    )
+    guidance_scale: float = field(
+        default=4.5,
+        metadata={
+            "help": "Classifier-free guidance in rollout and training (the same); 1.0: none (Flow-GRPO-Fast, "
+            "DanceGRPO FLUX). Published: 4.5 (Flow-GRPO), 5.0 (DDPO, DanceGRPO SD)."
+        },
+    )
+    timestep_fraction: float = field(
+        default=0.99,
+        metadata={
+            "help": "Without a window: the first int(num_inference_steps * timestep_fraction) stochastic steps are "
+            "trained (flow_grpo's rule; 0.99 of 10 is 9, the sharp last step is never trained). Published: 0.99 "
+            "(Flow-GRPO), 1.0 (DDPO)."
+        },
+    )
+    sde_window_size: int = field(
+        default=0,
+        metadata={
+            "help": "MixGRPO / Flow-GRPO-Fast: only this many consecutive steps are stochastic and trained, the others "
+            "deterministic (cheaper: fewer trained steps). 0: no window. Published: 4 (MixGRPO), 2-3 (flow_grpo)."
+        },
+    )
+    sde_window_mode: str = field(
+        default="fixed",
+        metadata={
+            "help": "'fixed': the window starts at `sde_window_start`; 'sliding' (MixGRPO's progressive strategy): it "
+            "moves by `sde_window_stride` steps every `sde_window_shift_every` optimizer steps and rolls back to the "
+            "start after the last possible place.",
+            "choices": list(WINDOW_MODES),
+        },
+    )
+    sde_window_start: int = field(default=0, metadata={"help": "First stochastic step of the window (0-based)."})
+    sde_window_stride: int = field(default=1, metadata={"help": "Steps a sliding window moves (MixGRPO: 1)."})
+    sde_window_shift_every: int = field(
+        default=25, metadata={"help": "Optimizer steps between two moves of a sliding window (MixGRPO: 25)."})
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images per pipeline call while sampling (memory). None: all images of a micro-step in one call, "
+            "the batch the training forward uses; another value may change the float rounding of the ratio."
+        },
+    )
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Move the reference towards the policy every `ref_model_sync_steps` optimizer steps (TRL's "
+            "option): ref = alpha * policy + (1 - alpha) * ref; with LoRA the reference is a second adapter."
+        },
+    )
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "alpha of `sync_ref_model`, in (0, 1]."})
+    ref_model_sync_steps: int = field(
+        default=512, metadata={"help": "Optimizer steps between two reference syncs (`sync_ref_model=True` only)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations={self.num_generations}: a group needs at least 2 images to have a "
+                             "reward spread (GRPO's advantage is relative to the group).")
+        for name in ("num_inference_steps", "eval_num_inference_steps", "num_iterations", "ref_model_sync_steps",
+                     "sde_window_stride", "sde_window_shift_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.beta is None or self.beta < 0:
+            raise ValueError(f"beta (the KL weight) must be >= 0, got {self.beta}.")
+        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ValueError(f"epsilon / epsilon_high must be > 0, got {self.epsilon} / {self.epsilon_high}.")
+        if self.dynamics is not None and self.dynamics not in DYNAMICS:
+            raise ValueError(f"dynamics={self.dynamics!r}: expected one of {tuple(DYNAMICS)} or None.")
+        if self.noise_level is not None and self.noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}.")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards={self.scale_rewards!r}: expected one of {SCALE_REWARDS}.")
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise ValueError(f"multi_objective_aggregation={self.multi_objective_aggregation!r}: expected one of "
+                             f"{MULTI_OBJECTIVE_AGGREGATIONS}.")
+        if self.advantage_clip is not None and self.advantage_clip <= 0:
+            raise ValueError(f"advantage_clip must be > 0 or None, got {self.advantage_clip}.")
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}.")
+        if self.sde_window_mode not in WINDOW_MODES:
+            raise ValueError(f"sde_window_mode={self.sde_window_mode!r}: expected one of {WINDOW_MODES}.")
+        if self.sde_window_size < 0 or self.sde_window_start < 0:
+            raise ValueError("sde_window_size and sde_window_start must be >= 0.")
+        if self.sde_window_size and self.sde_window_start + self.sde_window_size > self.num_inference_steps:
+            raise ValueError(f"sde_window_size={self.sde_window_size} from sde_window_start={self.sde_window_start} "
+                             f"is larger than the num_inference_steps={self.num_inference_steps} sampling steps.")
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size must be >= 1 or None, got {self.generation_batch_size}.")
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}.")
+        if self.sync_ref_model and self.beta == 0:
+            raise ValueError("sync_ref_model=True with beta=0: there is no reference to sync (set beta > 0).")
+        if self.precompute_latents:
+            raise ValueError("precompute_latents does not apply to GRPO: its latents are sampled, not encoded.")
+        if self.max_prompt_length is not None:
+            raise ValueError("max_prompt_length does not apply to GRPO: the rollout encodes prompts at the pipeline's "
+                             "own length, and training must see the same embeddings (or the ratio is not 1).")
