@@ -136,7 +136,8 @@ def _format(value) -> str:
 def card_hyperparameters(args, loss_types, loss_params, steps: int, resolution: int, mixed_precision: str,
                          lora_config=None, num_frames: int | None = None) -> dict:
     """What it takes to reproduce the run: the selected losses' own values, then the optimisation settings."""
-    values = losses.loss_hyperparameters(loss_types, loss_params)
+    # A trainer with a loss of its own (GRPO, NFT) has no DPO loss parameters: it records its own.
+    values = losses.loss_hyperparameters(loss_types, loss_params) if loss_params is not None else {}
     values.update({
         "learning_rate": args.learning_rate,
         "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),

@@ -379,7 +379,7 @@ def print_summary(report: dict) -> None:
         if split[name]["comparisons"]:
             print(f"win rate where the {label}: {split[name]['win_rate']:.1%} of {split[name]['comparisons']}")
     print(f"reward-hacking alerts: {report['reward_hacking']['alerts'] or 'none'}")
-    method = "GRPO" if report["mode"] == "grpo" else f"{report['mode']} DPO"
+    method = {"grpo": "GRPO", "nft": "DiffusionNFT"}.get(report["mode"], f"{report['mode']} DPO")
     print(f"{method}; images sampled to train on: {report['images_sampled']}; "
           f"time: {report['timings_s']['total']:.0f} s {report['timings_s']}")
 
