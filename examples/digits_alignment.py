@@ -339,6 +339,10 @@ def nft_figures(log_history: list) -> dict:
         "reward_model_score_while_training": [[h["step"], h["reward"]] for h in log_history if "reward" in h],
         "sampling_s": round(logged_total(log_history, "time/sampling"), 1),
         "rewards_s": round(logged_total(log_history, "time/rewards"), 3),
+        "training_s": round(logged_total(log_history, "time/training"), 1),
+    }
+
+
 def grpo_figures(log_history: list) -> dict:
     """The reward of the groups sampled while training and the time split of a GRPO run, from the trainer's log."""
     logged = [h for h in log_history if "reward" in h]
