@@ -18,7 +18,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffusion_dpo_trainer import (
     DiffusionDPOConfig,
@@ -107,7 +107,9 @@ def digit_classifier(pixels: torch.Tensor, labels: np.ndarray) -> DigitProbabili
 
 
 # ----- the base text-to-image model ---------------------------------------------------------------------------------
-def make_text_encoder(seed: int):
+def make_text_encoder(seed: int, projection_dim: int | None = None):
+    """A 2-layer CLIP text encoder and its tokenizer; with `projection_dim`, the variant with a pooled projection that
+    SD3 reads (the flow base of digits_flow.py)."""
     with tempfile.TemporaryDirectory() as scratch:
         write_clip_tokenizer(scratch, vocab_words=["a", "handwritten", "digit"])
         # Prompts are 6 tokens with BOS/EOS: a context of 8 keeps cross-attention cheap.
@@ -115,10 +117,11 @@ def make_text_encoder(seed: int):
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=8, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, **({"projection_dim": projection_dim} if projection_dim else {}),
     )
     torch.manual_seed(seed)
-    return tokenizer, CLIPTextModel(config).eval().requires_grad_(False)
+    model = CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+    return tokenizer, model.eval().requires_grad_(False)
 
 
 def train_vae(pixels: torch.Tensor, steps: int, batch_size: int, seed: int, log) -> tuple[AutoencoderKL, list]:
