@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
@@ -49,7 +49,7 @@ def reference_points(base_path, reward, judge, pixels_a, labels_a, n: int, per_d
     best-of-k base samples picked by the reward model (k = 1, 2, 4, ... n: the usual KL-bounded yardstick of reward
     tuning) and real scans of half A (the generator's own training data). Unlike the demo's comparison, the two sides
     do not share a sampling seed, so these are yardsticks, not bounds."""
-    pipe = StableDiffusionPipeline.from_pretrained(base_path)
+    pipe = DiffusionPipeline.from_pretrained(base_path)
     prompts = [p for p in demo.PROMPTS for _ in range(per_digit * (n + 1))]
     seeds = [REFERENCE_SEED_OFFSET + i for i in range(len(prompts))]
     images = sample_images(pipe, prompts, seeds, batch_size=demo.FULL.batch_size, progress="Sampling base model",
@@ -72,8 +72,9 @@ def reference_points(base_path, reward, judge, pixels_a, labels_a, n: int, per_d
     return points
 
 
-def parse_setting(text: str) -> tuple[str, bool, demo.Settings, dict]:
-    """(reward, online, the demo's Settings, online-only DiffusionOnlineDPOConfig overrides) of one setting."""
+def parse_setting(text: str, defaults: demo.Settings = demo.FULL) -> tuple[str, bool, demo.Settings, dict]:
+    """(reward, online, the demo's Settings from `defaults`, online-only DiffusionOnlineDPOConfig overrides) of one
+    setting."""
     fields = {f.name: f.type for f in dataclasses.fields(demo.Settings)}
     online_fields = {f.name: f.default for f in dataclasses.fields(DiffusionOnlineDPOConfig)
                      if f.name not in {g.name for g in dataclasses.fields(DiffusionDPOConfig)}}
@@ -94,7 +95,7 @@ def parse_setting(text: str) -> tuple[str, bool, demo.Settings, dict]:
                              f"{sorted(fields)} or (online) {sorted(online_fields)}")
     if config and not online:
         raise SystemExit(f"{sorted(config)} in {text!r} apply to online DPO only: add online=1.")
-    return reward, online, dataclasses.replace(demo.FULL, **overrides), config
+    return reward, online, dataclasses.replace(defaults, **overrides), config
 
 
 def main(argv=None) -> list[dict]:
@@ -103,6 +104,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4], help="pipeline seeds (data split, models)")
     parser.add_argument("--dpo-seeds", type=int, nargs="+", default=[0], help="offsets added to the DPO seed")
     parser.add_argument("--validation-seeds", type=int, default=30, help="sampling seeds per digit for the judge")
+    parser.add_argument("--base", choices=("epsilon", "flow"), default="epsilon",
+                        help="the demo's base model (its --base): settings start from its full offline settings")
     parser.add_argument("--work-dir", default=None, help="keeps the base pipelines (base-S) for later sweeps")
     parser.add_argument("--reference-points", type=int, default=0, metavar="N",
                         help="also judge best-of-k (k = 1, 2, 4, ... N) base samples picked by the reward model, and "
@@ -110,12 +113,13 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="digits-sweep-")
     seeds = [VALIDATION_SEED_OFFSET + s for s in range(args.validation_seeds)]
+    defaults = demo.settings_for(args.base)
     rows = []
     for seed in args.seeds:
         (pixels_a, labels_a), (pixels_b, labels_b) = demo.load_halves(seed)
-        base_path = os.path.join(work_dir, f"base-{seed}")
+        base_path = os.path.join(work_dir, f"base-{seed}" if args.base == "epsilon" else f"{args.base}-base-{seed}")
         if not os.path.exists(os.path.join(base_path, "model_index.json")):
-            demo.build_base_pipeline(base_path, pixels_a, labels_a, demo.FULL, seed, lambda *_: None)
+            demo.build_base_pipeline(base_path, pixels_a, labels_a, defaults, seed, lambda *_: None)
         judge = demo.digit_classifier(pixels_b, labels_b)
         rewards = {
             "svm": demo.digit_classifier(pixels_a, labels_a),
@@ -129,7 +133,7 @@ def main(argv=None) -> list[dict]:
             print(json.dumps({"seed": seed, "reference_points": points}), flush=True)
         pairs, agreement = {}, {}  # agreement: share of pairs whose chosen image the judge also scores higher
         for text in args.settings:
-            reward, online, settings, online_config = parse_setting(text)
+            reward, online, settings, online_config = parse_setting(text, defaults)
             key = (reward, settings.groups_per_digit, settings.images_per_group)
             if not online and key not in pairs:
                 pairs[key] = demo.ai_feedback_pairs(base_path, rewards[reward], settings, seed)

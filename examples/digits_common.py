@@ -26,6 +26,7 @@ from diffusion_dpo_trainer import (
     DiffusionOnlineDPOConfig,
     DiffusionOnlineDPOTrainer,
 )
+from diffusion_dpo_trainer.families.flow import FlowMatchingFamily
 from diffusion_dpo_trainer.feedback import build_preference_pairs
 from diffusion_dpo_trainer.testing import write_clip_tokenizer
 
@@ -33,6 +34,7 @@ PROMPT = "a handwritten digit {}"
 PROMPTS = [PROMPT.format(d) for d in range(10)]
 SIZE = 16  # pixels; the VAE halves it, so the UNet works on 4x8x8 latents
 EVAL_SEED_OFFSET = 10**9  # evaluation seeds never overlap the seeds used to sample pairs
+FLOW_STEPS = 800  # pretraining steps of the flow base (--base flow)
 
 
 @dataclass
@@ -55,6 +57,9 @@ class Settings:
     # `online_pair_strategy` (DiffusionOnlineDPOConfig's `pair_strategy`).
     online_iterations: int = 10
     online_pair_strategy: str = "best_vs_worst"
+    # The base model: "epsilon" (SD UNet, epsilon prediction, DDIM) or "flow" (SD3 transformer, rectified flow,
+    # Euler: digits_flow.py); unet_steps are the denoiser's pretraining steps either way.
+    base: str = "epsilon"
 
 
 # The reward model and DPO strength were chosen with benchmarks/digits_sweep.py on other data splits (--seed 3, 4) and
@@ -65,6 +70,17 @@ FULL = Settings(vae_steps=200, unet_steps=800, groups_per_digit=48, images_per_g
 FULL_ONLINE = replace(FULL, beta=1000.0, online_iterations=5, online_pair_strategy="all_pairs")
 QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_group=4, dpo_steps=4, eval_seeds=4,
                  inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2)
+# --base flow: DPO's beta is the epsilon base's times E[(1 - s)^2] ~ 0.29 (s = sigmoid of a standard normal: SD3's
+# logit-normal draw at shift 1), since a velocity error is an epsilon error over 1 - s; carried over, not tuned.
+FLOW = replace(FULL, base="flow", unet_steps=FLOW_STEPS, beta=750.0)
+FLOW_ONLINE = replace(FULL_ONLINE, base="flow", unet_steps=FLOW_STEPS, beta=300.0)
+FLOW_QUICK = replace(QUICK, base="flow")
+
+
+def settings_for(base: str, quick: bool = False, online: bool = False) -> Settings:
+    if base == "flow":
+        return FLOW_QUICK if quick else FLOW_ONLINE if online else FLOW
+    return QUICK if quick else FULL_ONLINE if online else FULL
 
 
 # ----- data ---------------------------------------------------------------------------------------------------------
@@ -193,6 +209,10 @@ def train_unet(vae, text_encoder, prompt_ids, pixels, labels, scheduler, steps, 
 
 
 def build_base_pipeline(path, pixels, labels, settings: Settings, seed: int, log, on_step=None):
+    if settings.base == "flow":
+        from digits_flow import build_flow_pipeline  # a sibling module that imports this one
+
+        return build_flow_pipeline(path, pixels, labels, settings, seed, log, on_step)
     tokenizer, text_encoder = make_text_encoder(seed)
     ids = tokenizer(PROMPTS, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     pixels3 = (pixels * 2 - 1)[:, None].repeat(1, 3, 1, 1)
@@ -238,10 +258,12 @@ def training_config(settings: Settings, seed: int, output_dir: str) -> dict:
 
 
 def lora_config(settings: Settings) -> LoraConfig:
-    return LoraConfig(
-        r=settings.lora_rank, lora_alpha=settings.lora_rank, init_lora_weights="gaussian",
-        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"],
-    )
+    if settings.base == "flow":  # both streams' attention (the SD3 family's default) and the image feed-forward
+        targets = [*FlowMatchingFamily.lora_target_modules, "ff.net.0.proj", "ff.net.2"]
+    else:
+        targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
+    return LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank, init_lora_weights="gaussian",
+                      target_modules=targets)
 
 
 def dpo_trainer(base_path, pairs, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionDPOTrainer:

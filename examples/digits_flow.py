@@ -8,10 +8,10 @@ Pretraining noises and predicts through the library's own SD3 family (`sample_ti
 x_t = (1 - s) x0 + s eps, target eps - x0, s from SD3's logit-normal timestep sampling.
 """
 
-import torch
-import torch.nn.functional as F
 import tempfile
 
+import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from digits_common import PROMPTS, SIZE, make_text_encoder, train_vae
 from transformers import T5Config, T5EncoderModel
