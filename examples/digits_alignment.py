@@ -11,7 +11,7 @@ stratified halves A and B.
 1. Base model: a small latent text-to-image model built here (tiny VAE, tiny UNet, a small CLIP text encoder
    with a tokenizer written locally) and pretrained on half A, digits upscaled to 16 px, with prompts
    "a handwritten digit 7". It is saved as an ordinary `StableDiffusionPipeline`. With `--base flow`: a tiny SD3
-   transformer (two small CLIP encoders, a frozen tiny T5) pretrained with rectified flow on the same data with the
+   transformer (two small CLIP encoders, a tiny T5) pretrained with rectified flow on the same data with the
    same VAE recipe, saved as a `StableDiffusion3Pipeline` (digits_flow.py); everything below runs on it unchanged.
 2. Reward model: a calibrated RBF-SVM classifier trained on half A; the reward of an image is its probability of
    the prompted digit. JUDGE: the same recipe trained on half B only. The judge never labels a pair, never sees a

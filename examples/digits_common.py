@@ -34,7 +34,6 @@ PROMPT = "a handwritten digit {}"
 PROMPTS = [PROMPT.format(d) for d in range(10)]
 SIZE = 16  # pixels; the VAE halves it, so the UNet works on 4x8x8 latents
 EVAL_SEED_OFFSET = 10**9  # evaluation seeds never overlap the seeds used to sample pairs
-FLOW_STEPS = 800  # pretraining steps of the flow base (--base flow)
 
 
 @dataclass
@@ -72,8 +71,8 @@ QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_gro
                  inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2)
 # --base flow: DPO's beta is the epsilon base's times E[(1 - s)^2] ~ 0.29 (s = sigmoid of a standard normal: SD3's
 # logit-normal draw at shift 1), since a velocity error is an epsilon error over 1 - s; carried over, not tuned.
-FLOW = replace(FULL, base="flow", unet_steps=FLOW_STEPS, beta=750.0)
-FLOW_ONLINE = replace(FULL_ONLINE, base="flow", unet_steps=FLOW_STEPS, beta=300.0)
+FLOW = replace(FULL, base="flow", beta=750.0)
+FLOW_ONLINE = replace(FULL_ONLINE, base="flow", beta=300.0)
 FLOW_QUICK = replace(QUICK, base="flow")
 
 

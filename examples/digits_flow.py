@@ -2,7 +2,7 @@
 rectified flow on the same half of the data, with the same VAE recipe, as the epsilon base of digits_common.py.
 
 Why SD3: the library trains it through `FlowMatchingFamily`, its MMDiT is the architecture Flow-GRPO and DiffusionNFT
-report on (SD3.5-Medium), and its encoders shrink to toys: two 2-layer CLIPs and a frozen 1-layer T5.
+report on (SD3.5-Medium), and its encoders shrink to toys: two 2-layer CLIPs and a 1-layer T5.
 Pretraining noises and predicts through the library's own SD3 family (`sample_timesteps`,
 `noisy_latents_and_target`, `predict`), so the base learns exactly the objective that DPO, GRPO and NFT train on:
 x_t = (1 - s) x0 + s eps, target eps - x0, s from SD3's logit-normal timestep sampling.
@@ -22,6 +22,7 @@ from diffusion_dpo_trainer.testing import write_t5_tokenizer
 # The velocity of a flow model: the pipeline's own Euler sampler on SD3's schedule. The static shift is 1, not SD3's
 # 3: the shift moves noise levels up for large images (SD3 paper, section 5.3.2), and these are 16 px.
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0}
+LEARNING_RATE = 1e-3
 
 
 def make_transformer(seed: int, context_dim: int, pooled_dim: int) -> SD3Transformer2DModel:
@@ -39,21 +40,24 @@ def make_transformer(seed: int, context_dim: int, pooled_dim: int) -> SD3Transfo
 
 
 def train_transformer(pipe, pixels, labels, steps, batch_size, seed, log, on_step=None):
-    """Rectified-flow pretraining of `pipe.transformer` with both CLIP encoders learning beside it (as the epsilon
+    """Rectified-flow pretraining of `pipe.transformer` with the text encoders learning beside it (as the epsilon
     base's encoder does), conditioned through the pipeline's own `encode_prompt`, as sampling conditions it."""
     family = family_class_for("StableDiffusion3Pipeline")(pipe)
     vae, transformer = pipe.vae, pipe.transformer
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist
         mean, std = posterior.mean, posterior.std
-    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    # T5 learns too: its 256 tokens (no attention mask) outnumber the 8 CLIP tokens in the joint attention, and a
+    # frozen random T5 left them as noise that the digit had to be heard through (the base ignored the prompt).
+    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
     params = [*transformer.parameters()]
     for encoder in encoders:
         encoder.train().requires_grad_(True)
         params += encoder.parameters()
     transformer.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.05)
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE, total_steps=max(steps, 1),
+                                                   pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for step in range(steps):
@@ -82,8 +86,8 @@ def train_transformer(pipe, pixels, labels, steps, batch_size, seed, log, on_ste
 
 
 def make_t5(seed: int, width: int):
-    """T5 must be there: a saved SD3 pipeline without it does not load by path. A frozen random 1-layer encoder (the
-    CLIP encoders carry the digit), as wide as the transformer's joint attention."""
+    """T5 must be there: a saved SD3 pipeline without it does not load by path. A 1-layer encoder as wide as the
+    transformer's joint attention."""
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = write_t5_tokenizer(scratch)
     config = T5Config(
