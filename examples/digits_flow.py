@@ -22,7 +22,7 @@ from diffusion_dpo_trainer.testing import write_t5_tokenizer
 # The velocity of a flow model: the pipeline's own Euler sampler on SD3's schedule. The static shift is 1, not SD3's
 # 3: the shift moves noise levels up for large images (SD3 paper, section 5.3.2), and these are 16 px.
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0}
-LEARNING_RATE = 1e-3
+LEARNING_RATE = 1e-3  # AdamW, one-cycle: the epsilon base's UNet recipe
 
 
 def make_transformer(seed: int, context_dim: int, pooled_dim: int) -> SD3Transformer2DModel:
