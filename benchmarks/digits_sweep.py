@@ -78,7 +78,7 @@ def parse_setting(text: str, defaults: demo.Settings = demo.FULL) -> tuple[str, 
     fields = {f.name: f.type for f in dataclasses.fields(demo.Settings)}
     online_fields = {f.name: f.default for f in dataclasses.fields(DiffusionOnlineDPOConfig)
                      if f.name not in {g.name for g in dataclasses.fields(DiffusionDPOConfig)}}
-    reward, online, overrides, config = "svm", False, {}, {}
+    reward, online, overrides, config, dpo_config = "svm", False, {}, {}, {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key == "reward" and value in ("svm", "logistic"):
@@ -91,11 +91,15 @@ def parse_setting(text: str, defaults: demo.Settings = demo.FULL) -> tuple[str, 
             kind = type(online_fields[key])
             config[key] = value in ("1", "true", "True") if kind is bool else kind(value)
         else:
-            raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic, online=1, "
-                             f"{sorted(fields)} or (online) {sorted(online_fields)}")
+            try:  # DiffusionDPOConfig's own fields (e.g. winner_preserving_mu, soft_labels), either mode
+                dpo_config.update([demo.dpo_option(item)])
+            except ValueError:
+                raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic, online=1, "
+                                 f"{sorted(fields)}, DiffusionDPOConfig's own fields, or (online) "
+                                 f"{sorted(online_fields)}") from None
     if config and not online:
         raise SystemExit(f"{sorted(config)} in {text!r} apply to online DPO only: add online=1.")
-    return reward, online, dataclasses.replace(defaults, **overrides), config
+    return reward, online, dataclasses.replace(defaults, **overrides), {**config, **dpo_config}
 
 
 def main(argv=None) -> list[dict]:
@@ -147,7 +151,7 @@ def main(argv=None) -> list[dict]:
                                                       output_dir, disable_tqdm=True, **online_config)
                 else:
                     trainer = demo.dpo_trainer(base_path, pairs[key], settings, seed + dpo_seed, output_dir,
-                                               disable_tqdm=True)
+                                               disable_tqdm=True, **online_config)
                 start = time.perf_counter()
                 trainer.train()
                 train_s = time.perf_counter() - start
@@ -163,7 +167,8 @@ def main(argv=None) -> list[dict]:
                        "accuracy": [base["accuracy"], dpo["accuracy"]],
                        "diversity": [base["diversity"], dpo["diversity"]], "reward_model_win_rate": reward_win_rate,
                        "pair_judge_agreement": agreement.get(key) if not online else None,
-                       "images_sampled": demo.images_sampled(settings, online), "train_s": round(train_s, 1)}
+                       "images_sampled": demo.images_sampled(settings, online), "train_s": round(train_s, 1),
+                       **demo.winner_error_change(trainer.state.log_history)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if not args.settings:

@@ -13,7 +13,8 @@ Both are `datasets.map` results with a fingerprint built from the data, the froz
 settings, so a dataset on disk (from `load_dataset`/`load_from_disk`) reuses its cache across runs and processes.
 
 The write side (`precompute_latents`, `precompute_prompt_embeddings`, `precompute_for_training`) and the read side
-(`cached_images`, `PromptEmbeddingCache`, used by the collators) of the layout live here together.
+(`cached_images`, `PromptEmbeddingCache`, used by the collators) of the layout live here together. The write side
+decodes rows with the training collator it is handed, so this module imports no collator (they import it).
 """
 
 import contextlib
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from datasets.fingerprint import Hasher
 
-from .formats import IMAGE_COLUMNS, ROW_COLUMN, eval_datasets, map_eval_datasets
+from .formats import ROW_COLUMN, eval_datasets, map_eval_datasets
 from .transforms import flipped_crop_top_left
 
 #: Bump when the stored layout changes, so old caches are not read.
@@ -94,29 +95,20 @@ def row_generator(seed: int, row: int, *key: int) -> torch.Generator:
 def precompute_latents(
     dataset: datasets.Dataset,
     family,
-    resolution: int,
-    random_crop: bool = False,
+    collator,
     random_flip: bool = False,
     seed: int = 0,
     batch_size: int = 8,
-    image_columns: tuple[str, ...] = IMAGE_COLUMNS,
-    collator=None,
 ) -> datasets.Dataset:
     """Replace the image columns by their VAE latent mean/std (and SDXL size/crop columns).
 
-    `image_columns` are transformed together, with one crop and flip per row: a canonical pair's `chosen`/`rejected`
-    (the default), or an unpaired row's single `image`. Adds per column `{side}_latent_mean`, `{side}_latent_std`,
+    Rows are decoded and transformed as the training `collator` transforms them (a `PreferenceCollator`, an
+    `UnpairedCollator`, a video one: its `image_columns`, resolution and crop setting apply): the image columns of a
+    row together, with one crop per row. Adds per column `{side}_latent_mean`, `{side}_latent_std`,
     `{side}_original_size`, `{side}_crop_top_left`, and with `random_flip` the same latents and crop for the flipped
-    row (`*_flipped`). Returns the dataset in torch format. Rows are decoded and transformed by `collator` (the
-    training collator, e.g. a video one, whose `image_columns`, resolution and crop setting then apply), by default a
-    `PreferenceCollator` for `image_columns`.
+    row (`*_flipped`). Returns the dataset in torch format.
     """
-    if collator is None:
-        from .collators import PreferenceCollator  # the collators read this module's cache layout
-
-        collator = PreferenceCollator(resolution, random_crop)
-        collator.image_columns = tuple(image_columns)
-    image_columns = collator.image_columns
+    image_columns, resolution, random_crop = collator.image_columns, collator.resolution, collator.random_crop
     orientations = ("", FLIPPED) if random_flip else ("",)
     latent_shape = family.latent_shape(collator.pixel_shape)
     size = datasets.List(datasets.Value("int64"), length=2)
@@ -230,7 +222,7 @@ def precompute_prompt_embeddings(
     return PromptEmbeddingCache(embeddings)
 
 
-def precompute_for_training(family, train_dataset, eval_dataset, collator, args, resolution: int, device):
+def precompute_for_training(family, train_dataset, eval_dataset, collator, args, device):
     """What `DiffusionDPOTrainer` runs when `precompute_latents`/`precompute_text_embeddings` is set: encode every
     dataset once (main process first; `datasets` caches the result) and hand the prompt cache to the collator. Each
     encoder is on the accelerator only while it encodes, with the denoiser waiting on the CPU meanwhile; afterwards it
@@ -245,8 +237,8 @@ def precompute_for_training(family, train_dataset, eval_dataset, collator, args,
     with args.main_process_first(desc="precomputing latents and prompt embeddings"), _denoisers_aside(family):
         if args.precompute_latents:
             def encode(dataset, name=None):
-                return precompute_latents(dataset, family, resolution, args.random_crop, args.random_flip, args.seed,
-                                          args.per_device_train_batch_size, collator=collator)
+                return precompute_latents(dataset, family, collator, args.random_flip, args.seed,
+                                          args.per_device_train_batch_size)
 
             family.vae.to(device)
             train_dataset = None if train_dataset is None else encode(train_dataset)

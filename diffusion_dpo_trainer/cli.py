@@ -24,7 +24,7 @@ import datasets
 from transformers import TrainingArguments
 from trl import TrlParser
 
-from . import __version__
+from ._version import __version__
 from .config import DiffusionDPOConfig
 from .formats import FOLDER_METADATA, load_preference_folder
 
@@ -36,7 +36,12 @@ USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
 DEFAULT_REWARD = "pickscore"
 # What `evaluate --prompt_set` reports by default: the rewards papers on Diffusion-DPO and its successors quote.
 PROTOCOL_REWARDS = ["pickscore", "hpsv2.1", "imagereward", "aesthetic", "clip"]
+PROTOCOL_RESUME = (" The images sampled and the scores computed so far are kept in --output_dir: the same command "
+                   "resumes from them.")
+BUILD_PAIRS_RESUME = PROTOCOL_RESUME
 # Local files that `datasets` reads with a builder named after their format.
+# Columns that may hold image or video file paths, in every supported layout.
+MEDIA_COLUMNS = ("chosen", "rejected", "jpg_0", "jpg_1", "image", "video")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -88,9 +93,13 @@ class ScriptArguments:
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Names of the denoiser's modules that get an adapter. Default: the model family's own, as "
-                  "in Python: to_q to_k to_v to_out.0 for SD1.x/2.x and SDXL, plus add_q_proj add_k_proj "
-                  "add_v_proj to_add_out for SD3 and FLUX."},
+                  "in Python (docs/models.md lists each family's)."},
     )
+
+
+    def __post_init__(self):
+        if isinstance(self.lora_target_modules, str):  # `lora_target_modules: to_q` in YAML: one module, not a regex
+            self.lora_target_modules = [self.lora_target_modules]
 
 
 class DiffusionDPOParser(TrlParser):
@@ -147,10 +156,14 @@ def make_train_parser(prog: str = f"{PROG} train") -> DiffusionDPOParser:
 
 def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, DiffusionDPOConfig]:
     """Parse `--config` and flags; an unknown flag or config key, or an invalid value, exits with argparse's code 2."""
+    import yaml
+
     parser = make_train_parser()
     try:
         script_args, training_args, unknown = parser.parse_args_and_config(argv, return_remaining_strings=True)
-    except (ValueError, OSError) as exc:  # bad YAML file or a value TrainingArguments.__post_init__ rejects
+    except yaml.YAMLError as exc:  # its message spans lines: the problem, then where it is
+        parser.error(f"the --config file is not valid YAML: {' '.join(str(exc).split())}")
+    except (ValueError, OSError) as exc:  # a YAML file of no mapping, or a value a config's __post_init__ rejects
         parser.error(str(exc))
     if unknown:
         known = [option for action in parser._actions for option in action.option_strings]
@@ -176,17 +189,66 @@ def load_split(
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"Cannot read {name!r}: supported files are {', '.join(FILE_BUILDERS)}.")
-        return datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming)
+        if not _has_rows(path, builder):  # the builders fail on an empty file with messages that name no file
+            raise ValueError(f"{name!r} is empty: there are no rows to train on.")
+        from datasets.exceptions import DatasetGenerationError
+
+        try:
+            data = datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming)
+        except DatasetGenerationError as exc:  # its own message names no cause
+            raise ValueError(f"Cannot read {name!r} as {builder}: {exc.__cause__ or exc}") from exc
+        return _paths_relative_to(data, path.parent)
     if (path / FOLDER_METADATA).is_file():
         return load_preference_folder(path, streaming=streaming)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        data = datasets.load_from_disk(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise ValueError(f"{name!r} has splits {list(data)}, not {split!r}.")
-            data = data[split]
+        data = _load_saved(path, split)
         return data.to_iterable_dataset() if streaming else data
     return datasets.load_dataset(name, config, split=split, streaming=streaming)
+
+
+def _paths_relative_to(data, folder: Path):
+    """Relative image/video file paths of a data file resolved against the file's folder (as an image folder's
+    `metadata.jsonl` names its files), not against wherever the command runs."""
+    features = data.features or {}
+    columns = [c for c in MEDIA_COLUMNS if getattr(features.get(c), "dtype", None) == "string"]
+    if not columns:
+        return data
+
+    def resolve(row):
+        return {c: str(folder / row[c]) if row[c] and not os.path.isabs(row[c]) and "://" not in row[c] else row[c]
+                for c in columns}
+
+    return data.map(resolve, features=data.features)  # a stream's map would forget its columns otherwise
+
+
+def _has_rows(path: Path, builder: str) -> bool:
+    if builder == "parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows > 0
+    with path.open("rb") as f:  # any non-blank byte, read in chunks (the file may be large)
+        return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
+
+
+def _load_saved(path: Path, split: str) -> datasets.Dataset:
+    """One split of a `save_to_disk` folder. Only that split is loaded (`load_from_disk` of a whole DatasetDict fails
+    on any empty split), and an empty one is named (`load_from_disk` raises an IndexError for it)."""
+    import json
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        if split not in splits:
+            raise ValueError(f"{str(path)!r} has splits {splits}, not {split!r}.")
+        path = path / split
+    else:
+        saved_split = json.loads((path / "state.json").read_text(encoding="utf-8")).get("_split")
+        if split not in ("train", saved_split):  # one Dataset: its rows are no other split (never reuse them)
+            raise ValueError(f"{str(path)!r} is a single dataset (Dataset.save_to_disk), with no {split!r} split: its "
+                             f"rows are the training rows. Save a DatasetDict with a {split!r} split, or drop that "
+                             "split option.")
+    if not json.loads((path / "state.json").read_text(encoding="utf-8"))["_data_files"]:
+        raise ValueError(f"{str(path)!r} is an empty dataset (saved with no rows): there are no rows to train on.")
+    return datasets.load_from_disk(str(path))
 
 
 def load_model(script_args: ScriptArguments, training_args: DiffusionDPOConfig):
@@ -216,7 +278,9 @@ def train(argv: list[str]) -> int:
 
     def load(split):
         # Any supported layout (TRL pairs, Pick-a-Pic, labelled images for kto): the trainer detects and normalises it.
-        return load_split(script_args.dataset_name, script_args.dataset_config, split, script_args.dataset_streaming)
+        data = load_split(script_args.dataset_name, script_args.dataset_config, split, script_args.dataset_streaming)
+        data.info.dataset_name = script_args.dataset_name  # the model card names it (datasets keeps only a builder's)
+        return data
 
     evaluate = script_args.dataset_test_split is not None and training_args.eval_strategy != "no"
     peft_config = None
@@ -269,21 +333,29 @@ def _sampling_parser(prog: str, description: str, prompt_sets: bool = False) -> 
     if prompt_sets:
         prompts.add_argument(
             "--prompt_set", action="append", help="A published prompt set (parti, pickapic-test, "
-            "pickapic-validation, hpsv2, drawbench), a .txt/.json/.jsonl file or a dataset id (repeat for several). "
-            "Runs the protocol.")
+            "pickapic-validation, hpsv2, drawbench, ocr, geneval), a .txt/.json/.jsonl file or a dataset id (repeat "
+            "for several). Runs the protocol.")
     parser.add_argument("--reward", default=None,
                         help="Reward (default pickscore): pickscore, hpsv2, hpsv2.1, imagereward, aesthetic, clip, "
-                        "'<name>:<id or path>', 'http://host:port/path', 'package.module:function' or weights "
-                        "'pickscore:1,hpsv2.1:0.5'.")
+                        "ocr, 'geneval:<detector url>', '<name>:<id or path>', 'http://host:port/path', "
+                        "'package.module:function' or weights 'pickscore:1,hpsv2.1:0.5'.")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="Denoising steps; default 30 (with --prompt_set: the paper's for the model family).")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Defaults to the pipeline's own.")
-    parser.add_argument("--resolution", type=int, default=None, help="Image height and width; the model's default.")
+    parser.add_argument("--resolution", type=_positive_int, default=None,
+                        help="Image height and width in pixels; the model's default when not given.")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call and per reward call.")
     parser.add_argument("--num_frames", type=int, default=None,
                         help="Video pipelines (Wan): frames per video, k*4 + 1. The image reward then scores 4 "
                         "frames spread over each video and averages them.")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)  # argparse turns a ValueError into "invalid _positive_int value"
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels, got {value}")
+    return value
 
 
 def _sampling_kwargs(args) -> tuple[list[str], dict]:
@@ -302,12 +374,33 @@ def _sampling_kwargs(args) -> tuple[list[str], dict]:
     return prompts, kwargs
 
 
-def _reward(args):
-    """The named reward, averaged over frames when the samples are videos."""
-    from .rewards import frame_averaged
+def _reward(args, spec: str | None = None, resume_hint: str = ""):
+    """The reward `spec` (default: --reward), loaded before any pipeline so that a bad name or a missing module fails
+    in a second; averaged over frames when the samples are videos (not in the protocol); an exception it raises while
+    scoring becomes one message naming it."""
+    import functools
 
-    reward = args.reward or DEFAULT_REWARD
-    return reward if args.num_frames is None else frame_averaged(reward)
+    from .rewards import frame_averaged, load_reward
+
+    # `my_rewards:score` from the working directory, as `python -m` would find it (the installed command does not).
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    spec = spec or args.reward or DEFAULT_REWARD
+    reward = load_reward(spec, **({"device": args.device} if getattr(args, "device", None) else {}))
+    if args.num_frames is not None and not getattr(args, "prompt_set", None):
+        reward = frame_averaged(reward)
+
+    @functools.wraps(reward)  # keeps its signature: `score_images` calls it TRL's way or ours, as it takes
+    def scored(*args, **kwargs):
+        try:
+            return reward(*args, **kwargs)
+        except Exception as exc:  # any failure of the user's reward is the user's to fix: name it
+            images = kwargs.get("completions", args[0] if args else ())
+            raise ValueError(f"the reward {spec!r} failed on a batch of {len(images)} images ({type(exc).__name__}: "
+                             f"{exc}).{resume_hint}") from exc
+
+    scored.__name__ = spec  # the name reports use
+    return scored
 
 
 def build_pairs(argv: list[str]) -> int:
@@ -324,7 +417,7 @@ def build_pairs(argv: list[str]) -> int:
 
     prompts, kwargs = _sampling_kwargs(args)
     pairs = build_preference_pairs(
-        args.model, prompts, _reward(args), num_images_per_prompt=args.num_images_per_prompt,
+        args.model, prompts, _reward(args, resume_hint=BUILD_PAIRS_RESUME), num_images_per_prompt=args.num_images_per_prompt,
         strategy=args.strategy,
         min_score_gap=args.min_score_gap, seed=args.seed, batch_size=args.batch_size, output_path=args.output_dir,
         **kwargs,
@@ -368,10 +461,11 @@ def evaluate(argv: list[str]) -> int:
     from .families import load_pipeline
 
     prompts, kwargs = _sampling_kwargs(args)
+    reward = _reward(args)
     policy = load_pipeline(args.model)
     if args.lora:
         policy.load_lora_weights(args.lora)
-    result = evaluate_win_rate(policy, args.reference_model, prompts, _reward(args),
+    result = evaluate_win_rate(policy, args.reference_model, prompts, reward,
                                seeds=args.seeds or [0, 1, 2, 3], batch_size=args.batch_size, **kwargs)
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -387,7 +481,8 @@ def _evaluate_protocol(parser, args) -> int:
 
     from .protocol import evaluate_protocol
 
-    rewards = args.rewards or ([args.reward] if args.reward else PROTOCOL_REWARDS)
+    rewards = [_reward(args, spec, PROTOCOL_RESUME)
+               for spec in args.rewards or ([args.reward] if args.reward else PROTOCOL_REWARDS)]
     report = evaluate_protocol(
         args.model, args.prompt_set, rewards, args.output_dir, lora=args.lora,
         denoiser=args.denoiser, reference=args.reference_model, seeds=args.seeds or [0], scheduler=args.scheduler,

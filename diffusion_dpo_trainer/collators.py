@@ -1,10 +1,11 @@
 """Collators: canonical rows (decoded images, or cached latents) to the tensors `compute_loss` reads."""
 
+import datasets
 import numpy as np
 import torch
 
 from .caching import LATENT_STATS, cached_images
-from .formats import IMAGE_COLUMNS, ROW_COLUMN
+from .formats import IMAGE_COLUMNS, LABEL_COLUMN, ROW_COLUMN
 from .transforms import load_image, paired_transform
 
 #: A constant of the prompt-dropout draw's seed, so it is independent of other per-row draws (e.g. cached crops).
@@ -78,6 +79,9 @@ class PreferenceCollator:
                 for key, value in values.items():
                     stacked.setdefault(self._batch_key(side, key), []).append(torch.as_tensor(value))
         batch.update({key: torch.stack(tensors) for key, tensors in stacked.items()})
+        batch[ROW_COLUMN] = torch.tensor(indices)  # named by errors and warnings about the batch's rows
+        if rows and LABEL_COLUMN in rows[0]:  # soft preference labels (`soft_labels`, `curriculum_stages`)
+            batch[LABEL_COLUMN] = torch.tensor([float(row[LABEL_COLUMN]) for row in rows])
         if self.prompt_embeddings is not None:
             batch["prompt_embeds"] = self.prompt_embeddings(batch["prompt"])
         return batch
@@ -114,8 +118,8 @@ class UnpairedCollator(PreferenceCollator):
     """Turns unpaired rows into tensors: one image per row, so each image gets its own crop and flip (the images are
     independent), and the batch keys carry no side prefix (`pixel_values`, `latent_mean`, ...) plus `label`.
 
-    Cached rows (`caching.precompute_latents(..., image_columns=("image",))`) and `prompt_embeddings` are handled
-    as in `PreferenceCollator`.
+    Cached rows (`caching.precompute_latents(dataset, family, UnpairedCollator(...))`) and `prompt_embeddings` are
+    handled as in `PreferenceCollator`.
     """
 
     image_columns = ("image",)
@@ -127,3 +131,32 @@ class UnpairedCollator(PreferenceCollator):
 
     def _batch_key(self, side: str, key: str) -> str:
         return key
+
+
+def prepare_prompt_dataset(dataset, name: str = "train_dataset") -> datasets.Dataset:
+    """An on-policy trainer's dataset: a `prompt` column of non-empty strings; the other columns go to the rewards."""
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"`{name}` must be a datasets.Dataset of prompts, got {type(dataset).__name__}.")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"`{name}` has no 'prompt' column (found {dataset.column_names}); on-policy training samples "
+                         "its images from the prompts.")
+    if len(dataset) == 0:
+        raise ValueError(f"`{name}` is empty: there are no prompts to sample.")
+    for row, prompt in enumerate(dataset["prompt"]):
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"Row {row}, column 'prompt': expected a non-empty string, got {prompt!r}.")
+    return dataset
+
+
+class PromptCollator:
+    """Rows of a prompt dataset as lists per column (the prompts, and the columns the rewards receive).
+
+    It has no image columns; `prompt_embeddings` (set by `precompute_text_embeddings`) is looked up for the generated
+    pairs' prompts, by the trainer.
+    """
+
+    image_columns = ()
+    prompt_embeddings = None
+
+    def __call__(self, rows: list[dict]) -> dict[str, list]:
+        return {key: [row[key] for row in rows] for key in rows[0]}

@@ -1,6 +1,7 @@
 """`DiffusionDPOConfig`: TrainingArguments plus what Diffusion-DPO needs, with diffusion-friendly defaults."""
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -18,8 +19,8 @@ class DiffusionDPOConfig(TrainingArguments):
     reference denoising errors averaged over latent elements (mean reduction). With this convention the published
     default for SD1.5 and SDXL is `beta=5000`. An implementation that sums over latent elements instead needs a beta
     smaller by the number of latent elements; one without the `1/2` needs half of it. `beta=None` (the default) takes
-    the model family's default: 5000 for SD1.x/2.x and SDXL, 500 for SD3/SD3.5 and Wan, 1000 for FLUX.1, whose
-    velocity errors are larger than epsilon errors (see docs/flow-models.md).
+    the model family's `default_beta`, listed per family in docs/models.md: flow-matching families take a smaller one,
+    since their velocity errors are larger than epsilon errors (see docs/flow-models.md).
 
     Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the collator needs the image
     columns), `label_names=[]` (there are no labels), `logging_steps=10`, and unless set,
@@ -37,8 +38,9 @@ class DiffusionDPOConfig(TrainingArguments):
         metadata={
             "help": "Strength of the KL regularisation towards the reference model, in the reference code's "
             "convention (per-sample mse averaged over latent elements, factor -beta/2). Larger beta keeps the model "
-            "closer to the reference. None uses the model family's default: 5000 for SD1.x/2.x and SDXL (the "
-            "published value), 500 for SD3/SD3.5 and Wan, 1000 for FLUX.1 (flow-matching errors are larger)."
+            "closer to the reference. None uses the model family's default, listed per family in docs/models.md: 5000 "
+            "(the published value) for SD1.x/2.x and SDXL, smaller for flow-matching models (their errors are "
+            "larger)."
         },
     )
     loss_type: str | list[str] = field(
@@ -83,11 +85,73 @@ class DiffusionDPOConfig(TrainingArguments):
         default=1.0,
         metadata={"help": "KTO: lambda_U, the weight of the loss on undesirable images (label False)."},
     )
+    # Stabilisers of offline preference training (docs/losses.md, "Stabilisers"): each off at its default and
+    # combinable with every paired loss.
+    winner_preserving_mu: float | None = field(
+        default=None,
+        metadata={
+            "help": "Diffusion-SDPO's winner-preserving safeguard (arXiv 2511.03317): scale the gradient through the "
+            "rejected images' errors by lambda = clamp((1 - mu) * |g_w|^2 / (g_l . g_w), 0, 1) (1 when g_l . g_w <= 0), "
+            "from the output-space gradients of the batch's winner and loser errors, so the preferred images' error "
+            "does not rise to first order. mu in [0, 1]; larger is more conservative. The reference scripts use 0.9 "
+            "for SD1.5 and 0.6 for SDXL with Diffusion-DPO. None (default) is off. Logged as `winner_preserving/lambda`."
+        },
+    )
+    soft_labels: str = field(
+        default="none",
+        metadata={
+            "help": "Per-pair soft preference labels p (the probability that `chosen` is preferred) for `sigmoid` "
+            "(SmPO, arXiv 2506.02698): `smpo` scales the DPO logit by 2p - 1 (SmPO's code), `cross_entropy` uses "
+            "-p*logsigmoid(z) - (1-p)*logsigmoid(-z); `none` (default) is the hard label 1. p comes from a "
+            "`soft_label` column, else from `chosen_score`/`rejected_score` columns as SmPO maps reward gaps: "
+            "sigmoid((s_w - s_l) / (max - min of all scores)), else from Pick-a-Pic's `label_0` (1, or 0.5 for a tie "
+            "kept with `keep_ties`). Logged as `labels/mean`.",
+            "choices": ["none", "smpo", "cross_entropy"],
+        },
+    )
+    keep_ties: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep Pick-a-Pic ties (label_0 == 0.5) as pairs with the soft label 0.5 instead of dropping them. "
+            "Needs `soft_labels` (with the hard label a tie would train as a win)."
+        },
+    )
+    timestep_min: float = field(
+        default=0.0,
+        metadata={
+            "help": "Mask pairs whose noise level (timestep / number of training timesteps, in [0, 1]) is below this: "
+            "they count as 0 in the batch mean (the clip-and-mask idea of arXiv 2505.21893). 0 (default) masks none. "
+            "Logged as `timesteps/masked`."
+        },
+    )
+    timestep_max: float = field(
+        default=1.0,
+        metadata={"help": "Mask pairs whose noise level is above this (see `timestep_min`). 1 (default) masks none."},
+    )
+    timestep_weight_power: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight each pair's loss by noise_level ** power, moving the loss towards noisier timesteps, whose "
+            "preference signal is weaker (the timestep-aware idea of arXiv 2505.18736). 0 (default) weights all "
+            "timesteps alike."
+        },
+    )
+    curriculum_stages: int = field(
+        default=1,
+        metadata={
+            "help": "Curriculum-DPO ordering (Croitoru et al., CVPR 2025): pairs ranked from easy to hard by their "
+            "label margin |2p - 1| (p as for `soft_labels`: a `soft_label` column or the reward gap of "
+            "`chosen_score`/`rejected_score`), cut into this many equal parts; stage k of each epoch visits the "
+            "k+1 easiest parts in a shuffled order that depends only on the seed, the epoch and the stage, so a "
+            "resumed run sees the same batches. 1 (default) is the usual shuffled order. Logged as `curriculum/stage`."
+        },
+    )
     resolution: int | None = field(
         default=None,
         metadata={
             "help": "Training resolution in pixels (square). Images are resized so their short side matches, then "
-            "cropped. Defaults to the model's native resolution (the denoiser's sample size times the VAE factor)."
+            "cropped. Defaults to the model's native resolution (the denoiser's sample size times the VAE factor); "
+            "0, a negative or a fractional value is refused."
         },
     )
     random_crop: bool = field(
@@ -150,10 +214,9 @@ class DiffusionDPOConfig(TrainingArguments):
     max_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "Maximum number of prompt tokens of long-context text encoders: T5 (SD3, FLUX), Qwen2.5-VL "
-            "(Qwen-Image), Qwen3 (Z-Image), Gemma2 (Sana). CLIP encoders always use their 77 tokens. Defaults to the "
-            "pipeline's own default; Qwen-Image and Z-Image pad every prompt to it, so a prompt cache stores that "
-            "many tokens per prompt."
+            "help": "Maximum number of prompt tokens of the text encoders other than CLIP (CLIP encoders always use "
+            "their 77 tokens); docs/models.md names each family's encoders. Defaults to the pipeline's own default. "
+            "A prompt cache stores up to that many tokens per prompt."
         },
     )
     model_init_kwargs: dict[str, Any] | str | None = field(
@@ -168,15 +231,15 @@ class DiffusionDPOConfig(TrainingArguments):
         metadata={"help": "Keyword arguments for `from_pretrained` when `ref_model` is an id or a path."},
     )
 
-    # Flow-matching models (SD3/SD3.5, FLUX.1, Qwen-Image, Z-Image, Sana): timestep sampling and guidance, as in
-    # diffusers' training scripts.
+    # Flow-matching models (the families built on families/flow.py): timestep sampling and guidance, as in diffusers'
+    # training scripts.
     weighting_scheme: str = field(
         default="logit_normal",
         metadata={
-            "help": "How flow-matching models (SD3, FLUX, Qwen-Image, Z-Image, Sana) draw the noise level: `logit_normal` (sigmoid of a normal "
-            "with `logit_mean`/`logit_std`, SD3's training distribution, favouring mid-range noise), `uniform` "
-            "(diffusers' `none`) or `mode` (with `mode_scale`). The draw indexes the scheduler's training sigmas. "
-            "Ignored by SD1.x/2.x and SDXL, which draw timesteps uniformly.",
+            "help": "How flow-matching models (velocity target in docs/models.md) draw the noise level: `logit_normal` "
+            "(sigmoid of a normal with `logit_mean`/`logit_std`, SD3's training distribution, favouring mid-range "
+            "noise), `uniform` (diffusers' `none`) or `mode` (with `mode_scale`). The draw indexes the scheduler's "
+            "training sigmas. Ignored by SD1.x/2.x and SDXL, which draw timesteps uniformly.",
             "choices": ["logit_normal", "uniform", "mode"],
         },
     )
@@ -220,6 +283,16 @@ class DiffusionDPOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        resolution = self.resolution
+        if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, numbers.Integral)
+                                       or resolution <= 0):
+            raise ValueError(f"resolution must be a positive whole number of pixels, got {resolution!r}; leave it "
+                             "unset (None) for the model's native resolution.")
+        if self.curriculum_stages < 1:
+            raise ValueError(f"curriculum_stages must be at least 1 (1 is no curriculum), got {self.curriculum_stages}.")
+        if self.keep_ties and self.soft_labels == "none":
+            raise ValueError("keep_ties=True needs soft_labels='smpo' or 'cross_entropy': with the hard label 1 a tie "
+                             "would train as a win.")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if self.accelerator_config.dispatch_batches is None:

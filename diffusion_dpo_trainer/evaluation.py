@@ -1,5 +1,5 @@
 """Reward win rate of a policy against its reference: standalone (`evaluate_win_rate`) and during training
-(`RewardEvaluationCallback`).
+(`RewardEvaluationCallback`); reward hacking made visible during training (`RewardHackingCallback`).
 
 A comparison is one (prompt, seed): the policy and the reference each generate one image from the same seed (the
 same starting noise), the reward function scores both, and the policy WINS if its score is higher by more than
@@ -13,28 +13,32 @@ the judge instead of people.
 """
 
 import importlib.util
+import logging
+import math
+import re
 import statistics
 from collections.abc import Sequence
 from contextlib import nullcontext
 
 import numpy as np
+import torch
 from diffusers.utils import make_image_grid
 from PIL import Image
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from .families import load_pipeline
+from .hacking import hacking_alerts, hacking_signals
 from .rewards import RewardFn, load_reward
+from .rewards.scoring import score_images
 from .sampling import adapters_disabled, sample_images
+
+logger = logging.getLogger(__name__)
 
 
 def _score(reward_fn: RewardFn, images: list[Image.Image], prompts: list[str], batch_size: int) -> list[float]:
-    scores: list[float] = []
-    for start in range(0, len(images), batch_size):
-        scores.extend(float(s) for s in reward_fn(images[start : start + batch_size], prompts[start : start + batch_size]))
-    if len(scores) != len(images):
-        raise ValueError(f"reward_fn returned {len(scores)} scores for {len(images)} images; expected one per image.")
-    return scores
+    """Every image scored (a win rate has no place for an unscored image), with the checks all callers share."""
+    return score_images([reward_fn], images, prompts, batch_size=batch_size, allow_none=False).total.tolist()
 
 
 def compare_rewards(rewards: Sequence[float], reference_rewards: Sequence[float], tie_margin: float = 0.0) -> dict:
@@ -220,4 +224,125 @@ class RewardEvaluationCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         if self.eval_steps is None:
+            self._run(state, control)
+
+
+class RewardHackingCallback(TrainerCallback):
+    """Reward hacking made visible while it happens, for any trainer of this library (offline or online DPO, and
+    the on-policy trainers built on the same `trainer.pipeline`).
+
+    Before training and every `eval_steps` optimizer steps, the current policy samples `prompts` x `seeds` (fixed,
+    so curves compare like with like) on the main process, as `RewardEvaluationCallback` does (eval mode, no grad,
+    own generators, forked RNG: training continues exactly as without it), and the callback logs under `hacking/`:
+
+    - `reward`: the training reward on these samples (`reward_fn`, either convention, scored by
+      `rewards.scoring.score_images`; None scores are left out of the mean); without one, the trainer's own logged
+      training reward (the latest of `train_reward_keys`: online DPO's `objective/scores`, TRL's `reward`), on its
+      training prompts;
+    - `heldout_reward`: a second reward that is NOT trained on (`heldout_reward_fn`, e.g. a different reward model
+      or a judge trained on other data); it is what tells learning the task from learning the reward model;
+    - `diversity` (within prompt, so give several seeds) and the image statistics of `hacking.py` (`colour_entropy`,
+      `saturation`, `high_frequency_energy`, `grid_energy`);
+    - the trainer's latest KL or importance-ratio figures where it logs them (keys with a part `kl` or `ratio`,
+      e.g. `objective/kl`, `ratio/mean`, `clip_ratio`).
+
+    After each evaluation, `hacking.hacking_alerts` compares it with the first: a warning when the training reward
+    rose while the held-out one fell (by more than `heldout_tolerance`), or diversity fell below
+    `(1 - diversity_drop)` of its start; with `stop_on_hacking=True` training then stops (`control.should_training_
+    stop`: the checkpoint of that step is saved as usual). `history` holds every evaluation; on a resumed run the
+    first evaluation is read back from the trainer's `log_history`, so the comparison still starts before training.
+
+        trainer.add_callback(RewardHackingCallback(trainer, prompts, heldout_reward_fn="pickscore", seeds=range(4),
+                                                   eval_steps=50))
+    """
+
+    def __init__(
+        self,
+        trainer,
+        prompts: Sequence[str],
+        reward_fn: RewardFn | str | None = None,
+        heldout_reward_fn: RewardFn | str | None = None,
+        seeds: Sequence[int] = (0, 1, 2, 3),
+        eval_steps: int = 50,
+        batch_size: int = 8,
+        diversity_drop: float = 0.5,
+        heldout_tolerance: float = 0.0,
+        stop_on_hacking: bool = False,
+        train_reward_keys: Sequence[str] = ("objective/scores", "reward"),
+        **pipeline_kwargs,
+    ):
+        if eval_steps < 1:
+            raise ValueError(f"eval_steps must be a positive number of steps, got {eval_steps}.")
+        hacking_alerts([], diversity_drop)  # checks the fraction now, not at the first evaluation
+        self.trainer, self.prompts, self.seeds = trainer, list(prompts), [int(s) for s in seeds]
+        self.reward_fn = None if reward_fn is None else load_reward(reward_fn)
+        self.heldout_reward_fn = None if heldout_reward_fn is None else load_reward(heldout_reward_fn)
+        self.eval_steps, self.batch_size = eval_steps, batch_size
+        self.diversity_drop, self.heldout_tolerance = diversity_drop, heldout_tolerance
+        self.stop_on_hacking = stop_on_hacking
+        self.train_reward_keys = tuple(train_reward_keys)
+        self.pipeline_kwargs = pipeline_kwargs
+        self.history: list[dict] = []
+        self.alerts: list[str] = []
+
+    def _from_logs(self, state) -> dict:
+        """The trainer's latest training reward and KL / ratio figures, from what it logged."""
+        latest = {}
+        for entry in state.log_history:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and not key.startswith("hacking/") and any(
+                        re.fullmatch(r"(.*_)?(kl|ratio)(_.*)?", part) for part in key.lower().split("/")):
+                    latest[key] = value
+            for key in self.train_reward_keys:
+                if isinstance(entry.get(key), (int, float)):
+                    latest["reward"] = entry[key]
+        return latest
+
+    def evaluate(self, state) -> dict:
+        """Sample from the current policy, score and measure now; returns the record (no logging)."""
+        flat_prompts = [p for p in self.prompts for _ in self.seeds]
+        flat_seeds = [s for _ in self.prompts for s in self.seeds]
+        with self.trainer.accelerator.autocast():
+            images = sample_images(self.trainer.pipeline, flat_prompts, flat_seeds, batch_size=self.batch_size,
+                                   progress=False, **self.pipeline_kwargs)
+        record = {"step": state.global_step, **self._from_logs(state), **hacking_signals(images, flat_prompts)}
+        for key, fn in (("reward", self.reward_fn), ("heldout_reward", self.heldout_reward_fn)):
+            if fn is not None:  # either convention; None is unscored and left out of the mean
+                scores = score_images([fn], images, flat_prompts, batch_size=self.batch_size).total
+                record[key] = float(scores.nanmean()) if not scores.isnan().all() else math.nan
+        return record
+
+    def _run(self, state, control) -> None:
+        alerts = self._evaluate_and_warn(state, control) if state.is_world_process_zero else []
+        if self.stop_on_hacking:
+            # Only the main process evaluates; every process must stop at the same step, or the others hang.
+            flag = torch.tensor([float(bool(alerts))], device=self.trainer.accelerator.device)
+            if self.trainer.accelerator.num_processes > 1:
+                torch.distributed.broadcast(flag, src=0)
+            if flag.item():
+                control.should_training_stop = True
+
+    def _evaluate_and_warn(self, state, control) -> list[str]:
+        record = self.evaluate(state)
+        self.history.append(record)
+        should_log = control.should_log  # logging resets it; keep the trainer's own loss log of this step
+        self.trainer.log({f"hacking/{key}": value for key, value in record.items() if key != "step"})
+        control.should_log = should_log
+        self.alerts = hacking_alerts(self.history, self.diversity_drop, self.heldout_tolerance)
+        for alert in self.alerts:
+            logger.warning("Possible reward hacking at step %d: %s.%s", state.global_step, alert,
+                           " Stopping training (stop_on_hacking=True)." if self.stop_on_hacking else "")
+        return self.alerts
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        logged = [{"step": h["step"], **{k.removeprefix("hacking/"): v for k, v in h.items()
+                                         if k.startswith("hacking/")}}
+                  for h in state.log_history if any(k.startswith("hacking/") for k in h)]
+        if logged:  # a resumed run: its history (and first evaluation) are in the checkpoint's log
+            self.history = logged
+        else:
+            self._run(state, control)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.eval_steps == 0:
             self._run(state, control)

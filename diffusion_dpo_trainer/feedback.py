@@ -7,19 +7,26 @@ instead of people. The scores stay in the dataset (`chosen_score`, `rejected_sco
 """
 
 import io
+import json
+import logging
 import os
+import shutil
 from collections.abc import Sequence
-from itertools import combinations
 
 import datasets
 import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .families import load_pipeline
+from .pairing import select_pairs
 from .rewards import RewardFn, load_reward
+from .rewards.scoring import score_images
 from .sampling import iter_sample_batches
 from .video_data import encode_video
 
-STRATEGIES = ("best_vs_worst", "all_pairs", "random")
+logger = logging.getLogger(__name__)
 
 FEATURES = datasets.Features(
     {
@@ -32,63 +39,6 @@ FEATURES = datasets.Features(
         "rejected_seed": datasets.Value("int64"),
     }
 )
-
-
-def candidate_pairs(
-    scores: Sequence[float],
-    strategy: str = "best_vs_worst",
-    num_pairs: int | None = None,
-    rng: np.random.Generator | None = None,
-) -> list[tuple[int, int]]:
-    """The (winner, loser) index pairs a strategy considers among the images of one prompt, before the score-gap
-    test of `select_pairs`: their number depends only on the strategy and the group size, never on the scores.
-
-    NaN scores (an image no reward scored) lose every comparison and fail every gap test.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy!r}; expected one of {STRATEGIES}.")
-    scores = np.asarray(scores, dtype=np.float64)
-    if strategy == "best_vs_worst":
-        finite = np.isfinite(scores)
-        if not finite.any():
-            return [(0, 0)]
-        ranked = np.where(finite, scores, -np.inf), np.where(finite, scores, np.inf)
-        return [(int(np.argmax(ranked[0])), int(np.argmin(ranked[1])))]
-    candidates = list(combinations(range(len(scores)), 2))
-    if strategy == "random":
-        rng = rng if rng is not None else np.random.default_rng()
-        count = len(candidates) if num_pairs is None else min(num_pairs, len(candidates))
-        candidates = [candidates[i] for i in rng.choice(len(candidates), size=count, replace=False)]
-    return [(i, j) if scores[i] >= scores[j] else (j, i) for i, j in candidates]
-
-
-def is_preference(chosen_score: float, rejected_score: float, min_score_gap: float = 0.0) -> bool:
-    """A pair counts only if the chosen score exceeds the rejected one by MORE than the gap (never on a tie or NaN)."""
-    return bool(chosen_score - rejected_score > min_score_gap)
-
-
-def select_pairs(
-    scores: Sequence[float],
-    strategy: str = "best_vs_worst",
-    min_score_gap: float = 0.0,
-    num_pairs: int | None = None,
-    rng: np.random.Generator | None = None,
-) -> list[tuple[int, int]]:
-    """(chosen, rejected) index pairs among the images of one prompt.
-
-    A pair is kept only if the chosen score exceeds the rejected one by MORE than `min_score_gap`: equal scores
-    never make a pair (a tie is not a preference).
-
-    - `best_vs_worst`: the highest against the lowest score (first index on ties); at most one pair.
-    - `all_pairs`: every unordered pair, winner by score.
-    - `random`: `num_pairs` unordered pairs drawn without replacement with `rng` (all of them if `None`), then
-      labelled by score; pairs that fail the gap are dropped, not redrawn.
-    """
-    if min_score_gap < 0:
-        raise ValueError(f"min_score_gap must be >= 0 (a tie is not a preference), got {min_score_gap}.")
-    scores = [float(s) for s in scores]
-    return [(winner, loser) for winner, loser in candidate_pairs(scores, strategy, num_pairs, rng)
-            if is_preference(scores[winner], scores[loser], min_score_gap)]
 
 
 #: Video pairs store mp4 bytes (decoded by the trainer with PyAV; `decode=False` because decoding a `datasets.Video`
@@ -133,11 +83,14 @@ def build_preference_pairs(
         seed: image j of prompt i is drawn with seed `seed + i * num_images_per_prompt + j` (kept in the dataset),
             and the `random` strategy draws its pairs from `numpy.random.default_rng(seed)`.
         batch_size: images per pipeline call and per reward call.
-        output_path: if given, the dataset is also written there with `save_to_disk`.
+        output_path: if given, the dataset is also written there with `save_to_disk`; until then the sampled images
+            are kept beside it in `<output_path>.samples/`, so that a run stopped by an error or a kill, started
+            again with the same arguments, samples only the images it lacks.
         **pipeline_kwargs: passed to the pipeline call (`num_inference_steps`, `guidance_scale`, `height`, ...).
 
     Returns columns `prompt`, `chosen`, `rejected` (images), `chosen_score`, `rejected_score`, `chosen_seed`,
-    `rejected_seed`. Prompts whose images all score the same (within the gap) contribute no pair. A video pipeline
+    `rejected_seed`. Prompts whose images all score the same (within the gap) contribute no pair; a run that makes no
+    pair at all is an error. A score that is not a finite number is an error naming the image and its prompt. A video pipeline
     (e.g. `WanPipeline`, with `num_frames`, `height`, `width` in `pipeline_kwargs`) gives videos: `reward_fn` scores
     lists of frames (see `rewards.frame_averaged`) and the pairs hold mp4 bytes (`VIDEO_FEATURES`).
     """
@@ -159,14 +112,16 @@ def build_preference_pairs(
     # Images are scored batch by batch and paired (then PNG-encoded) as soon as a prompt's group is complete, so
     # memory holds at most one batch plus one group of decoded images.
     images, scores, done, prompt_index, video = [], [], 0, 0, False
-    batches = iter_sample_batches(
-        pipeline, flat_prompts, flat_seeds, batch_size, progress and "Sampling", **pipeline_kwargs
-    )
+    samples = None
+    if output_path is not None:
+        samples = _sample_cache(os.fspath(output_path) + SAMPLES_SUFFIX, pipeline, flat_prompts,
+                                flat_seeds, pipeline_kwargs)
+    batches = _kept_or_sampled(pipeline, flat_prompts, flat_seeds, batch_size, samples, progress, pipeline_kwargs)
     for batch in batches:
         video = isinstance(batch[0], (list, tuple))  # a video pipeline yields lists of frames
-        batch_scores = [float(s) for s in reward_fn(batch, flat_prompts[done : done + len(batch)])]
-        if len(batch_scores) != len(batch):
-            raise ValueError(f"reward_fn returned {len(batch_scores)} scores for {len(batch)} images; expected one each.")
+        # None (not scored) becomes NaN, which never wins a comparison: such an image is never paired.
+        batch_scores = score_images([reward_fn], batch, flat_prompts[done : done + len(batch)],
+                                    offset=done).total.tolist()
         done += len(batch)
         images += batch
         scores += batch_scores
@@ -181,7 +136,66 @@ def build_preference_pairs(
                 rows["chosen_seed"].append(group_seeds[w])
                 rows["rejected_seed"].append(group_seeds[l])
             images, scores, prompt_index = images[n:], scores[n:], prompt_index + 1
+    if not rows["prompt"]:
+        raise ValueError(f"No preference pair: the reward gave no two images of any of the {len(prompts)} prompt(s) "
+                         f"scores more than min_score_gap={min_score_gap} apart (strategy {strategy!r}); check the "
+                         "reward (a constant or unscored reward cannot rank images), or sample more images per prompt.")
     dataset = datasets.Dataset.from_dict(rows, features=VIDEO_FEATURES if video else FEATURES)
     if output_path is not None:
         dataset.save_to_disk(os.fspath(output_path))
+        shutil.rmtree(samples)
     return dataset
+
+
+#: With `output_path`, every sampled image is kept in `output_path + SAMPLES_SUFFIX` until the dataset is saved: a run
+#: stopped by a failing reward (or a kill) and started again with the same arguments reads them back instead of
+#: sampling again. Beside the dataset, not in it: a failed run leaves no `output_path`.
+SAMPLES_SUFFIX = ".samples"
+
+
+def _sample_cache(folder: str, pipeline, prompts, seeds, pipeline_kwargs) -> str:
+    """`folder`, holding only images of this very run: those of other arguments or other weights are dropped."""
+    from .caching import module_fingerprint
+
+    modules = [c for c in pipeline.components.values() if isinstance(c, torch.nn.Module)]
+    key = {"prompts": prompts, "seeds": seeds, "pipeline_kwargs": {k: repr(v) for k, v in pipeline_kwargs.items()},
+           "weights": module_fingerprint(*modules)}
+    settings = os.path.join(folder, "settings.json")
+    if os.path.isfile(settings):
+        with open(settings, encoding="utf-8") as f:
+            if json.load(f) == key:
+                return folder
+        logger.warning(f"{folder} holds images of another run (other prompts, seeds, settings or weights): "
+                       "sampling again.")
+        shutil.rmtree(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(settings, "w", encoding="utf-8") as f:
+        json.dump(key, f)
+    return folder
+
+
+def _kept_or_sampled(pipeline, prompts, seeds, batch_size, folder, progress, pipeline_kwargs):
+    """`iter_sample_batches`, reading back each image kept in `folder` and keeping each new one there (written to a
+    temporary name, then renamed: a kill never leaves half a file). Videos are not kept."""
+    with tqdm(total=len(prompts), desc="Sampling", disable=not progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            window = range(start, min(start + batch_size, len(prompts)))
+            paths = {k: os.path.join(folder, f"{k:06d}_{seeds[k]}.png") for k in window} if folder else {}
+            kept = {k: _read_png(paths[k]) for k in window if folder and os.path.isfile(paths[k])}
+            missing = [k for k in window if k not in kept]
+            if missing:
+                batch = next(iter_sample_batches(pipeline, [prompts[k] for k in missing], [seeds[k] for k in missing],
+                                                 len(missing), False, **pipeline_kwargs))
+                for k, image in zip(missing, batch):
+                    kept[k] = image
+                    if folder and isinstance(image, Image.Image):
+                        image.save(paths[k] + ".tmp", format="PNG")
+                        os.replace(paths[k] + ".tmp", paths[k])
+            bar.update(len(window))
+            yield [kept[k] for k in window]
+
+
+def _read_png(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image

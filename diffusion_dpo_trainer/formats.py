@@ -7,6 +7,7 @@ datasets of any size stay memory-mapped; images are decoded in the collator, so 
 and column. Unpaired rows (KTO) are `prompt`, `image`, `label`.
 """
 
+import itertools
 import json
 import logging
 import os
@@ -17,6 +18,9 @@ import numpy as np
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 IMAGE_COLUMNS = ("chosen", "rejected")
 ROW_COLUMN = "row_index"
+#: A pair's soft preference label: the probability in [0, 1] that `chosen` is preferred (see `with_soft_labels`).
+LABEL_COLUMN = "soft_label"
+SCORE_COLUMNS = ("chosen_score", "rejected_score")
 #: Pick-a-Pic v1/v2: `label_0` is 1 when `jpg_0` is preferred, 0 when `jpg_1` is, 0.5 for a tie.
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 FOLDER_METADATA = "metadata.jsonl"
@@ -25,9 +29,57 @@ FOLDER_KEYS = ("prompt", "chosen_file_name", "rejected_file_name")
 logger = logging.getLogger(__name__)
 
 
-def prepare_preference_dataset(dataset, name: str = "train_dataset"):
-    """Normalise any supported format to canonical pairs and make them ready for the collator (lazy decoding)."""
-    return _undecoded(to_preference_pairs(dataset, name), IMAGE_COLUMNS)
+def prepare_preference_dataset(dataset, name: str = "train_dataset", soft_labels: bool = False,
+                               keep_ties: bool = False):
+    """Normalise any supported format to canonical pairs and make them ready for the collator (lazy decoding); with
+    `soft_labels`, each pair also gets its `soft_label` (see `with_soft_labels`), and Pick-a-Pic ties are kept with
+    label 0.5 when `keep_ties`."""
+    if not soft_labels:
+        return _undecoded(to_preference_pairs(dataset, name), IMAGE_COLUMNS)
+    return _undecoded(with_soft_labels(dataset, name, keep_ties), IMAGE_COLUMNS)
+
+
+def with_soft_labels(dataset, name: str = "dataset", keep_ties: bool = False) -> datasets.Dataset:
+    """Canonical pairs plus `soft_label`, the probability p that `chosen` is preferred, from (first found): a
+    `soft_label` column; `chosen_score`/`rejected_score`, mapped as SmPO (arXiv 2506.02698) maps reward scores,
+    p = sigmoid((s_w - s_l) / (max - min over all scores)); Pick-a-Pic's `label_0` (1, or 0.5 for a tie kept with
+    `keep_ties`)."""
+    if isinstance(dataset, (str, os.PathLike)):
+        dataset = load_preference_folder(dataset)
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"`{name}`: soft labels and curricula need a map-style datasets.Dataset (every pair's label "
+                        f"is read before training), got {type(dataset).__name__}.")
+    columns = dataset.column_names
+    if _format_of(dataset, name) == "pickapic":
+        pairs = _pickapic_to_pairs(_with_row_index(dataset), name, keep_ties)
+        ties = np.zeros(len(pairs), dtype=bool)
+        if keep_ties:
+            ties = np.array(_columns(pairs, "label_0")[0]) == 0.5
+            pairs = pairs.remove_columns("label_0")
+        return pairs.add_column(LABEL_COLUMN, np.where(ties, 0.5, 1.0))
+    pairs = to_preference_pairs(dataset, name)  # the rows of `dataset`, in its order
+    rows = _columns(pairs, ROW_COLUMN)[0]
+    if LABEL_COLUMN in columns:
+        values = _columns(dataset, LABEL_COLUMN)[0]
+        for row, value in zip(rows, values):
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"Row {row}, column {LABEL_COLUMN!r}: expected the probability in [0, 1] that "
+                                 f"'chosen' is preferred, got {value!r}.")
+        values = np.asarray(values, dtype=np.float64)
+    elif all(c in columns for c in SCORE_COLUMNS):
+        chosen, rejected = (np.asarray(v, dtype=np.float64) for v in _columns(dataset, *SCORE_COLUMNS))
+        for column, scores in zip(SCORE_COLUMNS, (chosen, rejected)):
+            bad = np.flatnonzero(~np.isfinite(scores))
+            if len(bad):
+                raise ValueError(f"Row {rows[bad[0]]}, column {column!r}: expected a finite score, got "
+                                 f"{scores[bad[0]]}.")
+        both = np.concatenate([chosen, rejected])
+        spread = float(both.max() - both.min()) or 1.0
+        values = 1.0 / (1.0 + np.exp(-(chosen - rejected) / spread))
+    else:
+        raise ValueError(f"`{name}` has no soft-label source: expected a {LABEL_COLUMN!r} column (the probability "
+                         f"that 'chosen' is preferred) or {list(SCORE_COLUMNS)} columns, found {columns}.")
+    return pairs.add_column(LABEL_COLUMN, values)
 
 
 def _undecoded(dataset, columns):
@@ -97,6 +149,36 @@ def _streamed_pairs(dataset: datasets.IterableDataset, name: str) -> datasets.It
     return pairs.filter(lambda row: not row["tie"]).remove_columns("tie")
 
 
+def check_one_step_fits(dataset, batch_size: int, accumulation: int, processes: int, drop_last: bool,
+                        name: str = "train_dataset") -> None:
+    """Refuse a dataset that can never complete one optimizer step, naming the numbers that conflict.
+
+    The Trainer does not: a stream shorter than one step (`batch_size` x `accumulation` x `processes` rows) passes over
+    its rows again and again without ever stepping (a silent hang), and with `drop_last` a dataset smaller than one
+    batch per process yields no batch at all (the run "finishes" untrained). A stream is checked by reading at most
+    one step's rows, undecoded.
+    """
+    per_step = batch_size * accumulation * processes
+    numbers = (f"per_device_train_batch_size {batch_size} x gradient_accumulation_steps {accumulation} x "
+               f"{processes} process(es)")
+    if isinstance(dataset, datasets.IterableDataset):
+        rows = sum(1 for _ in itertools.islice(dataset, per_step))
+        if rows == 0:
+            raise ValueError(f"`{name}` is an empty stream: there are no rows to train on.")
+        if rows < per_step:
+            raise ValueError(
+                f"`{name}` is a stream of {rows} rows, fewer than one optimizer step takes ({numbers} = {per_step}): "
+                "training would never complete a step. Lower per_device_train_batch_size or "
+                "gradient_accumulation_steps, or add rows."
+            )
+    elif drop_last and len(dataset) < batch_size * processes:
+        raise ValueError(
+            f"`{name}` has {len(dataset)} rows, fewer than one batch (per_device_train_batch_size {batch_size} x "
+            f"{processes} process(es)), and dataloader_drop_last drops that partial batch: nothing would be trained. "
+            "Lower per_device_train_batch_size, turn dataloader_drop_last off, or add rows."
+        )
+
+
 def _format_of(dataset, name: str) -> str:
     """'trl' or 'pickapic', detected from the columns; the missing columns of the detected format are named."""
     columns = dataset.column_names
@@ -149,6 +231,8 @@ def load_preference_folder(path, **load_dataset_kwargs) -> datasets.Dataset:
                         f"the folder), found {sorted(keys)}."
                     )
                 break
+        else:
+            raise ValueError(f"{metadata} is empty: there are no preference pairs to train on.")
     return datasets.load_dataset("imagefolder", data_dir=str(path), split="train", **load_dataset_kwargs)
 
 
@@ -174,15 +258,16 @@ def _with_row_index(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.add_column(ROW_COLUMN, np.arange(len(dataset)))
 
 
-def _pickapic_to_pairs(dataset: datasets.Dataset, name: str) -> datasets.Dataset:
-    """Winner/loser by `label_0`, ties dropped; done with select + rename so the image bytes are never copied."""
+def _pickapic_to_pairs(dataset: datasets.Dataset, name: str, keep_ties: bool = False) -> datasets.Dataset:
+    """Winner/loser by `label_0`, ties dropped; done with select + rename so the image bytes are never copied.
+    With `keep_ties`, ties stay (jpg_0 as `chosen`) and `label_0` is kept for the caller to label them."""
     first_wins, second_wins, ties = [], [], 0
     for position, (row, label, caption) in enumerate(zip(*_columns(dataset, ROW_COLUMN, "label_0", "caption"))):
         _check_pickapic_row(row, label, caption)
-        if label == 0.5:
+        if label == 0.5 and not keep_ties:
             ties += 1
         else:
-            (first_wins if label == 1 else second_wins).append(position)
+            (first_wins if label != 0 else second_wins).append(position)
     if ties:
         logger.warning(
             f"`{name}`: dropped {ties} of {len(dataset)} Pick-a-Pic rows that are ties (label_0 == 0.5); "
@@ -193,7 +278,7 @@ def _pickapic_to_pairs(dataset: datasets.Dataset, name: str) -> datasets.Dataset
                 f"`{name}` is empty after dropping its {ties} Pick-a-Pic ties (label_0 == 0.5): there are no "
                 "preference pairs to train on."
             )
-    columns = [*PAIR_COLUMNS, ROW_COLUMN]
+    columns = [*PAIR_COLUMNS, ROW_COLUMN, *(["label_0"] if keep_ties else [])]
     views = [
         dataset.select(positions)
         .rename_columns({"caption": "prompt", winner: "chosen", loser: "rejected"})

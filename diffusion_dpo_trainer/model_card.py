@@ -7,6 +7,9 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import losses
 
+#: `datasets` builders for local files: the `dataset_name` of data they read, which names no dataset on the Hub.
+LOCAL_BUILDERS = ("json", "csv", "parquet", "arrow", "text", "imagefolder", "videofolder", "audiofolder", "webdataset")
+
 CITATION = """@inproceedings{wallace2024diffusion,
   title     = {Diffusion Model Alignment Using Direct Preference Optimization},
   author    = {Wallace, Bram and Dang, Meihua and Rafailov, Rafael and Zhou, Linqi and Lou, Aaron and
@@ -39,7 +42,7 @@ def render_model_card(
         library_name="diffusers",
         pipeline_tag=task,
         tags=list(dict.fromkeys(tags)),
-        datasets=[dataset] if dataset else None,
+        datasets=[dataset] if _hub_id(dataset) and dataset not in LOCAL_BUILDERS else None,
     )
     base = base_model or "<base model>"
     base_link = f"[{base}](https://huggingface.co/{base})" if hub_id else f"`{base}`"
@@ -70,7 +73,7 @@ This model is {kind} {base_link}, aligned to preference pairs with
 Diffusion-DPO using [diffusion-dpo-trainer](https://pypi.org/project/diffusion-dpo-trainer/).
 
 - Base model: `{base}`
-- Dataset: `{dataset or "unspecified"}`
+- Dataset: {_describe_dataset(dataset)}
 - Loss: {loss_line}
 
 ## Training hyper-parameters
@@ -107,6 +110,17 @@ def _hub_id(model: str | None) -> str | None:
     return model
 
 
+def _describe_dataset(dataset: str | None) -> str:
+    """A Hub dataset by its id (linked), local data by its path, or the `datasets` builder that read local files."""
+    if not dataset:
+        return "unspecified"
+    if dataset in LOCAL_BUILDERS:
+        return f"local {dataset} files (`datasets.load_dataset({dataset!r}, ...)`)"
+    if _hub_id(dataset):
+        return f"[{dataset}](https://huggingface.co/datasets/{dataset})"
+    return f"`{dataset}` (local)"
+
+
 def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -133,6 +147,9 @@ def card_hyperparameters(args, loss_types, loss_params, steps: int, resolution: 
     })
     if args.proportion_empty_prompts:
         values["proportion_empty_prompts"] = args.proportion_empty_prompts
+    for name in ("keep_ties", "curriculum_stages"):  # data-side stabilisers (the loss-side ones are loss values)
+        if getattr(args, name, 1) not in (False, 1):
+            values[name] = getattr(args, name)
     if lora_config is not None:
         values.update({"lora_rank": lora_config.r, "lora_alpha": lora_config.lora_alpha,
                        "lora_target_modules": sorted(lora_config.target_modules)})

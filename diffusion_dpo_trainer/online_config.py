@@ -78,6 +78,14 @@ class DiffusionOnlineDPOConfig(DiffusionDPOConfig):
             "paired). None: every weight is 1.0."
         },
     )
+    no_pair_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop with an error after this many consecutive optimizer steps in which no prompt on any process "
+            "formed a pair (all images tied, missed `min_score_gap` or were unscored: such a step changes nothing). "
+            "The first such step always warns. None: never stop."
+        },
+    )
     sync_ref_model: bool = field(
         default=False,
         metadata={
@@ -109,6 +117,8 @@ class DiffusionOnlineDPOConfig(DiffusionDPOConfig):
         for name in ("num_inference_steps", "num_iterations", "ref_model_sync_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.no_pair_patience is not None and self.no_pair_patience < 1:
+            raise ValueError(f"no_pair_patience must be >= 1 or None, got {self.no_pair_patience}.")
         if self.generation_batch_size is not None and self.generation_batch_size < 1:
             raise ValueError(f"generation_batch_size must be >= 1 or None, got {self.generation_batch_size}.")
         if not 0.0 < self.ref_model_mixup_alpha <= 1.0:

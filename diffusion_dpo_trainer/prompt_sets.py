@@ -7,8 +7,14 @@
 | `pickapic-validation` | the same, split `validation_unique` | 500 |
 | `hpsv2` | dataset `zhwang/HPDv2`, files `benchmark/{anime,concept-art,paintings,photo}.json` | 4 styles x 800 |
 | `drawbench` | dataset `sayakpaul/drawbench`, split `train`, column `Prompts` | 200 |
+| `ocr` | shipped: Flow-GRPO's OCR test prompts (`dataset/ocr/test.txt`, MIT), text to render in double quotes | 1018 |
+| `geneval` | shipped: GenEval's `prompts/evaluation_metadata.jsonl` (MIT) | 6 tasks, 553 |
 
-`hpsv2` expands to its four styles (`hpsv2/anime`, ...), reported separately as the HPSv2 benchmark does. Besides
+`hpsv2` expands to its four styles (`hpsv2/anime`, ...), reported separately as the HPSv2 benchmark does; `geneval`
+to its six tasks (`geneval/single_object`, `geneval/two_object`, `geneval/counting`, `geneval/colors`,
+`geneval/position`, `geneval/color_attr`), whose mean is the GenEval score (score them with the `geneval` reward,
+which finds each prompt's metadata in the same file, over four seeds: the benchmark's four images per prompt). The
+shipped files and their licences are in `prompt_data/` (`SOURCES.md`). Besides
 names: a `.txt` file (one prompt per line), a `.json` list of strings, a `.jsonl`/`.csv`/`.parquet` file, a
 `save_to_disk` directory or a Hub dataset id; an optional `@split` picks a split (`org/prompts@test`). The column is
 the first of `prompt`, `Prompt`, `Prompts`, `caption`, `text` that exists.
@@ -31,6 +37,15 @@ HUB_SETS = {
 HPS_BENCHMARK = "zhwang/HPDv2"
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 FILE_BUILDERS = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+PROMPT_DATA = Path(__file__).parent / "prompt_data"
+OCR_PROMPTS = PROMPT_DATA / "flow_grpo_ocr_test.txt"
+GENEVAL_METADATA = PROMPT_DATA / "geneval_evaluation_metadata.jsonl"
+GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def geneval_metadata() -> list[dict]:
+    """GenEval's 553 prompts with their metadata (`tag`, `include`, `exclude`, `prompt`), in the official order."""
+    return [json.loads(line) for line in GENEVAL_METADATA.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _column(data: datasets.Dataset, name: str, column: str | None = None) -> list[str]:
@@ -80,6 +95,11 @@ def load_prompt_sets(specs, max_prompts: int | None = None) -> dict[str, list[st
     for spec in [specs] if isinstance(specs, str) else specs:
         if spec == "hpsv2":
             sets.update({f"hpsv2/{style}": _hps_style(style) for style in HPS_STYLES})
+        elif spec == "geneval":
+            rows = geneval_metadata()
+            sets.update({f"geneval/{task}": [r["prompt"] for r in rows if r["tag"] == task] for task in GENEVAL_TASKS})
+        elif spec == "ocr":
+            sets[spec] = _load_source(str(OCR_PROMPTS))
         elif spec in HUB_SETS:
             repo, split, column = HUB_SETS[spec]
             sets[spec] = _column(datasets.load_dataset(repo, split=split), spec, column)

@@ -6,7 +6,10 @@ a fine-tuned denoiser, or a separate pipeline) each sample one image from the sa
 image. The report gives, per prompt set and reward:
 
 - the mean score of base and tuned, each with a 95% confidence interval;
-- the win rate of tuned over base (a tie, equal scores, counts half: `evaluation.compare_rewards`), with its interval.
+- the win rate of tuned over base (a tie, equal scores, counts half: `evaluation.compare_rewards`), with its interval;
+
+and per prompt set and variant the image statistics that move when a model hacks its reward, and the diversity
+across the seeds of a prompt (`hacking.grouped_signals`; `image_statistics` in `report.json`).
 
 Intervals are percentile bootstraps over PROMPTS (1000 resamples, seed 0), the seeds of a prompt averaged first:
 images of one prompt are not independent draws, so resampling images would make the intervals too narrow.
@@ -15,10 +18,13 @@ The sampler settings default to the paper's for the model family (`DiffusionFami
 50 steps at guidance 7.5, SDXL 50 steps at guidance 5, each pipeline's own scheduler) and are recorded with the
 library versions in `report.json`. Every image is saved as `images/<set>/<variant>/<prompt>_<seed>.png` and every
 score appended to `scores.jsonl` as soon as its batch is done: a killed evaluation, started again with the same
-arguments, samples only what is missing (other arguments are refused, so two protocols never mix).
+arguments, samples only what is missing (other arguments are refused, so two protocols never mix). What is kept is
+keyed on the weights' content, not their paths: a variant whose weights changed (an adapter retrained into the same
+folder) is sampled again.
 """
 
 import json
+import logging
 import platform
 import re
 from collections import defaultdict
@@ -27,14 +33,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from ._version import __version__
+from .caching import module_fingerprint
 from .evaluation import compare_rewards
 from .families import family_class_for, load_pipeline
+from .hacking import grouped_signals
 from .prompt_sets import load_prompt_sets
 from .rewards import load_reward
+from .rewards.scoring import reward_name, score_images
 from .sampling import adapters_disabled, iter_sample_batches
 
+logger = logging.getLogger(__name__)
 VARIANTS = ("base", "tuned")
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -43,8 +56,6 @@ def _versions() -> dict:
     import diffusers
     import torch
     import transformers
-
-    from . import __version__
 
     return {"diffusion_dpo_trainer": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
@@ -107,12 +118,24 @@ def _variants(pipeline, lora=None, denoiser=None, reference=None) -> dict:
     return {"base": as_is}
 
 
+def _weight_fingerprints(variants: dict) -> dict[str, str]:
+    """variant -> a hash of every weight its images depend on (denoiser, adapters, VAE, text encoders), so that a
+    resumed evaluation never mixes images of different weights saved at the same path. The base ignores adapter
+    tensors: they are switched off while it samples."""
+    fingerprints = {}
+    for name, variant in variants.items():
+        with variant() as pipe:
+            modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+            fingerprints[name] = module_fingerprint(*modules, ignore="lora_" if name == "base" else None)
+    return fingerprints
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def _reward_names(rewards) -> list[str]:
-    names = [r if isinstance(r, str) else getattr(r, "__name__", type(r).__name__) for r in rewards]
+    names = [reward_name(r) for r in rewards]
     if len(set(names)) != len(names):
         raise ValueError(f"Reward names must be unique, got {names}.")
     return names
@@ -228,19 +251,27 @@ def evaluate_protocol(
         "dtype": str(pipeline.dtype).removeprefix("torch."), "seeds": [int(s) for s in seeds], "rewards": names,
         "prompt_sets": {name: len(prompts) for name, prompts in sets.items()},
     }
+    variants = _variants(pipeline, lora, denoiser, reference)
+    settings["weights"] = _weight_fingerprints(variants)
     settings_file = out / "settings.json"
+    stale = []
     if settings_file.is_file():
         previous = json.loads(settings_file.read_text(encoding="utf-8"))
-        changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        changed = sorted(k for k in settings if k != "weights" and previous.get(k) != settings[k])
         if changed:
             raise ValueError(f"{out} holds an evaluation with other settings ({', '.join(changed)}); resume it with "
                              "the same arguments or choose another output directory.")
+        stale = [v for v in variants if (previous.get("weights") or {}).get(v) != settings["weights"][v]]
     out.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2), encoding="utf-8")
-
-    variants = _variants(pipeline, lora, denoiser, reference)
     scores_file = out / "scores.jsonl"
     rows = _read_rows(scores_file)
+    if stale and rows:  # the same paths, other weights (e.g. an adapter retrained into the same folder)
+        logger.warning(f"{out}: the weights of {' and '.join(stale)} changed since its images were sampled; sampling "
+                       "them again.")
+        rows = [row for row in rows if row["variant"] not in stale]
+        scores_file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    # Written once the stale rows are gone: a kill in between leaves the old fingerprints, so they are dropped again.
+    settings_file.write_text(json.dumps(settings, indent=2), encoding="utf-8")
     done = {(r["set"], r["variant"], r["index"], r["seed"]) for r in rows}
     pending = {(name, variant): [(i, s) for i in range(len(prompts)) for s in settings["seeds"]
                                  if (name, variant, i, s) not in done]
@@ -263,11 +294,8 @@ def evaluate_protocol(
                     batch_items, batch_prompts = items[start : start + batch_size], prompts[start : start + batch_size]
                     for (i, s), image in zip(batch_items, images):
                         image.save(folder / f"{i:05d}_{s}.png")
-                    scores = [[float(x) for x in fn(images, batch_prompts)] for fn in reward_fns]
-                    for name, values in zip(names, scores):
-                        if len(values) != len(images):
-                            raise ValueError(f"Reward {name!r} returned {len(values)} scores for {len(images)} "
-                                             "images; expected one per image.")
+                    scores = score_images(reward_fns, images, batch_prompts, names, allow_none=False,
+                                          offset=start).per_function.T.tolist()
                     for k, ((i, s), prompt) in enumerate(zip(batch_items, batch_prompts)):
                         row = {"set": set_name, "variant": variant, "index": i, "seed": s, "prompt": prompt,
                                "scores": {name: scores[j][k] for j, name in enumerate(names)}}
@@ -276,8 +304,13 @@ def evaluate_protocol(
                     log.flush()
                     bar.update(len(batch_items))
 
-    report = {"settings": {**settings, "versions": _versions()}, "results": summarize(rows, names)}
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    report = {"settings": {**settings, "versions": _versions()}, "results": summarize(rows, names),
+              # What moves when a tuned model hacks its reward (hacking.py), from the saved images, prompt by prompt.
+              "image_statistics": {name: {v: grouped_signals(
+                  [Image.open(out / "images" / _slug(name) / v / f"{i:05d}_{s}.png") for s in settings["seeds"]]
+                  for i in range(len(prompts))) for v in variants} for name, prompts in sets.items()}}
+    # allow_nan=False: a non-finite figure is a bug to see here, never a bare NaN that makes the file invalid JSON.
+    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
     samples = {name: [(i, prompts[i], {v: out / "images" / _slug(name) / v / f"{i:05d}_{settings['seeds'][0]}.png"
                                        for v in variants})
                       for i in range(min(num_html_samples, len(prompts)))] for name, prompts in sets.items()}

@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .families import family_class_for, load_pipeline  # noqa: F401  (load_pipeline: its old import path)
+from .families import family_class_for
 
 
 def _modules(pipeline: DiffusionPipeline) -> list[torch.nn.Module]:
@@ -59,8 +59,10 @@ def iter_sample_batches(
     """Yield the images of `sample_images` one batch at a time, so callers can score and drop them as they come.
 
     With `return_latents`, yield `(images, latents)`: the final latents the pipeline decoded into those images, as
-    the denoiser produced them (captured with `callback_on_step_end`, so nothing is re-encoded).
+    the denoiser produced them (captured with `callback_on_step_end`, so nothing is re-encoded). With
+    `output_type="latent"` nothing is decoded and `images` is None.
     """
+    output_type = pipeline_kwargs.pop("output_type", "pil")
     if len(prompts) != len(seeds):
         raise ValueError(f"Got {len(prompts)} prompts but {len(seeds)} seeds; expected one seed per prompt.")
     if batch_size < 1:
@@ -80,10 +82,11 @@ def iter_sample_batches(
                                    "callback_on_step_end_tensor_inputs": ["latents"]}
             # Entered per batch, so nothing stays switched while the caller works on a yielded batch.
             with sampling_mode(pipeline):
-                output = pipeline(prompt=batch_prompts, generator=generators, output_type="pil", **pipeline_kwargs)
+                output = pipeline(prompt=batch_prompts, generator=generators, output_type=output_type,
+                                  **pipeline_kwargs)
             bar.update(len(batch_prompts))
             # Video pipelines (Wan) return `frames`: one list of PIL frames per video.
-            images = output.images if hasattr(output, "images") else output.frames
+            images = None if output_type == "latent" else output.images if hasattr(output, "images") else output.frames
             yield (images, final["latents"]) if return_latents else images
 
 

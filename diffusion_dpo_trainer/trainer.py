@@ -8,9 +8,13 @@ and timestep per image instead, and no loss that needs no reference ever runs on
 
 import dataclasses
 import functools
+import json
+import logging
 import math
 import os
+import shutil
 import warnings
+import zipfile
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -22,7 +26,7 @@ from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
@@ -33,14 +37,25 @@ from . import losses
 from .caching import precompute_for_training
 from .collators import PreferenceCollator, UnpairedCollator
 from .config import DiffusionDPOConfig
+from .curriculum import CurriculumSampler
 from .families import load_family
-from .formats import map_eval_datasets, prepare_preference_dataset, prepare_unpaired_dataset
+from .formats import (
+    LABEL_COLUMN,
+    ROW_COLUMN,
+    check_one_step_fits,
+    map_eval_datasets,
+    prepare_preference_dataset,
+    prepare_unpaired_dataset,
+)
 from .model_card import card_hyperparameters, render_model_card
 from .quantization import is_quantized
 from .reference_cache import DrawEpochCallback, RowDraws, precompute_reference_errors, reference_fingerprint
 from .video_data import VideoPreferenceCollator, VideoUnpairedCollator, check_num_frames
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+#: What a failed write raises: OSError from Python's files, SafetensorError from safetensors (a full disk is
+#: "I/O error: No space left on device") and RuntimeError from torch.save's zip writer ("unexpected pos ...").
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 # The per-sample errors that make up the loss, named in the non-finite-loss error.
 NONFINITE_TERMS = ("mse/chosen", "mse/rejected", "ref_mse/chosen", "ref_mse/rejected")
 
@@ -73,6 +88,8 @@ class DiffusionDPOTrainer(Trainer):
     """
 
     _tag_names = ["diffusion-dpo", "diffusers"]
+    #: The easy-to-hard sampler of `curriculum_stages` > 1, once the train dataloader exists.
+    curriculum: CurriculumSampler | None = None
 
     def __init__(
         self,
@@ -93,6 +110,37 @@ class DiffusionDPOTrainer(Trainer):
         self.args = args  # the precision properties read it before `Trainer.__init__` sets it (to the same object)
         # Seed before the adapter is initialised, so one seed gives one run (Trainer seeds only after this).
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        self._load_model(model)
+        self._check_precompute_ref_errors()
+        self._set_up_denoiser(peft_config)
+        self._set_up_reference(ref_model)
+        self._set_up_precision()
+        data_collator, train_dataset, eval_dataset = self._set_up_data(data_collator, train_dataset, eval_dataset)
+
+        super().__init__(
+            model=self.family.denoiser,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+
+        callbacks = self.callback_handler.callbacks
+        for i, callback in enumerate(callbacks):
+            if type(callback) is TensorBoardCallback:
+                callbacks[i] = _DiffusersTensorBoardCallback(callback.tb_writer)
+        self._place_frozen_modules()
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._precompute_caches()
+
+    # ----- set-up, one idea per method (a subclass overrides the one it changes) -------------------------------------
+    def _load_model(self, model) -> None:
+        """The family (pipeline, denoiser, frozen modules), the resolved beta and the selected losses."""
+        args = self.args
         with _loaded_whole(args):
             self.family = load_family(model, args)
         # Resolved once; everything reads `self.beta`, never `args.beta` (None means the family's default).
@@ -101,23 +149,29 @@ class DiffusionDPOTrainer(Trainer):
         self.loss_types = losses.resolve_loss_types(args.loss_type, args.loss_weights)
         self.paired = losses.is_paired(self.loss_types)
         self.loss_params = losses.LossParams.from_config(args, beta=self.beta)
-        if args.precompute_ref_errors:  # checked before anything is encoded or moved
-            if not args.precompute_latents:
-                raise ValueError("precompute_ref_errors=True needs precompute_latents=True: the reference errors are "
-                                 "computed for each pair's stored latents (and crop).")
-            if not losses.needs_reference(self.loss_types):
-                raise ValueError(f"precompute_ref_errors=True, but loss_type {args.loss_type!r} uses no reference "
-                                 "model.")
-            if args.dataloader_persistent_workers:
-                raise ValueError("precompute_ref_errors=True cannot use dataloader_persistent_workers: the workers "
-                                 "would keep drawing with the epoch they started in.")
-        denoiser = self.family.denoiser
+        self._check_stabilisers()
 
+    def _check_precompute_ref_errors(self) -> None:
+        """What `precompute_ref_errors` needs, checked before anything is encoded or moved."""
+        args = self.args
+        if not args.precompute_ref_errors:
+            return
+        if not args.precompute_latents:
+            raise ValueError("precompute_ref_errors=True needs precompute_latents=True: the reference errors are "
+                             "computed for each pair's stored latents (and crop).")
+        if not losses.needs_reference(self.loss_types):
+            raise ValueError(f"precompute_ref_errors=True, but loss_type {args.loss_type!r} uses no reference model.")
+        if args.dataloader_persistent_workers:
+            raise ValueError("precompute_ref_errors=True cannot use dataloader_persistent_workers: the workers would "
+                             "keep drawing with the epoch they started in.")
+
+    def _set_up_denoiser(self, peft_config) -> None:
+        """Freeze everything but the denoiser, and train either all of its weights or a LoRA adapter on it."""
+        denoiser = self.family.denoiser
         for module in self.family.frozen_modules:
             module.requires_grad_(False)
             module.eval()
-        quantized = is_quantized(denoiser)
-        if quantized and peft_config is None:
+        if is_quantized(denoiser) and peft_config is None:
             raise ValueError(
                 f"The {self.family.denoiser_name} was loaded quantized (model_init_kwargs['quantization_config']), so "
                 "it cannot be fully fine-tuned: its 4/8-bit weights take no gradient updates. Pass a peft_config to "
@@ -131,6 +185,10 @@ class DiffusionDPOTrainer(Trainer):
             denoiser.add_adapter(peft_config)
         self.is_lora = bool(getattr(denoiser, "peft_config", None))
 
+    def _set_up_reference(self, ref_model) -> None:
+        """Hand the family its reference: the one given, a frozen copy for a full fine-tune, or (LoRA) none, the
+        adapter-disabled policy serving (see `family.reference()`)."""
+        args = self.args
         if losses.needs_reference(self.loss_types):
             if ref_model is not None:
                 self.family.set_reference(ref_model, args.ref_model_init_kwargs)
@@ -139,20 +197,26 @@ class DiffusionDPOTrainer(Trainer):
         elif ref_model is not None:
             warnings.warn(f"`ref_model` is ignored: loss_type {args.loss_type!r} needs no reference model.")
 
+    def _set_up_precision(self) -> None:
+        """The denoiser's dtypes and activation checkpointing: what a step's numerics and memory depend on."""
+        denoiser = self.family.denoiser
         if self.is_lora and self.weight_dtype != torch.float32:
             # Frozen base weights in half precision; the adapter stays in float32 for stable updates. A quantized base
             # keeps the dtypes it was loaded with (`torch_dtype` for its unquantized layers): it cannot be cast. A
             # denoiser loaded in that dtype is left as loaded: diffusers keeps some modules in float32 (Wan's norms,
             # rope, time embedding).
-            if not quantized and denoiser.dtype != self.weight_dtype:
+            if not is_quantized(denoiser) and denoiser.dtype != self.weight_dtype:
                 denoiser.to(dtype=self.weight_dtype)
             cast_training_params(denoiser, dtype=torch.float32)
-
-        if args.activation_checkpointing:
+        if self.args.activation_checkpointing:
             # Diffusers models have their own switch; the Trainer only knows the transformers one, so give it that.
             denoiser.enable_gradient_checkpointing()
             denoiser.activation_checkpointing_enable = lambda **_: None
 
+    def _set_up_data(self, data_collator, train_dataset, eval_dataset):
+        """The training resolution (and clip length), the default collator, and the datasets checked and normalised:
+        the `(data_collator, train_dataset, eval_dataset)` for `Trainer.__init__`."""
+        args = self.args
         self.resolution = args.resolution or self.family.native_resolution()
         self.family.check_resolution(self.resolution)
         #: Frames per training clip of a video model (None for image models).
@@ -173,29 +237,15 @@ class DiffusionDPOTrainer(Trainer):
                           "decides the prompts itself, so no prompt is dropped unless it does so.")
         if train_dataset is not None:
             train_dataset = self._prepare_dataset(train_dataset, "train_dataset")
-        eval_dataset = map_eval_datasets(eval_dataset, self._prepare_dataset)
+        return data_collator, train_dataset, map_eval_datasets(eval_dataset, self._prepare_dataset)
 
-        super().__init__(
-            model=denoiser,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-
-        callbacks = self.callback_handler.callbacks
-        for i, callback in enumerate(callbacks):
-            if type(callback) is TensorBoardCallback:
-                callbacks[i] = _DiffusersTensorBoardCallback(callback.tb_writer)
-
-        device = self.accelerator.device
+    def _place_frozen_modules(self) -> None:
+        """The frozen modules on the training device in their dtypes; encoders whose outputs get cached wait on the
+        CPU (the caching runs them while the denoiser steps aside). A frozen reference copy is sharded like the
+        policy."""
+        args, device = self.args, self.accelerator.device
         # A half-precision VAE overflows in fp16 (the known SDXL VAE NaNs); bf16 is safe.
         vae_dtype = torch.bfloat16 if args.bf16 else torch.float32
-        # Encoders whose outputs get cached wait on the CPU: the caching runs them while the denoiser steps aside.
         _move(self.family.vae, "cpu" if args.precompute_latents else device, vae_dtype)
         for encoder in self.family.text_encoders:
             _move(encoder, "cpu" if args.precompute_text_embeddings else device, self.weight_dtype)
@@ -203,11 +253,13 @@ class DiffusionDPOTrainer(Trainer):
             _move(self.ref_model, device, self.weight_dtype)
             if not args.precompute_ref_errors:  # precomputed: it runs in each process's own pass, then it is dropped
                 self.family.set_reference(self._shard_reference(self.ref_model))
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _precompute_caches(self) -> None:
+        """The latent, prompt-embedding and reference-error caches the options ask for (docs/datasets.md)."""
+        args = self.args
         if args.precompute_latents or args.precompute_text_embeddings:
             self.train_dataset, self.eval_dataset = precompute_for_training(
-                self.family, self.train_dataset, self.eval_dataset, self.data_collator, args, self.resolution,
-                self.accelerator.device,
+                self.family, self.train_dataset, self.eval_dataset, self.data_collator, args, self.accelerator.device
             )
         if args.precompute_ref_errors:
             with args.main_process_first(desc="precomputing the reference's errors"):
@@ -227,8 +279,65 @@ class DiffusionDPOTrainer(Trainer):
     def _prepare_dataset(self, dataset, name: str):
         """Validate a train/eval dataset and normalise its rows for the collator (pairs, or labelled images)."""
         if self.paired:
-            return prepare_preference_dataset(dataset, name)
+            # the loss reads soft labels in training and evaluation; the curriculum orders the training pairs only
+            labels = self.args.soft_labels != "none" or (self.args.curriculum_stages > 1 and name == "train_dataset")
+            return prepare_preference_dataset(dataset, name, soft_labels=labels, keep_ties=self.args.keep_ties)
         return prepare_unpaired_dataset(dataset, name, column="image" if self.num_frames is None else "video")
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(self.args.fsdp)
+        if asked and not self.is_fsdp_enabled:
+            warnings.warn(
+                f"The launch config asks for FSDP, but accelerate enables FSDP only on GPUs (this run: "
+                f"{self.accelerator.distributed_type.value}): it trains WITHOUT FSDP, every process holding the whole "
+                "model, its gradients and optimizer state. Launch on GPUs to shard; on CPU, tests lift the gate with "
+                "diffusion_dpo_trainer.testing.allow_fsdp_on_cpu."
+            )
+
+    def get_train_dataloader(self):
+        """The Trainer's loader, once one optimizer step is known to fit the data (a stream too short for one would
+        loop forever) and with no more workers than a stream has shards (datasets stops the rest, warning each pass)."""
+        args, dataset = self.args, self.train_dataset
+        if dataset is not None:
+            check_one_step_fits(dataset, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                                args.world_size, args.dataloader_drop_last)
+        workers = args.dataloader_num_workers
+        if not isinstance(dataset, datasets.IterableDataset) or workers <= dataset.num_shards:
+            return super().get_train_dataloader()
+        warnings.warn(f"dataloader_num_workers={workers}, but the training stream has {dataset.num_shards} shard(s) "
+                      f"(files): using {dataset.num_shards} worker(s).")
+        args.dataloader_num_workers = dataset.num_shards
+        try:
+            return super().get_train_dataloader()
+        finally:
+            args.dataloader_num_workers = workers
+
+    def _check_stabilisers(self) -> None:
+        """The stabilisers act on pairs; soft labels enter through the DPO logit of `sigmoid`."""
+        args, names = self.args, [name for name, _ in self.loss_types]
+        on = [name for name in ("winner_preserving_mu", "soft_labels", "keep_ties", "timestep_min", "timestep_max",
+                                "timestep_weight_power", "curriculum_stages")
+              if getattr(args, name) != getattr(DiffusionDPOConfig, name)]
+        if not self.paired and on:
+            raise ValueError(f"{on} apply to paired data; loss_type {names} trains on unpaired images.")
+        if args.soft_labels != "none" and not any(losses.LOSSES[name].soft_labels for name in names):
+            raise ValueError(f"soft_labels={args.soft_labels!r} is read by `sigmoid` (the DPO logit), which loss_type "
+                             f"{names} does not include.")
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With `curriculum_stages` > 1, the easy-to-hard `CurriculumSampler` over the pairs' label margins."""
+        if self.args.curriculum_stages == 1:
+            return super()._get_train_sampler(train_dataset)
+        args = self.args
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        labels = dataset.with_format(None)[LABEL_COLUMN]
+        # With max_steps the whole run is one epoch of the sampler, so the stages span training.
+        samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+            args.world_size if args.max_steps > 0 else None
+        self.curriculum = CurriculumSampler([abs(2.0 * p - 1.0) for p in labels], args.curriculum_stages, args.seed,
+                                            samples)
+        return self.curriculum
 
     @property
     def mixed_precision(self) -> str:
@@ -335,26 +444,36 @@ class DiffusionDPOTrainer(Trainer):
     def _prompt_embeddings(self, inputs) -> dict[str, torch.Tensor]:
         if "prompt_embeds" in inputs:  # precomputed, stored in float32: back to the text encoders' dtype
             return {key: value.to(self.weight_dtype) for key, value in inputs["prompt_embeds"].items()}
-        return self.family.encode_prompt(inputs["prompt"], self.accelerator.device)
+        with self._long_prompts.watch(self.family.pipeline, inputs["prompt"], inputs.get(ROW_COLUMN)):
+            return self.family.encode_prompt(inputs["prompt"], self.accelerator.device)
+
+    @functools.cached_property
+    def _long_prompts(self) -> "_LongPromptNotice":
+        return _LongPromptNotice()
+
+    def _clean_latents(self, inputs, sides: tuple[str, ...]) -> torch.Tensor:
+        """x0 of every image, winners first, from whichever form the canonical batch holds it in
+        (docs/architecture.md): latents as generated (a rollout's: no VAE round trip), a cached VAE distribution
+        (no VAE call), or pixels to encode."""
+        if f"{sides[0]}latents" in inputs:
+            return torch.cat([inputs[f"{side}latents"] for side in sides])
+        if f"{sides[0]}latent_mean" in inputs:
+            mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
+            std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
+        else:
+            mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
+        return self._sample_latents(mean, std, len(sides), inputs.get("latent_eps"))
 
     def _denoiser_inputs(self, inputs):
-        """x0, noise, timesteps and conditioning of a batch, (groups * B) samples.
+        """x0, noise, timesteps and conditioning of a canonical batch, (groups * B) samples.
 
         Paired batches hold winners then losers (two groups) and draw ONE noise and ONE timestep per pair, shared by
         winner, loser, policy and reference; unpaired (KTO) images are independent: one group, a draw per image.
-        With `precompute_ref_errors` the batch carries each row's own draws instead.
+        A batch may carry each row's own draws instead (`precompute_ref_errors`).
         """
         sides = ("chosen_", "rejected_") if self.paired else ("",)  # the collators' batch-key prefixes
         groups = len(sides)
-        if f"{sides[0]}latents" in inputs:  # sampled by the policy (online DPO): the latents as generated
-            x0 = torch.cat([inputs[f"{side}latents"] for side in sides])
-        else:
-            if f"{sides[0]}latent_mean" in inputs:  # precomputed: the same distribution, no VAE call
-                mean = torch.cat([inputs[f"{side}latent_mean"] for side in sides])
-                std = torch.cat([inputs[f"{side}latent_std"] for side in sides])
-            else:
-                mean, std = self.family.encode_pixels(torch.cat([inputs[f"{side}pixel_values"] for side in sides]))
-            x0 = self._sample_latents(mean, std, groups, inputs.get("latent_eps"))
+        x0 = self._clean_latents(inputs, sides)
         if "noise" in inputs:  # each row's own draws (precompute_ref_errors)
             noise, timesteps = inputs["noise"], inputs["timesteps"]
         else:
@@ -384,8 +503,21 @@ class DiffusionDPOTrainer(Trainer):
         elif losses.needs_reference(self.loss_types):
             with torch.no_grad(), self.family.reference() as reference:
                 ref_mse = losses.per_sample_mse(self.family.predict(reference, noisy, timesteps, conditioning), target)
-        policy_mse = losses.per_sample_mse(self.family.predict(model, noisy, timesteps, conditioning), target)
-        return policy_mse, ref_mse
+        prediction = self.family.predict(model, noisy, timesteps, conditioning)
+        self._stabiliser_terms = self._stabilisers(prediction, target, timesteps)
+        return losses.per_sample_mse(prediction, target), ref_mse
+
+    def _stabilisers(self, prediction, target, timesteps) -> dict:
+        """What the paired-loss stabilisers read besides the errors: `compute_paired_loss`'s keyword arguments."""
+        params, terms = self.loss_params, {}
+        if not self.paired:
+            return terms
+        if params.winner_preserving_mu is not None:  # this process's batch, as the reference code does per GPU
+            error_w, error_l = (prediction.detach().float() - target.float()).chunk(2)
+            terms["lose_scale"] = losses.winner_preserving_lambda(error_w, error_l, params.winner_preserving_mu)
+        if losses.timesteps_active(params):
+            terms["noise_level"] = timesteps.chunk(2)[0].float() / self.family.num_train_timesteps
+        return terms
 
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over the batches of all processes (sum and count gathered, so uneven last batches are fine)."""
@@ -397,7 +529,11 @@ class DiffusionDPOTrainer(Trainer):
         with self.accelerator.autocast():
             policy_mse, ref_mse = self._denoising_errors(model, inputs)
         if self.paired:
-            loss, metrics = losses.compute_paired_loss(self.loss_types, policy_mse, ref_mse, self.loss_params)
+            loss, metrics = losses.compute_paired_loss(self.loss_types, policy_mse, ref_mse, self.loss_params,
+                                                       label=inputs.get(LABEL_COLUMN), **self._stabiliser_terms)
+            if model.training and self.curriculum is not None:  # the stage this step draws from
+                position = (self.state.epoch or 0.0) % 1.0 * len(self.curriculum)
+                metrics["curriculum/stage"] = policy_mse.new_tensor(float(self.curriculum.stage_at(int(position))))
         else:
             loss, metrics = losses.compute_unpaired_loss(
                 self.loss_types, policy_mse, ref_mse, inputs["label"], self.loss_params, self._global_mean
@@ -469,6 +605,22 @@ class DiffusionDPOTrainer(Trainer):
         return output
 
     # ----- saving and loading -------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, or, when a write fails (a full disk), an error naming the folder, with the partial
+        folder removed (it has no `trainer_state.json`, the file written last): the previous checkpoint stays the last
+        one, and older ones are rotated only after a success."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        try:
+            super()._save_checkpoint(model, trial)
+        except WRITE_ERRORS as exc:
+            partial = not os.path.isfile(os.path.join(folder, "trainer_state.json"))
+            if self.args.should_save and partial:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise OSError(f"Could not write the checkpoint {folder} ({exc})"
+                          + ("; the partial folder was removed" if partial else "") + ", so the previous checkpoint "
+                          "is still the last one. Free disk space (or lower save_total_limit) and resume with "
+                          "--resume_from_checkpoint true.") from exc
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
@@ -479,6 +631,12 @@ class DiffusionDPOTrainer(Trainer):
         if state_dict is not None:
             trained = {name: state_dict[name] for name in trained if name in state_dict}
         self._check_finite_weights(trained, output_dir)
+        try:
+            self._write_model(output_dir, denoiser, state_dict)
+        except WRITE_ERRORS as exc:
+            raise OSError(f"Could not save the model to {output_dir}: {exc}") from exc
+
+    def _write_model(self, output_dir: str, denoiser, state_dict) -> None:
         os.makedirs(output_dir, exist_ok=True)
         if self.is_lora:
             # PEFT-format keys (`lora_A`/`lora_B`), as diffusers' own LoRA scripts save for transformers: every
@@ -541,6 +699,7 @@ class DiffusionDPOTrainer(Trainer):
         """Restore the policy only: the reference stays the initial weights (or the adapter-disabled base)."""
         if not os.path.isdir(resume_from_checkpoint):
             raise ValueError(f"Cannot resume: checkpoint directory {resume_from_checkpoint!r} does not exist.")
+        _check_checkpoint_files(resume_from_checkpoint)
         if self.is_fsdp_enabled:  # the sharded policy from the Trainer's own FSDP checkpoint (pytorch_model_fsdp*)
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -550,10 +709,8 @@ class DiffusionDPOTrainer(Trainer):
                 raise ValueError(f"Cannot resume: {path} does not exist (expected a LoRA checkpoint saved by this trainer).")
             _check_safetensors(path)
             state = convert_unet_state_dict_to_peft(self.family.lora_state_dict(resume_from_checkpoint))
-            result = set_peft_model_state_dict(denoiser, state, adapter_name="default")
-            unexpected = getattr(result, "unexpected_keys", None)
-            if unexpected:
-                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: unexpected LoRA keys {unexpected[:5]}.")
+            _check_lora_matches(path, state, get_peft_model_state_dict(denoiser))
+            set_peft_model_state_dict(denoiser, state, adapter_name="default")
         else:
             path = os.path.join(resume_from_checkpoint, self.family.denoiser_name)
             if not os.path.isdir(path):
@@ -565,10 +722,48 @@ class DiffusionDPOTrainer(Trainer):
                 saved = type(denoiser).from_pretrained(path, use_safetensors=True)
             except OSError as exc:
                 raise ValueError(f"Cannot resume from {path}: no readable safetensors weights ({exc}).") from exc
-            denoiser.load_state_dict(saved.state_dict())
+            try:
+                denoiser.load_state_dict(saved.state_dict())
+            except RuntimeError as exc:  # another architecture: missing, unexpected or reshaped tensors
+                problem = " ".join(str(exc).split())
+                raise ValueError(f"Cannot resume: {path} holds another model than this run's: {problem[:300]}") from exc
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+class _LongPromptNotice(logging.Filter):
+    """diffusers logs the cut-off part of a prompt longer than a text encoder reads on EVERY encode of it, so one
+    10,000-character prompt floods the log with its text, epoch after epoch. This keeps those records out and warns
+    once per run instead, naming the row."""
+
+    MESSAGE = "The following part of your input was truncated"
+
+    def __init__(self):
+        super().__init__()
+        self.truncated = self.warned = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(self.MESSAGE):
+            self.truncated = True
+            return False
+        return True
+
+    @contextmanager
+    def watch(self, pipeline, prompts: list[str], rows: torch.Tensor | None):
+        logger = logging.getLogger(type(pipeline).__module__)  # the pipeline module's encode_prompt logs it
+        self.truncated = False
+        logger.addFilter(self)
+        try:
+            yield
+        finally:
+            logger.removeFilter(self)
+        if self.truncated and not self.warned:
+            self.warned = True
+            longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+            where = f"Row {int(rows[longest])}" if rows is not None else f"Prompt {longest} of a batch"
+            warnings.warn(f"{where}: the prompt ({len(prompts[longest])} characters) is longer than the text encoder "
+                          "reads, so its end is cut off (warned once per run; any other long prompt is cut alike).")
 
 
 def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
@@ -595,6 +790,39 @@ def _loaded_whole(args):
         yield
     finally:
         set_hf_deepspeed_config(hf_config)
+
+
+def _check_lora_matches(path: str, saved: dict, expected: dict) -> None:
+    """The checkpoint's adapter must be this run's, key for key and shape for shape: PEFT loads a partial match
+    silently (a missing tensor keeps its fresh initialisation), which would resume another run's model or start fresh."""
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = [f"{key} {tuple(saved[key].shape)} vs {tuple(expected[key].shape)}"
+                for key in sorted(set(saved) & set(expected)) if saved[key].shape != expected[key].shape]
+    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in (
+        (missing, "LoRA tensors missing from it"), (unexpected, "unexpected LoRA tensors"),
+        (reshaped, "tensors of another shape (another lora_r?), saved vs this run"),
+    ) if keys]
+    if problems:
+        raise ValueError(f"Cannot resume: {path} holds another adapter than this run's: {'; '.join(problems)}. "
+                         "Resume with the LoRA settings (lora_r, target modules) it was trained with.")
+
+
+def _check_checkpoint_files(checkpoint: str) -> None:
+    """The Trainer's own files of a checkpoint (state, optimizer, scheduler, RNG) read back before anything is restored,
+    so that a truncated or corrupt one is named instead of surfacing as a JSON or zip traceback mid-resume."""
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if name.endswith(".json"):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"Cannot resume: {path} is missing or unreadable: not valid JSON, truncated or corrupt "
+                                 f"({exc}).") from exc
+        elif name.endswith((".pt", ".pth")) and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            raise ValueError(f"Cannot resume: {path} is missing or unreadable: not a torch.save archive, truncated or "
+                             "corrupt.")
 
 
 def _check_safetensors(path: str) -> None:

@@ -5,11 +5,38 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+#: Transparent pixels are composited over white, as a browser or an image viewer shows them on a page (PIL's
+#: `convert("RGB")` would drop the alpha and show whatever colour the transparent pixels happen to hold).
+ALPHA_BACKGROUND = (255, 255, 255)
+#: Modes of 16/32-bit integer images, read on a 16-bit scale (0..65535): PIL's `convert` clips them to 0..255, which
+#: turns a 16-bit PNG white.
+WIDE_INTEGER_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image that looks as the file does in a viewer, whatever its mode and bit depth.
+
+    EXIF orientation is applied; 16-bit and 32-bit integer greyscale is scaled from 0..65535, float greyscale ("F")
+    from 0..1 (values outside are clipped); alpha (RGBA, LA, PA, a palette or greyscale with a transparent colour) is
+    composited over `ALPHA_BACKGROUND`; every other mode (L, P, CMYK, YCbCr, 1, ...) goes through PIL's conversion.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in WIDE_INTEGER_MODES or image.mode == "F":
+        scale = 1.0 if image.mode == "F" else 65535.0
+        levels = np.clip(np.asarray(image, dtype=np.float64) / scale, 0.0, 1.0) * 255.0
+        return Image.fromarray(np.rint(levels).astype(np.uint8), "L").convert("RGB")
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def load_image(value, row: int, column: str) -> Image.Image:
-    """Decode any supported image value to RGB, or raise an error naming the row and column."""
+    """Decode any supported image value to RGB (`to_rgb`: every mode and bit depth as it looks), or raise an error
+    naming the row and column."""
     try:
         if isinstance(value, Image.Image):
             image = value
@@ -21,7 +48,7 @@ def load_image(value, row: int, column: str) -> Image.Image:
             image = Image.open(value)
         else:
             raise TypeError(f"unsupported value of type {type(value).__name__}")
-        return image.convert("RGB")
+        return to_rgb(image)
     except Exception as exc:  # PIL raises several unrelated types for bad data
         raise ValueError(
             f"Row {row}, column {column!r}: could not read an image ({exc}). Expected a PIL image, a datasets.Image "

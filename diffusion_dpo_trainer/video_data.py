@@ -5,7 +5,7 @@ A video in a row is a file path, encoded bytes (mp4, webm, anything FFmpeg reads
 arrays, or one (F, H, W, 3) uint8 array. A clip of `num_frames` frames is taken `frame_stride` frames apart (or
 resampled to `fps`), starting at frame 0, or, with `random_crop`, at a random point. Both videos of a pair get the
 SAME window (as a fraction of each video's free frames, so equal-length videos get identical windows), the same
-spatial crop and the same flip: `data.paired_transform` transforms the frames of both videos with one draw.
+spatial crop and the same flip: `transforms.paired_transform` transforms the frames of both videos with one draw.
 """
 
 import io
@@ -170,7 +170,7 @@ def paired_video_transform(videos: list[_Video], num_frames: int, resolution: in
     """Clips of the videos of one row with ONE draw of temporal window, crop position and flip for all of them.
 
     Returns, per video, pixels (C, F, H, W) in [-1, 1], the original (h, w) and the crop's (top, left), as
-    `data.paired_transform` does per image. The window is drawn first, then the crop and flip.
+    `transforms.paired_transform` does per image. The window is drawn first, then the crop and flip.
     """
     fraction = torch.rand((), generator=generator).item() if random_crop else 0.0
     clips = [video.frames(clip_indices(video, num_frames, frame_stride, fps, fraction), resolution)

@@ -19,7 +19,9 @@ stratified halves A and B.
 3. AI feedback: `build_preference_pairs` samples several images per prompt from the base model and pairs the best
    against the worst by the reward model.
 4. Diffusion-DPO with `DiffusionDPOTrainer` and a LoRA adapter; `RewardEvaluationCallback` tracks the reward-model
-   win rate during training. With `--online`, steps 3 and 4 are one: `DiffusionOnlineDPOTrainer` samples groups from
+   win rate during training, and `RewardHackingCallback` the signals of reward hacking: the reward model's score and
+   the judge's (held out: it only watches) on fixed prompts and seeds, within-prompt diversity and image statistics,
+   with a warning if the reward rises while the judge falls or diversity halves (training_curves.png, last panel). With `--online`, steps 3 and 4 are one: `DiffusionOnlineDPOTrainer` samples groups from
    the policy being trained and pairs them by the same reward model as it goes (every pair of a group; each batch
    of samples serves `online_iterations` optimizer steps), with its own validated beta (`FULL_ONLINE`).
 5. Evaluation on held-out seeds (never used for pairs): for every (prompt, seed) the judge scores the DPO sample
@@ -56,6 +58,7 @@ from digits_common import (
     build_base_pipeline,
     digit_classifier,
     diversity,
+    dpo_option,
     dpo_trainer,
     features,
     images_sampled,
@@ -63,13 +66,14 @@ from digits_common import (
     load_halves,
     online_dpo_trainer,
     pil_to_grey,
+    winner_error_change,
     reward_win_rate,
     sampling_kwargs,
     settings_for,
     wanted_digits,
 )
 
-from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, evaluate_win_rate
+from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, RewardHackingCallback, evaluate_win_rate
 
 
 # ----- figures ------------------------------------------------------------------------------------------------------
@@ -121,7 +125,7 @@ def save_training_curves(path, pretrain_losses: dict, log_history: list):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for name, values in pretrain_losses.items():
         axes[0].plot(values, label=f"{name} loss", alpha=0.8)
     axes[0].set_yscale("log")
@@ -142,6 +146,13 @@ def save_training_curves(path, pretrain_losses: dict, log_history: list):
     axes[2].set_ylim(0, 1.02)
     axes[2].set_xlabel("DPO step")
     axes[2].set_title("win rate vs base by the reward model (callback)")
+    signals = [h for h in log_history if "hacking/diversity" in h]
+    for key, label in (("reward", "reward model"), ("heldout_reward", "judge (held out)"), ("diversity", "diversity"),
+                       ("high_frequency_energy", "high-frequency energy"), ("grid_energy", "8 px grid energy")):
+        axes[3].plot([h["step"] for h in signals], [h[f"hacking/{key}"] for h in signals], marker="o", label=label)
+    axes[3].set_xlabel("DPO step")
+    axes[3].set_title("reward hacking signals (callback)")
+    axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=60)
     plt.close(fig)
@@ -162,7 +173,16 @@ def parse_args(argv):
                         help="The base model: a Stable Diffusion UNet with epsilon prediction (default) or a Stable "
                              "Diffusion 3 transformer trained with rectified flow.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice).")
+    parser.add_argument("--dpo-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a DiffusionDPOConfig field for offline DPO, e.g. winner_preserving_mu=0.9, "
+                             "soft_labels=smpo or curriculum_stages=3 (docs/losses.md, Stabilisers); repeatable")
     args = parser.parse_args(argv)
+    try:
+        args.dpo_options = dict(dpo_option(text) for text in args.dpo_option)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.dpo_options and args.online:
+        parser.error("--dpo-option applies to offline DPO only (not with --online).")
     if args.groups_per_digit is not None and (args.online or args.groups_per_digit < 1):
         parser.error("--groups-per-digit takes a positive number and applies to offline DPO only (not with --online).")
     return args
@@ -209,12 +229,17 @@ def main(argv=None) -> dict:
         gaps = np.array(pairs["chosen_score"]) - np.array(pairs["rejected_score"])
         lap("build_pairs")
         # (d) Diffusion-DPO with LoRA
-        trainer = dpo_trainer(base_path, pairs, settings, args.seed, lora_path)
+        trainer = dpo_trainer(base_path, pairs, settings, args.seed, lora_path, **args.dpo_options)
     monitor = RewardEvaluationCallback(
         trainer, PROMPTS, reward, seeds=[EVAL_SEED_OFFSET - 1 - s for s in range(4)],
         eval_steps=max(settings.dpo_steps // 5, 2), batch_size=settings.batch_size, **sampling,
     )
     trainer.add_callback(monitor)
+    hacking = RewardHackingCallback(
+        trainer, PROMPTS, reward, heldout_reward_fn=judge, seeds=[EVAL_SEED_OFFSET - 1 - s for s in range(4)],
+        eval_steps=max(settings.dpo_steps // 5, 2), batch_size=settings.batch_size, **sampling,
+    )
+    trainer.add_callback(hacking)
     trainer.train()
     trainer.save_model()
     lap("dpo_training")
@@ -253,9 +278,12 @@ def main(argv=None) -> dict:
             [h["step"], h["eval_win_rate"]] for h in trainer.state.log_history if "eval_win_rate" in h
         ],
         "classifier_accuracy": classifier_accuracy,
+        "reward_hacking": {"signals": hacking.history, "alerts": hacking.alerts},
         **(online_figures(trainer.state.log_history) if args.online else {
             "num_pairs": len(pairs), "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0}),
         "images_sampled": images_sampled(settings, args.online),
+        "dpo_options": args.dpo_options,
+        **winner_error_change(trainer.state.log_history),
         "mode": "online" if args.online else "offline",
         "seed": args.seed,
         "quick": args.quick,
@@ -313,6 +341,7 @@ def print_summary(report: dict) -> None:
                         ("base_correct", "judge read the base sample as the right digit")):
         if split[name]["comparisons"]:
             print(f"win rate where the {label}: {split[name]['win_rate']:.1%} of {split[name]['comparisons']}")
+    print(f"reward-hacking alerts: {report['reward_hacking']['alerts'] or 'none'}")
     print(f"{report['mode']} DPO; images sampled to train on: {report['images_sampled']}; "
           f"time: {report['timings_s']['total']:.0f} s {report['timings_s']}")
 

@@ -6,6 +6,7 @@ on its path.
 """
 
 import tempfile
+import dataclasses
 from dataclasses import dataclass, replace
 
 import datasets
@@ -18,7 +19,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, TrainingArguments
 
 from diffusion_dpo_trainer import (
     DiffusionDPOConfig,
@@ -263,6 +264,31 @@ def lora_config(settings: Settings) -> LoraConfig:
         targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
     return LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank, init_lora_weights="gaussian",
                       target_modules=targets)
+
+
+def dpo_option(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` for one of DiffusionDPOConfig's own scalar fields (e.g. `winner_preserving_mu=0.9`,
+    `soft_labels=smpo`, `curriculum_stages=3`), the value converted to the field's type; ValueError otherwise."""
+    key, _, value = text.partition("=")
+    own = {f.name for f in dataclasses.fields(DiffusionDPOConfig)} - {
+        f.name for f in dataclasses.fields(TrainingArguments)} - {"beta"}  # beta: a Settings field
+    defaults = {f.name: f.default for f in dataclasses.fields(DiffusionDPOConfig) if f.name in own}
+    default = defaults.get(key, dataclasses.MISSING)
+    if not value or (default is not None and not isinstance(default, (bool, int, float, str))):
+        raise ValueError(f"{text!r}: expected KEY=VALUE with KEY one of DiffusionDPOConfig's scalar fields "
+                         f"{sorted(k for k, v in defaults.items() if v is None or isinstance(v, (bool, int, float, str)))}.")
+    kind = float if default is None else type(default)
+    return key, value in ("1", "true", "True") if kind is bool else kind(value)
+
+
+def winner_error_change(log_history: list) -> dict:
+    """The policy's error minus the reference's on the training pairs' winners and losers, averaged over the last
+    third of the logs: > 0 for the winners is the failure Diffusion-SDPO targets (the preferred images' likelihood
+    falls while the margin grows)."""
+    logs = [h for h in log_history if "mse/chosen" in h and "ref_mse/chosen" in h]
+    late = logs[len(logs) - max(len(logs) // 3, 1):]
+    return {f"{side}_mse_change": float(np.mean([h[f"mse/{key}"] - h[f"ref_mse/{key}"] for h in late])) if late
+            else None for side, key in (("winner", "chosen"), ("loser", "rejected"))}
 
 
 def dpo_trainer(base_path, pairs, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionDPOTrainer:

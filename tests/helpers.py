@@ -1,22 +1,17 @@
 """Helpers shared by the test modules (fixtures live in conftest.py): configs, adapters, metrics, rendering, and a
 recorder of denoiser calls and noise draws. Test modules import from here, never from each other."""
 
-import io
-import json
 import contextlib
+import json
 import math
-import runpy
-import sys
-from contextlib import redirect_stdout
 from pathlib import Path
-from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
 
-from diffusion_dpo_trainer import DiffusionDPOConfig
+from diffusion_dpo_trainer import DiffusionDPOConfig, cli
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -32,16 +27,11 @@ def make_args(tmp_path, **overrides):
     return DiffusionDPOConfig(**values)
 
 
-def run_example(name, *flags):
-    """The example run as its command line runs it (`python examples/<name>.py --use_cpu True --dry_run ...`): as
-    `__main__`, with that argv, nothing imported from it; in this process, so it reuses the loaded libraries instead of
-    paying their import again. `--dry_run` prints the resolved recipe as JSON without loading the model; a bad flag
-    raises SystemExit as the command line exits."""
-    path = str(EXAMPLES / f"{name}.py")
-    printed = io.StringIO()
-    with patch.object(sys, "argv", [path, "--use_cpu", "True", "--dry_run", *flags]), redirect_stdout(printed):
-        runpy.run_path(path, run_name="__main__")
-    return json.loads(printed.getvalue().strip().splitlines()[-1])
+def parse_recipe(name, *flags):
+    """An example recipe (`examples/<name>.yaml`) parsed as `diffusion-dpo train --config` parses it, with `flags` on
+    the command line: `(ScriptArguments, DiffusionDPOConfig)`. `--use_cpu` lets bf16 recipes validate on a machine
+    without a GPU; a bad flag raises SystemExit as the command line exits."""
+    return cli.parse_train_args(["--config", str(EXAMPLES / f"{name}.yaml"), "--use_cpu", "true", *flags])
 
 
 def lora(**overrides):
@@ -171,3 +161,17 @@ def write_jsonl_pairs(directory, pairs):
     path = directory / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+def count_sampled(monkeypatch, module) -> list[str]:
+    """Record the prompt of every image `module` samples through its `iter_sample_batches` (a resumed run samples
+    only what is missing); returns the list it fills."""
+    sampled = []
+    real = module.iter_sample_batches
+
+    def counting(pipe, prompts, *args, **kwargs):
+        sampled.extend(prompts)
+        return real(pipe, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(module, "iter_sample_batches", counting)
+    return sampled

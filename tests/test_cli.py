@@ -16,6 +16,7 @@ from datasets import DatasetDict
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 from helpers import render, write_jsonl_pairs
 
+import diffusion_dpo_trainer
 from diffusion_dpo_trainer import DiffusionDPOConfig, cli
 
 # Flags every tiny end-to-end run needs: a few steps at the tiny models' 32 px, no reporting, no checkpoints.
@@ -63,6 +64,7 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "diffusion_dpo_trainer", "--version"], capture_output=True,
                             text=True, timeout=300, check=False)
     assert result.returncode == 0 and "diffusion-dpo" in result.stdout
+    assert diffusion_dpo_trainer.__version__ in result.stdout
 
 
 def test_script_options_and_config_fields_do_not_collide():
@@ -149,7 +151,8 @@ def test_load_split_reads_saved_datasets_and_files(tmp_path, pairs):
 
     assert cli.load_split(str(tmp_path / "single"), None, "train")["prompt"] == pairs["prompt"]
     assert len(cli.load_split(str(tmp_path / "dict"), None, "test")) == 2
-    assert cli.load_split(str(tmp_path / "pairs.jsonl"), None, "train")["chosen"][3] == "c3.png"
+    # relative image paths are read against the data file's folder (docs/cli.md#data)
+    assert cli.load_split(str(tmp_path / "pairs.jsonl"), None, "train")["chosen"][3] == str(tmp_path / "c3.png")
     with pytest.raises(ValueError, match=r"has splits \['train', 'test'\], not 'validation'"):
         cli.load_split(str(tmp_path / "dict"), None, "validation")
     (tmp_path / "pairs.txt").write_text("x")

@@ -17,13 +17,10 @@ from PIL import Image
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer, to_preference_pairs
 from diffusion_dpo_trainer.caching import module_fingerprint, precompute_latents
-from diffusion_dpo_trainer.data import (
-    PreferenceCollator,
-    load_image,
-    paired_transform,
-    prepare_preference_dataset,
-)
+from diffusion_dpo_trainer.collators import PreferenceCollator
 from diffusion_dpo_trainer.families import StableDiffusionFamily, load_family
+from diffusion_dpo_trainer.formats import prepare_preference_dataset
+from diffusion_dpo_trainer.transforms import load_image, paired_transform
 
 
 def png(image: Image.Image) -> bytes:
@@ -261,6 +258,73 @@ def test_any_invalid_row_raises_the_documented_error(n, data, bad_label, bad_pro
 
 
 # ----- paired augmentation and micro-conditioning ---------------------------------------------------------------------
+def _encoded(image: Image.Image, format_name: str, **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format_name, **save_kwargs)
+    return buffer.getvalue()
+
+
+def _png_rgb16(pixels: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG written by hand (PIL cannot write one), from (H, W, 3) uint16 values."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _palette_with_transparent_red():
+    image = Image.new("P", (2, 1))
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, index 1 blue
+    image.putdata([0, 1])
+    image.info["transparency"] = 0  # red is transparent
+    return image
+
+
+WHITE, BLACK, RED, BLUE = (255, 255, 255), (0, 0, 0), (255, 0, 0), (0, 0, 255)
+
+
+@pytest.mark.parametrize("name, encoded, expected", [
+    # 16-bit greyscale PNG: 65535 is white and 32896 (= 128 * 257) mid-grey; PIL's convert clipped both to 255.
+    ("I;16 png", lambda: _encoded(Image.fromarray(np.array([[65535, 32896, 0]], np.uint16)), "PNG"),
+     [WHITE, (128,) * 3, BLACK]),
+    ("I 32-bit tiff", lambda: _encoded(Image.fromarray(np.array([[65535, 32896, 0]], np.int32), "I"), "TIFF"),
+     [WHITE, (128,) * 3, BLACK]),
+    ("F float tiff", lambda: _encoded(Image.fromarray(np.array([[1.0, 0.25, 0.0]], np.float32), "F"), "TIFF"),
+     [WHITE, (64,) * 3, BLACK]),
+    ("16-bit RGB png", lambda: _png_rgb16(np.array([[[65535, 0, 0], [0, 32896, 65535]]], np.uint16)),
+     [RED, (0, 128, 255)]),
+    ("L", lambda: _encoded(Image.fromarray(np.array([[100, 0]], np.uint8)), "PNG"), [(100,) * 3, BLACK]),
+    # alpha over white: transparent black is white, opaque black black, half-transparent black about half grey
+    ("LA", lambda: _encoded(Image.fromarray(np.array([[[0, 0], [0, 255], [0, 128]]], np.uint8), "LA"), "PNG"),
+     [WHITE, BLACK, (127,) * 3]),
+    ("RGBA", lambda: _encoded(Image.fromarray(np.array([[[255, 0, 0, 0], [255, 0, 0, 255]]], np.uint8)), "PNG"),
+     [WHITE, RED]),
+    ("P with a transparent colour", lambda: _encoded(_palette_with_transparent_red(), "PNG"), [WHITE, BLUE]),
+    ("CMYK jpeg-free tiff", lambda: _encoded(Image.fromarray(np.array([[[0, 0, 0, 0], [0, 255, 255, 0]]], np.uint8),
+                                                              "CMYK"), "TIFF"), [WHITE, RED]),
+])
+def test_every_mode_and_bit_depth_decodes_as_it_looks(name, encoded, expected):
+    image = load_image(encoded(), 3, "chosen")
+    assert image.mode == "RGB"
+    assert [tuple(int(v) for v in p) for p in np.asarray(image).reshape(-1, 3)] == [tuple(e) for e in expected], name
+
+
+def test_exif_orientation_is_applied():
+    """A phone photo stored sideways with orientation 6 ("rotate 90 clockwise") is read upright, as viewers show it."""
+    stored = Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8))  # 2 wide, 1 high: red | blue
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = load_image(_encoded(stored, "PNG", exif=exif), 0, "chosen")
+    assert image.size == (1, 2)
+    assert [tuple(p) for p in np.asarray(image).reshape(-1, 3)] == [RED, BLUE]
+
+
 def test_a_pair_of_copies_gets_the_same_crop_and_flip_pixelwise():
     image = gradient(48, 40)
     torch.manual_seed(0)
@@ -407,8 +471,9 @@ def test_cached_random_crops_match_encoding_the_stored_crop(tmp_path, sd_path):
     wide, tall = gradient(64, 32), gradient(40, 80)
     data = prepare_preference_dataset(Dataset.from_dict({"prompt": ["p"] * 6, "chosen": [wide] * 6,
                                                          "rejected": [tall] * 6}))
-    cached = precompute_latents(data, family, 32, random_crop=True, random_flip=True, seed=3, batch_size=4)[:]
-    again = precompute_latents(data, family, 32, random_crop=True, random_flip=True, seed=3, batch_size=2)[:]
+    collator = PreferenceCollator(32, random_crop=True)
+    cached = precompute_latents(data, family, collator, random_flip=True, seed=3, batch_size=4)[:]
+    again = precompute_latents(data, family, collator, random_flip=True, seed=3, batch_size=2)[:]
     assert torch.equal(cached["chosen_crop_top_left"], again["chosen_crop_top_left"])  # fixed per pair and seed
     assert len({tuple(c.tolist()) for c in cached["chosen_crop_top_left"]}) > 1  # but random across pairs
     for side, image in (("chosen", wide), ("rejected", tall)):

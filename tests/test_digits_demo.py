@@ -52,6 +52,11 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
         assert math.isclose(stats["accuracy"], np.mean(list(stats["per_digit_accuracy"].values())))
         assert isinstance(stats["diversity"], float) and stats["diversity"] >= 0.0
     assert report["seed"] == 1 and report["quick"] is True
+    signals = report["reward_hacking"]["signals"]  # RewardHackingCallback: before training, then every 2 steps
+    assert [s["step"] for s in signals] == [0, 2, 4]
+    assert all(is_fraction(s["reward"]) and is_fraction(s["heldout_reward"]) and is_fraction(s["diversity"])
+               for s in signals)
+    assert isinstance(report["reward_hacking"]["alerts"], list)
     assert all(value >= 0 for value in report["timings_s"].values())
 
     for name in ("samples.png", "training_curves.png"):
@@ -67,6 +72,12 @@ def test_groups_per_digit_is_refused_with_online():
     done = subprocess.run([sys.executable, str(DEMO), "--online", "--groups-per-digit", "96"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "offline DPO only" in done.stderr
+
+
+def test_an_unknown_dpo_option_is_refused():
+    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--dpo-option", "winner_preserving=0.9"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "winner_preserving_mu" in done.stderr
 
 
 def test_quick_online_run_reports_its_sampling_budget(tmp_path):

@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import graphlib
 import importlib.util
 import json
 import re
@@ -21,7 +22,8 @@ NOTEBOOK = ROOT / "examples" / "notebook_quickstart.ipynb"
 
 REAL_MODEL_IDS = {"stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
                   "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large",
-                  "black-forest-labs/FLUX.1-dev", "Qwen/Qwen-Image", "Tongyi-MAI/Z-Image",
+                  "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev",
+                  "black-forest-labs/FLUX.2-klein-base-4B", "Qwen/Qwen-Image", "Tongyi-MAI/Z-Image",
                   "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
 
 
@@ -201,3 +203,20 @@ def test_every_registered_pipeline_class_is_documented_in_models_md():
     assert "(docs/models.md)" in first_screen
     missing = [row[0] for row in trained.values() if row[0] not in first_screen]
     assert not missing, f"README's first screen does not name {missing}"
+
+
+def test_modules_import_one_way():
+    """No module of the package imports (even inside a function) one that imports it back: the layers of
+    docs/architecture.md. `from .x import y` is an edge to the module `x.y` if there is one, else to `x`."""
+    imports = {}
+    for path in (ROOT / "diffusion_dpo_trainer").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        here = parts[:-1]  # the package a relative import starts from
+        names = imports.setdefault(".".join(here if parts[-1] == "__init__" else parts), set())
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(here[: len(here) - node.level + 1] + ((node.module,) if node.module else ()))
+                names.update((base, alias.name) for alias in node.names)
+    graph = {module: {f"{base}.{name}" if f"{base}.{name}" in imports else base for base, name in names} - {module}
+             for module, names in imports.items()}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the modules of a cycle

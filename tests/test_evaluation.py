@@ -36,6 +36,15 @@ def test_ties_count_half_a_win():
         "win", "tie", "tie", "win"]
 
 
+def test_a_non_finite_reward_is_an_error_not_a_tie(sd_path):
+    """NaN compares as neither better nor worse: it would count as a tie (half a win). It is an error instead."""
+    def broken(images, prompts):
+        return [float("nan") if p == "a blue circle" else 1.0 for p in prompts]
+
+    with pytest.raises(ValueError, match=r"'broken' returned nan for image 1 \(prompt 'a blue circle'\)"):
+        evaluate_win_rate(sd_path, sd_path, PROMPTS, broken, seeds=[0], progress=False, **SAMPLING)
+
+
 def test_policy_equal_to_reference_is_all_ties(sd_path):
     pipe = DiffusionPipeline.from_pretrained(sd_path)
     result = evaluate_win_rate(pipe, sd_path, PROMPTS, brightness, seeds=[0, 1], progress=False, **SAMPLING)

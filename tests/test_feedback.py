@@ -8,8 +8,9 @@ import torch
 from diffusers import DiffusionPipeline
 from transformers import AutoProcessor, CLIPModel
 
-from diffusion_dpo_trainer.data import PreferenceCollator, prepare_preference_dataset
+from diffusion_dpo_trainer.collators import PreferenceCollator
 from diffusion_dpo_trainer.feedback import build_preference_pairs, select_pairs
+from diffusion_dpo_trainer.formats import prepare_preference_dataset
 from diffusion_dpo_trainer.rewards import CLIPScore, PickScore, load_reward
 from diffusion_dpo_trainer.sampling import sample_images
 from diffusion_dpo_trainer.testing import make_clip_model
@@ -119,17 +120,28 @@ def test_pairs_are_reproducible_and_ready_for_the_trainer(pipe, tmp_path):
     assert batch["chosen_pixel_values"].shape == (len(prepared), 3, 32, 32)
 
 
-def test_constant_reward_gives_no_pairs_and_bad_inputs_are_named(pipe):
-    constant = build_preference_pairs(pipe, ["a cat"], lambda ims, ps: [1.0] * len(ims), num_images_per_prompt=2,
-                                      progress=False, **SAMPLING)
-    assert len(constant) == 0
+def test_a_run_without_pairs_fails_and_bad_inputs_are_named(pipe, tmp_path):
+    """A constant reward (or one that scores nothing) ranks no images: no pair, an error, and nothing saved."""
+    for constant in (lambda ims, ps: [1.0] * len(ims), lambda ims, ps: [None] * len(ims)):
+        with pytest.raises(ValueError, match=r"No preference pair.*1 prompt\(s\)"):
+            build_preference_pairs(pipe, ["a cat"], constant, num_images_per_prompt=2, progress=False,
+                                   output_path=tmp_path / "pairs", **SAMPLING)
+    assert not (tmp_path / "pairs").exists()
+    with pytest.raises(ValueError, match=r"'nan_reward' returned nan for image 3 \(prompt 'a dog'\)"):
+        build_preference_pairs(pipe, ["a cat", "a dog"], nan_reward, num_images_per_prompt=2, batch_size=2,
+                               progress=False, **SAMPLING)
     with pytest.raises(ValueError, match="at least 2"):
         build_preference_pairs(pipe, ["a cat"], brightness, num_images_per_prompt=1)
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         build_preference_pairs(pipe, ["a cat", None], brightness)
-    with pytest.raises(ValueError, match="returned 1 scores for 2 images"):
+    with pytest.raises(ValueError, match="returned 1 values for 2 images"):
         build_preference_pairs(pipe, ["a cat"], lambda ims, ps: [0.0], num_images_per_prompt=2, progress=False,
                                **SAMPLING)
+
+
+def nan_reward(images, prompts):
+    """A broken reward model: NaN for the second image of a batch of 'a dog'."""
+    return [float("nan") if p == "a dog" and i == 1 else float(i) for i, p in enumerate(prompts)]
 
 
 def test_sampling_restores_modes_and_leaves_the_global_rng_alone(pipe):
@@ -172,3 +184,17 @@ def test_load_reward_resolves_names(clip_path, monkeypatch):
     with pytest.raises(ValueError, match="Could not import reward"):
         load_reward("my_rewards:missing")
 
+
+
+def test_build_pairs_command_without_pairs_exits_2_and_saves_nothing(sd_path, tmp_path, monkeypatch, capsys):
+    from diffusion_dpo_trainer import cli
+
+    module = type(sys)("constant_reward")
+    module.constant = lambda images, prompts: [1.0] * len(images)
+    monkeypatch.setitem(sys.modules, "constant_reward", module)
+    out = tmp_path / "pairs"
+    assert cli.main(["build-pairs", "--model", sd_path, "--reward", "constant_reward:constant", "--prompt", "a cat",
+                     "--num_images_per_prompt", "2", "--num_inference_steps", "2", "--resolution", "32",
+                     "--output_dir", str(out)]) == 2
+    assert "error: No preference pair" in capsys.readouterr().err
+    assert not out.exists()

@@ -2,6 +2,7 @@
 
 What every family must do (LoRA, reference inputs, saving, caching) is in test_family_conformance.py."""
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -11,10 +12,10 @@ import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
-from helpers import LN2, losses_of, make_args, run_example
+from helpers import LN2, losses_of, make_args, parse_recipe
 from helpers import lora as _lora
 
-from diffusion_dpo_trainer import DiffusionDPOTrainer
+from diffusion_dpo_trainer import DiffusionDPOTrainer, cli
 from diffusion_dpo_trainer.families import FluxFamily, StableDiffusion3Family, load_family
 from diffusion_dpo_trainer.testing import make_flux_pipeline
 
@@ -156,50 +157,54 @@ def test_the_loss_receives_the_resolved_beta(tmp_path, sd3_path, pairs, monkeypa
     assert seen == [StableDiffusion3Family.default_beta]
 
 
-# ----- examples ----------------------------------------------------------------------------------------------------
-# use_cpu: bf16 needs a GPU otherwise, and this machine has none.
+# ----- the recipes: examples/*.yaml as `diffusion-dpo train --config` reads them ----------------------------------
 @pytest.mark.parametrize(
     "name, model_id, beta",
-    [("train_sd35_dpo", "stabilityai/stable-diffusion-3.5-medium", 500.0),
-     ("train_flux_dpo", "black-forest-labs/FLUX.1-dev", 1000.0)],
+    [("sd35_lora_pickapic", "stabilityai/stable-diffusion-3.5-medium", 500.0),
+     ("flux_lora_pickapic", "black-forest-labs/FLUX.1-dev", 1000.0)],
 )
-def test_example_defaults_are_the_recommended_recipe(name, model_id, beta):
-    recipe = run_example(name)
-    options, config, lora_config = recipe["options"], recipe["config"], recipe["lora"]
-    assert options["model"] == model_id and options["dataset"] == "yuvalkirstain/pickapic_v2"
-    assert config["beta"] == beta and config["bf16"] and config["gradient_checkpointing"]
-    assert config["resolution"] == 1024
-    assert config["optim"] == "adamw_bnb_8bit" and config["weighting_scheme"] == "logit_normal"
-    assert config["model_init_kwargs"] == {"torch_dtype": "bfloat16"}
-    assert set(lora_config["target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
-                                                  "add_v_proj", "to_add_out"}
-    assert lora_config["r"] == lora_config["lora_alpha"] == 16
+def test_recipe_is_the_recommended_one(name, model_id, beta):
+    options, config = parse_recipe(name)
+    assert options.model_name_or_path == model_id and options.dataset_name == "yuvalkirstain/pickapic_v2"
+    assert config.beta == beta and config.bf16 and config.gradient_checkpointing
+    assert config.resolution == 1024
+    assert config.optim == "adamw_bnb_8bit" and config.weighting_scheme == "logit_normal"
+    assert config.model_init_kwargs == {"torch_dtype": "bfloat16"}
+    assert set(options.lora_target_modules) == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                "add_v_proj", "to_add_out"}
+    assert options.lora_r == options.lora_alpha == 16 and not options.full_finetune
 
 
-@pytest.mark.parametrize("name", ["train_sd35_dpo", "train_flux_dpo"])
-def test_examples_stream_by_default_and_take_their_first_rows(tmp_path, name):
+@pytest.mark.parametrize("name", ["sd35_lora_pickapic", "flux_lora_pickapic", "flux2_klein_lora_pickapic",
+                                  "flux2_dev_lora_pickapic"])
+def test_recipes_stream_by_default_and_read_local_files(tmp_path, name):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"caption": f"p{i}"}) for i in range(5)))
-    # The example's own load call, pointed at a local file; the dry run reports what training would get.
-    local = ("--dataset", "json", "--data_files", str(rows), "--max_train_samples", "3")
-    streamed = run_example(name, *local)["dataset"]
-    assert streamed["type"] == "IterableDataset"
-    assert [row["caption"] for row in streamed["first_rows"]] == ["p0", "p1", "p2"]
-    stored = run_example(name, *local, "--dataset_streaming", "False")["dataset"]
-    assert stored["type"] == "Dataset" and [row["caption"] for row in stored["first_rows"]] == ["p0", "p1", "p2"]
+
+    def load(*flags):  # the CLI's own load call, on the recipe pointed at a local file
+        options, config = parse_recipe(name, "--dataset_name", str(rows), *flags)
+        if options.dataset_streaming:
+            cli._check_streaming_options(options, config)  # what `train` checks before anything is downloaded
+        return cli.load_split(options.dataset_name, options.dataset_config, options.dataset_train_split,
+                              options.dataset_streaming)
+
+    streamed = load()
+    assert type(streamed).__name__ == "IterableDataset"
+    assert [row["caption"] for row in itertools.islice(streamed, 3)] == ["p0", "p1", "p2"]
+    stored = load("--dataset_streaming", "false", "--dataset_train_split", "train[:3]")
+    assert type(stored).__name__ == "Dataset" and [row["caption"] for row in stored] == ["p0", "p1", "p2"]
 
 
-def test_example_flags_override_the_recipe():
-    recipe = run_example(
-        "train_flux_dpo", "--output_dir", "o", "--beta", "2000", "--learning_rate", "2e-6", "--guidance_scale",
-        "1.0", "--max_train_samples", "100", "--resolution", "512", "--weighting_scheme", "uniform",
-        "--target_modules", "to_q", "to_v", "--rank", "8",
+def test_recipe_flags_override_the_file():
+    options, config = parse_recipe(
+        "flux_lora_pickapic", "--output_dir", "o", "--beta", "2000", "--learning_rate", "2e-6", "--guidance_scale",
+        "1.0", "--dataset_train_split", "train[:100]", "--resolution", "512", "--weighting_scheme", "uniform",
+        "--lora_target_modules", "to_q", "to_v", "--lora_r", "8",
     )
-    config = recipe["config"]
-    assert (config["output_dir"], config["beta"], config["learning_rate"]) == ("o", 2000.0, 2e-6)
-    assert (config["guidance_scale"], config["resolution"], config["weighting_scheme"]) == (1.0, 512, "uniform")
-    assert recipe["options"]["max_train_samples"] == 100
-    assert set(recipe["lora"]["target_modules"]) == {"to_q", "to_v"} and recipe["lora"]["r"] == 8
-    assert run_example("train_flux_dpo", "--no_lora")["lora"] is None
+    assert (config.output_dir, config.beta, config.learning_rate) == ("o", 2000.0, 2e-6)
+    assert (config.guidance_scale, config.resolution, config.weighting_scheme) == (1.0, 512, "uniform")
+    assert options.dataset_train_split == "train[:100]"
+    assert set(options.lora_target_modules) == {"to_q", "to_v"} and options.lora_r == 8
+    assert parse_recipe("flux_lora_pickapic", "--full_finetune", "true")[0].full_finetune
     with pytest.raises(SystemExit):
-        run_example("train_flux_dpo", "--weighting_scheme", "cosmap")
+        parse_recipe("flux_lora_pickapic", "--weighting_scheme", "cosmap")

@@ -2,14 +2,12 @@
 suite: the latent normalisation and packing against the pipeline's own code, the default LoRA targets, guidance, the
 native resolution, and the recipe."""
 
-import dataclasses
-
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
-from helpers import lora, make_args, run_example
+from helpers import lora, make_args, parse_recipe
 
-from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from diffusion_dpo_trainer import DiffusionDPOTrainer
 from diffusion_dpo_trainer.families import load_family
 from diffusion_dpo_trainer.families.flux2 import Flux2Family
 from diffusion_dpo_trainer.quantization import pipeline_quantization_config
@@ -92,36 +90,29 @@ def test_default_beta_and_native_resolution(tmp_path, flux2, pairs):
     assert trainer.resolution == 128 * trainer.family.vae_scale_factor
 
 
-# ----- the recipe: the example's own command line ------------------------------------------------------------------
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(DiffusionDPOConfig) if f.init}
-
-
+# ----- the recipes: examples/flux2_*.yaml as `diffusion-dpo train --config` reads them ----------------------------
 @pytest.mark.parametrize("variant, model_id", [("dev", "black-forest-labs/FLUX.2-dev"),
                                                ("klein", "black-forest-labs/FLUX.2-klein-base-4B")])
 def test_recipe_defaults(variant, model_id):
-    recipe = run_example("train_flux2_dpo", "--variant", variant)
-    options, config = recipe["options"], recipe["config"]
-    assert options["model_id"] == model_id and set(config) == CONFIG_FIELDS  # a whole DiffusionDPOConfig
-    assert config["beta"] == Flux2Family.default_beta and config["bf16"] and config["gradient_checkpointing"]
-    assert config["resolution"] == 1024 and config["optim"] == "adamw_bnb_8bit"
-    assert config["output_dir"] == f"flux2-{variant}-dpo-lora"
-    assert recipe["lora"]["target_modules"] is None  # the family's defaults
-    quantization = config["model_init_kwargs"].get("quantization_config")
+    options, config = parse_recipe(f"flux2_{variant}_lora_pickapic")
+    assert options.model_name_or_path == model_id and not options.full_finetune
+    assert config.beta == Flux2Family.default_beta and config.bf16 and config.gradient_checkpointing
+    assert config.resolution == 1024 and config.optim == "adamw_bnb_8bit"
+    assert config.output_dir == f"flux2-{variant}-dpo-lora"
+    assert options.lora_target_modules is None and options.lora_r == 16  # the family's default targets
+    quantization = config.model_init_kwargs.get("quantization_config")
     if variant == "dev":  # the 32B transformer and the 24B text encoder in 4-bit; trained at the sampling guidance
         config_ = pipeline_quantization_config(quantization, "transformer")
         assert config_.quant_kwargs["load_in_4bit"] and config_.components_to_quantize == ["transformer", "text_encoder"]
-        assert config["guidance_scale"] == 4.0
+        assert config.guidance_scale == 4.0
     else:
         assert quantization is None
 
 
-def test_recipe_flags_override_the_variant():
-    recipe = run_example("train_flux2_dpo", "--variant", "dev", "--model_init_kwargs", "{}",
-                         "--precompute_text_embeddings", "True", "--release_cached_encoders", "True",
-                         "--model", "local/flux2", "--rank", "8")
-    config = recipe["config"]
-    assert config["model_init_kwargs"] == {} and config["precompute_text_embeddings"]
-    assert config["release_cached_encoders"]
-    assert recipe["options"]["model_id"] == "local/flux2" and recipe["lora"]["r"] == 8
-    with pytest.raises(SystemExit):
-        run_example("train_flux2_dpo", "--variant", "schnell")
+def test_recipe_flags_override_the_file():
+    options, config = parse_recipe("flux2_dev_lora_pickapic", "--model_init_kwargs", "{}",
+                                   "--precompute_text_embeddings", "True", "--release_cached_encoders", "True",
+                                   "--model_name_or_path", "local/flux2", "--lora_r", "8")
+    assert config.model_init_kwargs == {} and config.precompute_text_embeddings
+    assert config.release_cached_encoders
+    assert options.model_name_or_path == "local/flux2" and options.lora_r == 8

@@ -4,6 +4,8 @@ reference sync, resume, and bad input."""
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ import torch
 from datasets import Dataset
 from helpers import LN2, lora, one_thread
 from helpers import make_args as offline_args
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer, DiffusionOnlineDPOConfig, DiffusionOnlineDPOTrainer
 from diffusion_dpo_trainer.sampling import iter_sample_batches
@@ -203,11 +205,7 @@ def test_rewards_get_the_prompts_and_the_other_columns(tmp_path, sd_path):
 def test_reward_weights_combine_as_documented(tmp_path, sd_path):
     trainer = trainer_for(sd_path, tmp_path, reward_funcs=[brightness, brightness], max_steps=1,
                           reward_weights=[0.5, -2.0])
-    scores = torch.tensor([[1.0, 2.0], [math.nan, 3.0], [4.0, math.nan], [math.nan, math.nan]], dtype=torch.float64)
-    combined = trainer.combine_rewards(scores)
-    assert combined[:3].tolist() == [0.5 * 1 - 2 * 2, -2 * 3.0, 0.5 * 4]
-    assert math.isnan(combined[3])  # scored by no function: never paired
-
+    # The combination itself (NaN: not scored) is tested in test_scoring.py.
     # End to end: 0.5 b - 2 b = -1.5 b, so the darker image of each group is chosen.
     sample, sampled = trainer._sample, []
     trainer._sample = lambda prompts, seeds: sampled.append(sample(prompts, seeds)) or sampled[-1]
@@ -262,6 +260,20 @@ def test_a_step_without_any_pair_changes_nothing(tmp_path, sd_path):
     after = lora_state(trainer.model)
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     assert [h["objective/no_pair_fraction"] for h in trainer.state.log_history if "loss" in h] == [1.0, 1.0]
+
+
+def test_steps_without_pairs_warn_and_stop_after_the_patience(tmp_path, sd_path):
+    """A reward that scores nothing forms no pair: the first such step warns, `no_pair_patience` of them stop."""
+    def unscored(prompts, completions, **kwargs):
+        return [None] * len(completions)
+
+    trainer = trainer_for(sd_path, tmp_path, reward_funcs=unscored, max_steps=4, no_pair_patience=2)
+    with pytest.warns(UserWarning, match="Step 1 formed no preference pair"), \
+            pytest.raises(ValueError, match=r"No preference pair in 2 consecutive optimizer steps .* up to step 2"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    with pytest.raises(ValueError, match="no_pair_patience must be >= 1"):
+        online_args(tmp_path, no_pair_patience=0)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.25])
@@ -327,13 +339,37 @@ def test_full_finetune_reference_sync(tmp_path, sd_path):
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in policy.items())
 
 
-def test_resume_continues_with_the_same_samples_reference_and_weights(tmp_path, sd_path):
+def test_resume_continues_with_the_same_samples_reference_and_weights(tmp_path, sd_path, monkeypatch):
     """Reused samples (num_iterations=2), a mixed-in reference and an epoch boundary: resuming from checkpoint-3
-    (half-way through a reuse cycle) gives the uninterrupted run's losses and weights."""
+    (half-way through a reuse cycle) gives the uninterrupted run's losses and weights. The on-policy state is on
+    disk before trainer_state.json marks the checkpoint complete, and a checkpoint without it is refused by name."""
     config = {"max_steps": 5, "num_iterations": 2, "sync_ref_model": True, "ref_model_sync_steps": 2,
               "ref_model_mixup_alpha": 0.5, "save_strategy": "steps", "save_steps": 3}
     full = trainer_for(sd_path, tmp_path / "full", **config)
+    present_at_state, save_to_json = [], TrainerState.save_to_json
+
+    def checking(self, path):
+        folder = os.path.dirname(path)
+        present_at_state.append(sorted(f for f in os.listdir(folder) if f.startswith(("online_", "reference"))))
+        save_to_json(self, path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", checking)
     full.train()
+    monkeypatch.undo()
+    # checkpoint-3 and the last one (5): both inside a reuse window, both with their buffer and reference.
+    assert present_at_state == [["online_buffer_0.json", "online_buffer_0.safetensors", "reference.safetensors"]] * 2
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-3"
+    for name, damage in [("online_buffer_0.safetensors", "remove"), ("online_buffer_0.safetensors", "truncate"),
+                         ("online_buffer_0.json", "truncate"), ("trainer_state.json", "remove")]:
+        broken = tmp_path / f"broken-{name}-{damage}"
+        shutil.copytree(checkpoint, broken)
+        if damage == "remove":
+            (broken / name).unlink()
+        else:
+            (broken / name).write_bytes((broken / name).read_bytes()[:20])
+        refused = f"Cannot resume: {re.escape(str(broken / name))} is missing or unreadable"
+        with pytest.raises(ValueError, match=refused):
+            trainer_for(sd_path, tmp_path / "refused", **config).train(resume_from_checkpoint=str(broken))
     resumed = trainer_for(sd_path, tmp_path / "resumed", **config)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-3"))
     assert len(losses_of(full)) == len(losses_of(resumed)) == 5  # the resumed history starts with the first 3
@@ -431,10 +467,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd
     logged = [h for h in ranks[0]["log_history"] if "loss" in h]
     single_logged = [h for h in single["log_history"] if "loss" in h]
     assert len(logged) == len(single_logged) == 3
-    for ours, theirs in zip(logged, single_logged, strict=True):
+    # Step 0 samples from identical weights: its scores are the same to the last bit. Step 2 samples from weights
+    # after two optimizer steps, which DDP's all-reduced gradients leave equal only to float rounding (the LoRA check
+    # below): there one 8-bit pixel may round the other way, 1/8192 of the brightness mean (1 / 1024 pixels / 8
+    # images), so a few such flips are allowed, far below what a wrong prompt or seed changes.
+    pixel_level = 1 / (32 * 32 * 8)
+    for step, (ours, theirs) in enumerate(zip(logged, single_logged, strict=True)):
         for name in ("objective/scores", "objective/scores_std", "objective/scores_margin"):
             if name in theirs:
-                assert ours[name] == pytest.approx(theirs[name], rel=1e-9), name
+                expected = (pytest.approx(theirs[name], rel=1e-9) if step == 0
+                            else pytest.approx(theirs[name], abs=4 * pixel_level))
+                assert ours[name] == expected, (step, name)
         for name in ("mse/chosen", "ref_mse/rejected"):
             assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
         for name in ("loss", "rewards/margins"):
@@ -456,3 +499,15 @@ def test_cached_prompt_embeddings_and_small_generation_batches_train_the_same(tm
         cached.train()
     assert all("prompt_embeds" in step["inputs"] for step in seen)
     assert losses_of(cached) == pytest.approx(losses_of(plain), abs=1e-5)
+
+
+def test_sdxl_generated_pairs_carry_the_familys_micro_conditioning(tmp_path, sdxl_path):
+    """The batch of generated SDXL pairs holds the family's conditioning of a generated image (its size, no crop)."""
+    trainer = trainer_for(sdxl_path, tmp_path, max_steps=1)
+    seen = record_batches(trainer)
+    trainer.train()
+    batch = seen[0]["inputs"]
+    for side in ("chosen", "rejected"):
+        assert batch[f"{side}_original_size"].tolist() == [[32, 32]] * 2
+        assert batch[f"{side}_crop_top_left"].tolist() == [[0, 0]] * 2
+    assert math.isfinite(losses_of(trainer)[0])

@@ -8,7 +8,8 @@ import torch
 from helpers import lora, losses_of, make_args
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
-from diffusion_dpo_trainer.data import PreferenceCollator, UnpairedCollator, prepare_preference_dataset
+from diffusion_dpo_trainer.collators import PreferenceCollator, UnpairedCollator
+from diffusion_dpo_trainer.formats import prepare_preference_dataset
 
 
 def text_rows(n, start=0):

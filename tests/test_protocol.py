@@ -14,6 +14,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from helpers import lora
 from peft.utils import get_peft_model_state_dict
 
+import diffusion_dpo_trainer
 from diffusion_dpo_trainer import cli, prompt_sets, protocol
 from diffusion_dpo_trainer.protocol import evaluate_protocol, sampling_settings, summarize
 from diffusion_dpo_trainer.sampling import sample_images
@@ -125,6 +126,7 @@ def test_report_figures_recomputed_from_the_raw_scores(tmp_path, sd_path, lora_d
     settings = report["settings"]
     assert settings["sampling"]["num_inference_steps"] == 2 and settings["sampling"]["guidance_scale"] == 7.5
     assert settings["seeds"] == [0, 1] and settings["lora"] == lora_dir and "diffusers" in settings["versions"]
+    assert settings["versions"]["diffusion_dpo_trainer"] == diffusion_dpo_trainer.__version__
     for reward in ("brightness", "redness"):
         entry = report["results"][prompts_file][reward]
         score = {(r["variant"], r["index"], r["seed"]): r["scores"][reward] for r in rows}
@@ -153,6 +155,17 @@ def test_identical_models_tie_exactly(tmp_path, sd_path, prompts_file):
     entry = report["results"][prompts_file]["brightness"]
     assert entry["win_rate"] == {"value": 0.5, "ci95": [0.5, 0.5], "win": 0, "tie": 3, "loss": 0}
     assert entry["base"] == entry["tuned"]
+
+
+def test_a_non_finite_reward_stops_the_evaluation_before_any_report(tmp_path, sd_path, prompts_file):
+    """A NaN score would tie every comparison and land in report.json as bare NaN (invalid JSON): it is an error
+    naming the reward, the image and its prompt, and no report is written."""
+    def broken(images, prompts):
+        return [float("nan") if p == PROMPTS[1] else 1.0 for p in prompts]
+
+    with pytest.raises(ValueError, match=rf"'broken' returned nan for image 1 \(prompt '{PROMPTS[1]}'\)"):
+        evaluate_protocol(sd_path, [prompts_file], [broken], tmp_path / "out", seeds=[0], **SAMPLING)
+    assert not (tmp_path / "out" / "report.json").exists()
 
 
 def test_summary_bootstraps_over_prompts_not_images():

@@ -19,6 +19,7 @@ from diffusion_dpo_trainer.rewards.aesthetic import AestheticScore
 from diffusion_dpo_trainer.rewards.base import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    ModelReward,
     load_torch_checkpoint,
     normalize,
     resize_center_crop,
@@ -251,6 +252,15 @@ def test_bad_input_gets_a_clear_error(all_rewards):
             reward(images(1), PROMPTS[0])
     with pytest.raises(ValueError, match="Unknown reward 'hps3'.*hpsv2.1"):
         load_reward("hps3")
+
+
+def test_a_reward_model_without_score_batch_cannot_be_built():
+    class Unfinished(ModelReward):
+        def __init__(self):
+            self.model = torch.nn.Linear(1, 1)
+
+    with pytest.raises(TypeError, match="score_batch"):
+        Unfinished()
 
 
 def test_a_missing_optional_package_names_the_extra(hps, monkeypatch):

@@ -13,9 +13,9 @@ from peft import LoraConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer
-from diffusion_dpo_trainer.data import prepare_preference_dataset
 from diffusion_dpo_trainer.evaluation import RewardEvaluationCallback, evaluate_win_rate
 from diffusion_dpo_trainer.feedback import build_preference_pairs
+from diffusion_dpo_trainer.formats import prepare_preference_dataset
 from diffusion_dpo_trainer.rewards import frame_averaged
 from diffusion_dpo_trainer.sampling import sample_images
 from diffusion_dpo_trainer.testing.wan import colour_ramp, make_video_preference_dataset

@@ -263,6 +263,11 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         (B, C, H, W) layout training uses; most pipelines already keep them that way."""
         return latents
 
+    def generated_conditioning(self, count: int, resolution: int) -> dict[str, torch.Tensor]:
+        """The per-image batch entries `time_conditioning` reads (without the side prefix), for `count` images this
+        family's pipeline generated at `resolution` (on-policy batches): none for most families."""
+        return {}
+
     def time_conditioning(self, batch: dict, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-image conditioning other than the prompt (SDXL's micro-conditioning); rows: winners, then losers."""
         return {}

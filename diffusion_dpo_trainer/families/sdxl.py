@@ -16,6 +16,11 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
+    def generated_conditioning(self, count, resolution):
+        """A generated image's micro-conditioning: its own size, no crop."""
+        return {"original_size": torch.tensor([resolution, resolution]).repeat(count, 1),
+                "crop_top_left": torch.zeros(count, 2, dtype=torch.long)}
+
     def time_conditioning(self, batch, resolution, device):
         """add_time_ids = (original h, w, crop top, left, target h, w) per image, as SDXL was trained.
 

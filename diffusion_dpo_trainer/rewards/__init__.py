@@ -8,8 +8,12 @@ evaluation protocol (`evaluation.py`, `protocol.py`). `load_reward` builds the o
 | `pickscore` | `yuvalkirstain/PickScore_v1` | `logit_scale.exp()` x cosine (about 18-23) |
 | `hpsv2`, `hpsv2.1` | `xswu/HPSv2` on OpenCLIP ViT-H-14 | cosine (about 0.2-0.35) |
 | `imagereward` | `THUDM/ImageReward` (BLIP) | normalised MLP output (about -2..2) |
+| `ocr` | PP-OCRv4 (ONNX, in `rapidocr-onnxruntime`) | 1 - edit distance to the prompt's quoted text (0-1) |
+| `geneval`, `geneval-partial` | Mask2Former over HTTP (`geneval:http://host:port/path`) | GenEval rules: 0/1, partial |
 | `aesthetic` | LAION improved aesthetic predictor on CLIP ViT-L/14 | AVA scale (about 1-10) |
 | `clip` | `openai/clip-vit-large-patch14` | 100 x cosine |
+| `hpsv3` | `MizzenAI/HPSv3` (Qwen2-VL-7B + reward head) | the head's predicted mean (unbounded) |
+| `unifiedreward` | `CodeGoat24/UnifiedReward-2.0-qwen-7b` (a VLM judge; `:<id>` for another) | mean of its 1-5 axes |
 
 The model classes import their weights lazily, so `import diffusion_dpo_trainer` stays light. For video pipelines
 the samples are videos (lists of PIL frames): any callable on lists of frames works, and `frame_averaged` turns an
@@ -17,6 +21,7 @@ image reward into a video reward.
 """
 
 import importlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from itertools import pairwise
 
@@ -25,6 +30,7 @@ from PIL import Image
 
 from .base import check_inputs
 from .clip import CLIPScore, PickScore
+from .scoring import reward_name, score_images, unique_names
 
 RewardFn = Callable[[list[Image.Image], list[str]], Sequence[float]]
 
@@ -32,43 +38,47 @@ RewardFn = Callable[[list[Image.Image], list[str]], Sequence[float]]
 REWARDS = {
     "clip": (".clip", "CLIPScore", {}, "model"),
     "clip-score": (".clip", "CLIPScore", {}, "model"),
+    "ocr": (".ocr", "OCRReward", {}, "text_score"),
+    "geneval": (".geneval", "GenEvalReward", {"score": "strict"}, "url"),
+    "geneval-partial": (".geneval", "GenEvalReward", {"score": "partial"}, "url"),
     "pickscore": (".clip", "PickScore", {}, "model"),
     "hpsv2": (".hps", "HPSv2", {"version": "2.0"}, "checkpoint"),
     "hpsv2.1": (".hps", "HPSv2", {"version": "2.1"}, "checkpoint"),
     "imagereward": (".imagereward", "ImageReward", {}, "checkpoint"),
     "aesthetic": (".aesthetic", "AestheticScore", {}, "head"),
+    "hpsv3": (".hpsv3", "HPSv3", {}, "checkpoint"),
+    "unifiedreward": (".unifiedreward", "UnifiedReward", {}, "model"),
 }
 
 
 class WeightedReward:
     """`sum_i weight_i * reward_i(images, prompts)`: several rewards as one (e.g. PickScore + 0.5 HPSv2.1).
 
-    The components keep their own scales (PickScore ~20, HPS ~0.3): choose weights with that in mind.
+    The components keep their own scales (PickScore ~20, HPS ~0.3): choose weights with that in mind. Scored through
+    `scoring.score_images` (the checks every caller shares); an image no component scored gets None.
     """
 
     def __init__(self, rewards: Sequence[tuple[RewardFn, float]], names: Sequence[str] | None = None):
         if not rewards:
             raise ValueError("A weighted reward needs at least one component.")
         self.rewards = list(rewards)
-        self.names = list(names) if names is not None else [getattr(r, "__name__", type(r).__name__)
-                                                             for r, _ in rewards]
+        self.names = list(names) if names is not None else [reward_name(r) for r, _ in rewards]
 
-    def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
+    def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[float | None]:
         check_inputs(images, prompts)
-        total = [0.0] * len(images)
-        for reward_fn, weight in self.rewards:
-            scores = [float(s) for s in reward_fn(images, prompts)]
-            if len(scores) != len(images):
-                raise ValueError(f"A component returned {len(scores)} scores for {len(images)} images.")
-            total = [t + weight * s for t, s in zip(total, scores)]
-        return total
+        functions, weights = zip(*self.rewards, strict=True)
+        total = score_images(functions, images, prompts, unique_names(self.names), weights).total
+        return [None if math.isnan(value) else value for value in total.tolist()]
 
 
 def _weight(text: str) -> float | None:
+    """The weight in `name:weight`, or None when the tail is no finite number: `module:nan` or `module:inf` name a
+    function (float() would read them as weights)."""
     try:
-        return float(text)
+        weight = float(text)
     except ValueError:
         return None
+    return weight if math.isfinite(weight) else None
 
 
 def _components(spec) -> list[tuple[object, float]]:
@@ -112,8 +122,7 @@ def load_reward(name, **kwargs) -> RewardFn:
     if is_weighted(name):
         components = _components(name)
         return WeightedReward([(load_reward(part, **kwargs), weight) for part, weight in components],
-                              [part if isinstance(part, str) else getattr(part, "__name__", type(part).__name__)
-                               for part, _ in components])
+                              [reward_name(part) for part, _ in components])
     if not isinstance(name, str):
         raise TypeError(f"Expected a reward name, a callable or a weighted list, got {type(name).__name__}.")
     if name.startswith(("http://", "https://")):

@@ -14,6 +14,7 @@ Preprocessing follows each model's reference code to the pixel, because reward n
 - `normalize`: per-channel `(x - mean) / std`, with the OpenAI CLIP constants for every model here.
 """
 
+import abc
 import importlib
 import os
 from collections.abc import Sequence
@@ -26,15 +27,17 @@ from PIL import Image
 # OpenAI CLIP's normalisation constants: also those of open_clip's ViT-H-14 (HPSv2) and of BLIP (ImageReward).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-EXTRA_HINT = 'pip install "diffusion-dpo-trainer[rewards]"'
+EXTRA_HINT = 'pip install "diffusion-dpo-trainer[{extra}]"'
 
 
-def require(module: str, reward: str):
-    """Import an optional dependency of a reward, or fail with the command that installs it."""
+def require(module: str, reward: str, extra: str = "rewards"):
+    """Import an optional dependency of a reward, or fail with the command that installs it (`extra` names the
+    setup.py extra that holds it)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"The {reward} reward needs the `{module}` package: {EXTRA_HINT}") from exc
+        hint = EXTRA_HINT.format(extra=extra)
+        raise ImportError(f"The {reward} reward needs the `{module}` package: {hint}") from exc
 
 
 def check_inputs(images, prompts) -> None:
@@ -111,10 +114,11 @@ def normalize(pixels: torch.Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN,
     return (pixels - mean) / std
 
 
-class ModelReward:
+class ModelReward(abc.ABC):
     """Base of the reward models: checks the inputs, batches them, returns one float per image.
 
-    Subclasses set `self.model` (an `nn.Module`, for device and dtype) and implement `score_batch`.
+    Subclasses set `self.model` (an `nn.Module`, for device and dtype) and implement `score_batch`; one that does not
+    cannot be instantiated.
     """
 
     batch_size: int = 16
@@ -131,8 +135,9 @@ class ModelReward:
         self.model.eval().requires_grad_(False)
         self.model.to(device=device, dtype=dtype)
 
+    @abc.abstractmethod
     def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """One score per image of a checked batch (at most `batch_size` images), in any float dtype."""
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> list[float]:

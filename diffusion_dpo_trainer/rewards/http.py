@@ -45,6 +45,30 @@ def decode_image(data: str, index: int) -> Image.Image:
     return image
 
 
+SERVE_HINT = "Start one with `diffusion-dpo serve-reward --reward NAME --port PORT`."
+
+
+def post_json(url: str, payload: dict, timeout: float, start_hint: str = SERVE_HINT):
+    """POST `payload` as JSON and return the decoded answer; a refusal and an absent server get errors that say so
+    (`start_hint`: how to start the server)."""
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise RewardServerError(f"Reward server {url} rejected the request ({exc.code}): {message}") from exc
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(
+            f"Reward server {url} did not answer within {timeout:g} s ({reason}). Is it running? {start_hint}"
+        ) from exc
+
+
 class HTTPReward:
     """Client of a reward server: `reward(images, prompts)` posts them in batches of `batch_size`.
 
@@ -60,23 +84,7 @@ class HTTPReward:
         self.url, self.timeout, self.batch_size = url, timeout, batch_size
 
     def _post(self, payload: dict) -> list[float]:
-        request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                answer = json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", exc.reason)
-            except ValueError:
-                message = exc.reason
-            raise RewardServerError(f"Reward server {self.url} rejected the request ({exc.code}): {message}") from exc
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConnectionError(
-                f"Reward server {self.url} did not answer within {self.timeout:g} s ({reason}). Is it running? "
-                "Start one with `diffusion-dpo serve-reward --reward NAME --port PORT`."
-            ) from exc
+        answer = post_json(self.url, payload, self.timeout)
         scores = answer.get("scores") if isinstance(answer, dict) else None
         if not isinstance(scores, list) or len(scores) != len(payload["images"]):
             raise RewardServerError(f"Reward server {self.url} answered {answer!r}; expected {{'scores': [...]}} "

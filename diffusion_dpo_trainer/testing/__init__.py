@@ -29,7 +29,13 @@ from .distributed import allow_fsdp_on_cpu  # noqa: E402
 from .fixtures import make_clip_model, make_preference_dataset  # noqa: E402
 from .flux import make_flux_pipeline  # noqa: E402
 from .flux2 import make_flux2_klein_pipeline, make_flux2_pipeline  # noqa: E402
-from .rewards import make_aesthetic_model, make_hps_model, make_imagereward_model  # noqa: E402
+from .rewards import (  # noqa: E402
+    make_aesthetic_model,
+    make_hps_model,
+    make_hpsv3_model,
+    make_imagereward_model,
+    make_unifiedreward_model,
+)
 from .sd import make_sd_pipeline, make_sdxl_pipeline  # noqa: E402
 from .sd3 import make_sd3_pipeline  # noqa: E402
 
@@ -53,11 +59,13 @@ __all__ = [
     "make_flux2_pipeline",
     "make_flux_pipeline",
     "make_hps_model",
+    "make_hpsv3_model",
     "make_imagereward_model",
     "make_preference_dataset",
     "make_sd3_pipeline",
     "make_sd_pipeline",
     "make_sdxl_pipeline",
+    "make_unifiedreward_model",
     "tiny_builder",
     "write_clip_tokenizer",
     "write_t5_tokenizer",

@@ -1,0 +1,138 @@
+"""Rollouts: the current policy samples images for a batch of prompts, keeping what an on-policy trainer trains on.
+
+The pipeline runs its own denoising loop (its guidance, its scheduler's timesteps, its latent packing), so a rollout
+draws exactly the images the pipeline would. What happens at each denoising step is a swappable *sampler step*
+object that wraps the scheduler's `step`: it sees the step's input latents, timestep and model output (after
+guidance) and returns the next latents, plus extra per-step tensors (e.g. log-probabilities) to record:
+
+- `SchedulerStep()` (the default) is the scheduler's own step, unchanged;
+- `FunctionStep(fn, noise_level)` plugs in a pure step function on sigmas, `fn(latents, model_output, sigma,
+  sigma_next, noise_level, generator=None) -> (prev_sample, log_prob, mean, std)` (the form of `sde.py`'s steps),
+  for schedulers with a `sigmas` table (the rectified-flow ones); with noise level 0 an Euler step reproduces the
+  pipeline's own output.
+
+`record=True` keeps the trajectory: per image and step the input latents, next latents, timestep and model output,
+and every extra the step returns, in the pipeline's latent layout.
+
+Seeds: image j of prompt g is drawn with `derived_seed(seed, *key, first + g, j)`, where `key` says which rollout it
+is (e.g. training step and micro-step) and `first` is the prompt's place in the global batch, so a run is
+reproducible, resumes exactly, and N processes sample what one process would.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from .caching import derived_seed
+from .sampling import iter_sample_batches
+
+
+def rollout_seeds(seed: int, key: Sequence[int], first: int, num_prompts: int, n: int) -> list[int]:
+    """One seed per image, prompt-major: image j of prompt g (global index `first + g`) of rollout `key`."""
+    return [derived_seed(seed, *key, first + g, j) for g in range(num_prompts) for j in range(n)]
+
+
+class SchedulerStep:
+    """The scheduler's own step: the pipeline's output, unchanged. Subclass it to see or change every step."""
+
+    def __call__(self, scheduler, scheduler_step: Callable, model_output, timestep, latents, *args, **kwargs):
+        """-> (next latents, dict of extra per-step tensors to record)."""
+        return scheduler_step(model_output, timestep, latents, *args, return_dict=False, **kwargs)[0], {}
+
+
+class FunctionStep(SchedulerStep):
+    """A step function on sigmas in place of the scheduler's arithmetic; the scheduler still keeps the step count."""
+
+    def __init__(self, fn: Callable, noise_level: float = 0.0):
+        self.fn, self.noise_level = fn, noise_level
+
+    def __call__(self, scheduler, scheduler_step, model_output, timestep, latents, *args, **kwargs):
+        if getattr(scheduler, "sigmas", None) is None:
+            raise ValueError(f"{type(scheduler).__name__} has no `sigmas` table: a step function on sigmas needs a "
+                             "rectified-flow scheduler such as FlowMatchEulerDiscreteScheduler.")
+        if scheduler.step_index is None:
+            scheduler._init_step_index(timestep)
+        index = scheduler.step_index
+        sigma, sigma_next = scheduler.sigmas[index], scheduler.sigmas[index + 1]
+        # In float32 as the flow schedulers step, then back to the model's dtype.
+        prev, log_prob, _, _ = self.fn(latents.float(), model_output.float(), sigma, sigma_next,
+                                       self.noise_level, generator=kwargs.get("generator"))
+        scheduler._step_index = index + 1
+        extras = {"sigma": sigma.expand(len(latents)), "sigma_next": sigma_next.expand(len(latents))}
+        if log_prob is not None:
+            extras["log_prob"] = log_prob
+        return prev.to(model_output.dtype), extras
+
+
+@dataclass
+class Rollout:
+    """One rollout: per image (prompt-major) its prompt and seed, its final latents (float32, in the family's training
+    layout, as `compute_loss` reads them), its decoded image (None unless asked) and, when recorded, its trajectory
+    (name -> tensor of shape (images, steps, ...))."""
+
+    prompts: list[str]
+    seeds: list[int]
+    latents: torch.Tensor
+    images: list | None = None
+    trajectory: dict[str, torch.Tensor] | None = None
+
+
+@contextmanager
+def _stepping(scheduler, step: SchedulerStep, records: list[dict] | None):
+    """The scheduler's `step` routed through `step` (and recorded) for the duration, on this instance only."""
+    scheduler_step = scheduler.step
+
+    # The scheduler's signature: pipelines pass `generator` / `eta` only to a step whose signature takes them.
+    @functools.wraps(scheduler_step)
+    def stepped(model_output, timestep, sample, *args, return_dict=True, **kwargs):
+        prev, extras = step(scheduler, scheduler_step, model_output, timestep, sample, *args, **kwargs)
+        if records is not None:
+            records.append({"latents": sample, "next_latents": prev, "model_output": model_output,
+                            "timesteps": torch.as_tensor(timestep).float().expand(len(sample)), **extras})
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    scheduler.step = stepped
+    try:
+        yield
+    finally:
+        del scheduler.step  # the class's method again
+
+
+def rollout(
+    family,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    resolution: int,
+    batch_size: int | None = None,
+    decode: bool = True,
+    step: SchedulerStep | None = None,
+    record: bool = False,
+    **pipeline_kwargs,
+) -> Rollout:
+    """Sample one image per (prompt, seed) from `family.pipeline` as it is now (the policy: adapter on), in eval mode
+    without grad (`sampling.sampling_mode`), `batch_size` images per pipeline call (None: all at once).
+
+    `decode=False` skips the VAE decode (no images); `step` replaces the scheduler's step; `record` keeps the
+    trajectory. `pipeline_kwargs` go to the pipeline call (`num_inference_steps`, `guidance_scale`, ...).
+    """
+    step = SchedulerStep() if step is None else step
+    records: list[dict] | None = [] if record else None
+    batches = iter_sample_batches(
+        family.pipeline, prompts, seeds, batch_size or len(prompts), progress=False, return_latents=True,
+        output_type="pil" if decode else "latent", height=resolution, width=resolution, **pipeline_kwargs)
+    images, latents, trajectory = [], [], []
+    plain = type(step) is SchedulerStep and not record  # nothing to see: the pipeline untouched
+    with nullcontext() if plain else _stepping(family.pipeline.scheduler, step, records):
+        for batch_images, batch_latents in batches:
+            images += batch_images or []
+            latents.append(family.sampled_latents(batch_latents, resolution).float())
+            if records:
+                trajectory.append({name: torch.stack([r[name] for r in records], dim=1) for name in records[0]})
+                records.clear()
+    if trajectory:
+        trajectory = {name: torch.cat([t[name] for t in trajectory]) for name in trajectory[0]}
+    return Rollout(list(prompts), list(seeds), torch.cat(latents), images if decode else None, trajectory or None)
