@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
@@ -50,7 +50,7 @@ def reference_points(base_path, reward, judge, pixels_a, labels_a, n: int, per_d
     best-of-k base samples picked by the reward model (k = 1, 2, 4, ... n: the usual KL-bounded yardstick of reward
     tuning) and real scans of half A (the generator's own training data). Unlike the demo's comparison, the two sides
     do not share a sampling seed, so these are yardsticks, not bounds."""
-    pipe = StableDiffusionPipeline.from_pretrained(base_path)
+    pipe = DiffusionPipeline.from_pretrained(base_path)
     prompts = [p for p in demo.PROMPTS for _ in range(per_digit * (n + 1))]
     seeds = [REFERENCE_SEED_OFFSET + i for i in range(len(prompts))]
     images = sample_images(pipe, prompts, seeds, batch_size=demo.FULL.batch_size, progress="Sampling base model",
@@ -73,8 +73,9 @@ def reference_points(base_path, reward, judge, pixels_a, labels_a, n: int, per_d
     return points
 
 
-def parse_setting(text: str) -> tuple[str, str, demo.Settings, dict]:
-    """(reward, method: offline, online or grpo, the demo's Settings, the method's own config overrides) of one
+def parse_setting(text: str, defaults: demo.Settings = demo.FULL) -> tuple[str, str, demo.Settings, dict]:
+    """(reward, method: offline, online or grpo, the demo's Settings from `defaults` (GRPO: the base's GRPO settings),
+    the method's own config overrides) of one
     setting."""
     fields = {f.name: f.type for f in dataclasses.fields(demo.Settings)}
     method = "grpo" if "grpo=1" in text.split(",") else "online" if "online=1" in text.split(",") else "offline"
@@ -102,7 +103,7 @@ def parse_setting(text: str) -> tuple[str, str, demo.Settings, dict]:
                                  f"{sorted(online_fields)}") from None
     if config and method == "offline":
         raise SystemExit(f"{sorted(config)} in {text!r} apply to online DPO or GRPO only: add online=1 or grpo=1.")
-    base = {"offline": demo.FULL, "online": demo.FULL, "grpo": demo.FULL_GRPO}[method]
+    base = demo.settings_for(defaults.base, grpo=True) if method == "grpo" else defaults
     return reward, method, dataclasses.replace(base, **overrides), {**config, **dpo_config}
 
 
@@ -112,6 +113,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4], help="pipeline seeds (data split, models)")
     parser.add_argument("--dpo-seeds", type=int, nargs="+", default=[0], help="offsets added to the DPO seed")
     parser.add_argument("--validation-seeds", type=int, default=30, help="sampling seeds per digit for the judge")
+    parser.add_argument("--base", choices=("epsilon", "flow"), default="epsilon",
+                        help="the demo's base model (its --base): settings start from its full offline settings")
     parser.add_argument("--work-dir", default=None, help="keeps the base pipelines (base-S) for later sweeps")
     parser.add_argument("--reference-points", type=int, default=0, metavar="N",
                         help="also judge best-of-k (k = 1, 2, 4, ... N) base samples picked by the reward model, and "
@@ -119,12 +122,13 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="digits-sweep-")
     seeds = [VALIDATION_SEED_OFFSET + s for s in range(args.validation_seeds)]
+    defaults = demo.settings_for(args.base)
     rows = []
     for seed in args.seeds:
         (pixels_a, labels_a), (pixels_b, labels_b) = demo.load_halves(seed)
-        base_path = os.path.join(work_dir, f"base-{seed}")
+        base_path = os.path.join(work_dir, f"base-{seed}" if args.base == "epsilon" else f"{args.base}-base-{seed}")
         if not os.path.exists(os.path.join(base_path, "model_index.json")):
-            demo.build_base_pipeline(base_path, pixels_a, labels_a, demo.FULL, seed, lambda *_: None)
+            demo.build_base_pipeline(base_path, pixels_a, labels_a, defaults, seed, lambda *_: None)
         judge = demo.digit_classifier(pixels_b, labels_b)
         rewards = {
             "svm": demo.digit_classifier(pixels_a, labels_a),
@@ -138,7 +142,7 @@ def main(argv=None) -> list[dict]:
             print(json.dumps({"seed": seed, "reference_points": points}), flush=True)
         pairs, agreement = {}, {}  # agreement: share of pairs whose chosen image the judge also scores higher
         for text in args.settings:
-            reward, method, settings, online_config = parse_setting(text)
+            reward, method, settings, online_config = parse_setting(text, defaults)
             online = method != "offline"
             key = (reward, settings.groups_per_digit, settings.images_per_group)
             if not online and key not in pairs:

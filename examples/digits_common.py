@@ -19,7 +19,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, TrainingArguments
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, TrainingArguments
 
 from diffusion_dpo_trainer import (
     DiffusionDPOConfig,
@@ -31,6 +31,7 @@ from diffusion_dpo_trainer import (
     DiffusionOnlineDPOConfig,
     DiffusionOnlineDPOTrainer,
 )
+from diffusion_dpo_trainer.families.flow import FlowMatchingFamily
 from diffusion_dpo_trainer.feedback import build_preference_pairs
 from diffusion_dpo_trainer.testing import write_clip_tokenizer
 
@@ -74,6 +75,9 @@ class Settings:
     grpo_window: int = 4
     grpo_window_shift_every: int = 10
     grpo_beta: float = 0.0
+    # The base model: "epsilon" (SD UNet, epsilon prediction, DDIM) or "flow" (SD3 transformer, rectified flow,
+    # Euler: digits_flow.py); unet_steps are the denoiser's pretraining steps either way.
+    base: str = "epsilon"
 
 
 # The reward model and DPO strength were chosen with benchmarks/digits_sweep.py on other data splits (--seed 3, 4) and
@@ -91,6 +95,20 @@ FULL_GRPO = replace(FULL, online_iterations=5)
 QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_group=4, dpo_steps=4, eval_seeds=4,
                  inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2, grpo_window=2,
                  grpo_window_shift_every=1)
+# --base flow: DPO's beta is the epsilon base's times E[(1 - s)^2] ~ 0.29 (s = sigmoid of a standard normal: SD3's
+# logit-normal draw at shift 1), since a velocity error is an epsilon error over 1 - s; carried over, not tuned.
+FLOW = replace(FULL, base="flow", beta=750.0)
+FLOW_ONLINE = replace(FULL_ONLINE, base="flow", beta=300.0)
+FLOW_GRPO = replace(FULL_GRPO, base="flow")
+FLOW_NFT = replace(FULL_NFT, base="flow")  # NFT has no DPO beta to convert; its KL weight is the published 1e-4
+FLOW_QUICK = replace(QUICK, base="flow")
+
+
+def settings_for(base: str, quick: bool = False, online: bool = False, grpo: bool = False, nft: bool = False) -> Settings:
+    if base == "flow":
+        return (FLOW_QUICK if quick else FLOW_ONLINE if online else FLOW_GRPO if grpo else FLOW_NFT if nft
+                else FLOW)
+    return QUICK if quick else FULL_ONLINE if online else FULL_GRPO if grpo else FULL_NFT if nft else FULL
 
 
 # ----- data ---------------------------------------------------------------------------------------------------------
@@ -133,7 +151,9 @@ def digit_classifier(pixels: torch.Tensor, labels: np.ndarray) -> DigitProbabili
 
 
 # ----- the base text-to-image model ---------------------------------------------------------------------------------
-def make_text_encoder(seed: int):
+def make_text_encoder(seed: int, projection_dim: int | None = None):
+    """A 2-layer CLIP text encoder and its tokenizer; with `projection_dim`, the variant with a pooled projection that
+    SD3 reads (the flow base of digits_flow.py)."""
     with tempfile.TemporaryDirectory() as scratch:
         write_clip_tokenizer(scratch, vocab_words=["a", "handwritten", "digit"])
         # Prompts are 6 tokens with BOS/EOS: a context of 8 keeps cross-attention cheap.
@@ -141,10 +161,11 @@ def make_text_encoder(seed: int):
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=8, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, **({"projection_dim": projection_dim} if projection_dim else {}),
     )
     torch.manual_seed(seed)
-    return tokenizer, CLIPTextModel(config).eval().requires_grad_(False)
+    model = CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+    return tokenizer, model.eval().requires_grad_(False)
 
 
 def train_vae(pixels: torch.Tensor, steps: int, batch_size: int, seed: int, log) -> tuple[AutoencoderKL, list]:
@@ -216,6 +237,10 @@ def train_unet(vae, text_encoder, prompt_ids, pixels, labels, scheduler, steps, 
 
 
 def build_base_pipeline(path, pixels, labels, settings: Settings, seed: int, log, on_step=None):
+    if settings.base == "flow":
+        from digits_flow import build_flow_pipeline  # a sibling module that imports this one
+
+        return build_flow_pipeline(path, pixels, labels, settings, seed, log, on_step)
     tokenizer, text_encoder = make_text_encoder(seed)
     ids = tokenizer(PROMPTS, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     pixels3 = (pixels * 2 - 1)[:, None].repeat(1, 3, 1, 1)
@@ -261,10 +286,12 @@ def training_config(settings: Settings, seed: int, output_dir: str) -> dict:
 
 
 def lora_config(settings: Settings) -> LoraConfig:
-    return LoraConfig(
-        r=settings.lora_rank, lora_alpha=settings.lora_rank, init_lora_weights="gaussian",
-        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"],
-    )
+    if settings.base == "flow":  # both streams' attention (the SD3 family's default) and the image feed-forward
+        targets = [*FlowMatchingFamily.lora_target_modules, "ff.net.0.proj", "ff.net.2"]
+    else:
+        targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
+    return LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank, init_lora_weights="gaussian",
+                      target_modules=targets)
 
 
 def dpo_option(text: str) -> tuple[str, object]:
