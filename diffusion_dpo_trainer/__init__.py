@@ -17,6 +17,8 @@ _MODULES = {
     "DiffusionDPOTrainer": "trainer",
     "DiffusionGRPOConfig": "grpo_config",
     "DiffusionGRPOTrainer": "grpo_trainer",
+    "DiffusionNFTConfig": "nft_config",
+    "DiffusionNFTTrainer": "nft_trainer",
     "DiffusionOnlineDPOConfig": "online_config",
     "DiffusionOnlineDPOTrainer": "online_trainer",
     "PreferenceCollator": "collators",

@@ -25,9 +25,8 @@ from .families.sd import StableDiffusionFamily
 from .families.sd3 import StableDiffusion3Family
 from .families.sdxl import StableDiffusionXLFamily
 from .grpo_config import DYNAMICS, DiffusionGRPOConfig
-from .online_trainer import _saved_step
 from .reference_sync import SyncedReference
-from .reuse import RepeatedWindowSampler, RolloutBuffer
+from .reuse import RepeatedWindowSampler, RolloutBuffer, saved_step
 from .rewards import load_reward
 from .rewards.scoring import reward_name, score_images, unique_names
 from .rollout import DDIMStep, FunctionStep, rollout, rollout_seeds
@@ -323,6 +322,6 @@ class DiffusionGRPOTrainer(DiffusionDPOTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, _saved_step(resume_from_checkpoint))
+        self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, saved_step(resume_from_checkpoint))
         if self.args.sync_ref_model:
             self.synced_reference.load(resume_from_checkpoint)

@@ -62,15 +62,19 @@ def render_model_card(
     loss_line = f"`{losses}`"
     if "beta" in hyperparameters:
         loss_line += f", beta = {hyperparameters['beta']:g} (mean-reduced denoising error, logit factor -beta/2)"
+    nft = loss_type == "nft"  # DiffusionNFT: rewards on the model's own samples, no preference pairs
+    title = "DiffusionNFT fine-tune" if nft else "Diffusion-DPO fine-tune"
+    how = ("trained on its own samples scored by reward functions with DiffusionNFT (arXiv 2509.16117)" if nft
+           else "aligned to preference pairs with Diffusion-DPO")
     settings = "\n".join(f"- `{name}`: {_format(value)}" for name, value in hyperparameters.items())
     content = f"""---
 {data.to_yaml()}
 ---
 
-# Diffusion-DPO fine-tune
+# {title}
 
-This model is {kind} {base_link}, aligned to preference pairs with
-Diffusion-DPO using [diffusion-dpo-trainer](https://pypi.org/project/diffusion-dpo-trainer/).
+This model is {kind} {base_link}, {how} using
+[diffusion-dpo-trainer](https://pypi.org/project/diffusion-dpo-trainer/).
 
 - Base model: `{base}`
 - Dataset: {_describe_dataset(dataset)}
@@ -132,7 +136,8 @@ def _format(value) -> str:
 def card_hyperparameters(args, loss_types, loss_params, steps: int, resolution: int, mixed_precision: str,
                          lora_config=None, num_frames: int | None = None) -> dict:
     """What it takes to reproduce the run: the selected losses' own values, then the optimisation settings."""
-    values = losses.loss_hyperparameters(loss_types, loss_params)
+    # A trainer with a loss of its own (GRPO, NFT) has no DPO loss parameters: it records its own.
+    values = losses.loss_hyperparameters(loss_types, loss_params) if loss_params is not None else {}
     values.update({
         "learning_rate": args.learning_rate,
         "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),

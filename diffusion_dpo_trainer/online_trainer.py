@@ -13,7 +13,6 @@ process's loss is weighted by its share of the global pairs, so the gradient is 
 process count, and a step without any pair on any process changes nothing.
 """
 
-import json
 import math
 import os
 import time
@@ -28,7 +27,7 @@ from .collators import PromptCollator, prepare_prompt_dataset
 from .online_config import DiffusionOnlineDPOConfig
 from .pairing import judge_slots, pair_slots
 from .reference_sync import SyncedReference
-from .reuse import RepeatedWindowSampler, RolloutBuffer
+from .reuse import RepeatedWindowSampler, RolloutBuffer, saved_step
 from .rewards import load_reward
 from .rewards.scoring import reward_name, score_images, unique_names
 from .rollout import rollout, rollout_seeds
@@ -243,20 +242,9 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, _saved_step(resume_from_checkpoint))
+        self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, saved_step(resume_from_checkpoint))
         if self.args.sync_ref_model:
             self.synced_reference.load(resume_from_checkpoint)
-
-
-def _saved_step(folder: str) -> int:
-    """The optimizer step a checkpoint was saved at, from the file that marks it complete."""
-    path = os.path.join(folder, "trainer_state.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return int(json.load(f)["global_step"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"Cannot resume: {path} is missing or unreadable ({type(exc).__name__}); the checkpoint is "
-                         "incomplete (a run stopped while saving it): resume from an earlier one.") from exc
 
 
 def _store_spread(store, name: str, values: torch.Tensor) -> None:

@@ -98,6 +98,17 @@ class RolloutBuffer:
             self.batches.setdefault(int(micro), {})[key] = value
 
 
+def saved_step(folder: str) -> int:
+    """The optimizer step a checkpoint was saved at, from the file that marks it complete."""
+    path = os.path.join(folder, "trainer_state.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"Cannot resume: {path} is missing or unreadable ({type(exc).__name__}); the checkpoint is "
+                         "incomplete (a run stopped while saving it): resume from an earlier one.") from exc
+
+
 def _load_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)

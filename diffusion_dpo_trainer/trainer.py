@@ -681,18 +681,26 @@ class DiffusionDPOTrainer(Trainer):
             denoiser_name=self.family.denoiser_name,
             denoiser_class=type(self.family.denoiser).__name__,
             is_lora=self.is_lora,
-            loss_type=self.args.loss_type,
-            hyperparameters=card_hyperparameters(
+            loss_type=self._card_loss_type(),
+            hyperparameters={**card_hyperparameters(
                 self.args, self.loss_types, self.loss_params, self.state.global_step, self.resolution,
                 self.mixed_precision,
                 self.accelerator.unwrap_model(self.model).peft_config["default"] if self.is_lora else None,
                 self.num_frames,
-            ),
+            ), **self._card_hyperparameters()},
             dataset=dataset,
             video=self.num_frames is not None,
         )
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
+
+    def _card_loss_type(self):
+        """The method the model card names (a subclass with a loss of its own names it)."""
+        return self.args.loss_type
+
+    def _card_hyperparameters(self) -> dict:
+        """A subclass's own hyper-parameters for the model card."""
+        return {}
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Called by `push_to_hub`: the card is the one every save writes."""

@@ -3,6 +3,7 @@
     python examples/digits_alignment.py                 # full run (a few minutes on 2 CPU cores)
     python examples/digits_alignment.py --quick         # smoke run (about a minute), numbers not meaningful
     python examples/digits_alignment.py --online        # on-policy DPO instead of pairs from the base model
+    python examples/digits_alignment.py --nft           # DiffusionNFT (on-policy, forward process) instead
     python examples/digits_alignment.py --grpo          # GRPO (DDIM with eta) on the policy's own samples
     python examples/digits_alignment.py --base flow     # a flow-matching (SD3) base model instead (digits_flow.py)
 
@@ -25,6 +26,8 @@ stratified halves A and B.
    with a warning if the reward rises while the judge falls or diversity halves (training_curves.png, last panel). With `--online`, steps 3 and 4 are one: `DiffusionOnlineDPOTrainer` samples groups from
    the policy being trained and pairs them by the same reward model as it goes (every pair of a group; each batch
    of samples serves `online_iterations` optimizer steps), with its own validated beta (`FULL_ONLINE`). With
+   `--nft`, `DiffusionNFTTrainer` samples the same budget, turns each group's rewards into optimality weights and
+   trains on the samples re-noised by the forward process (`FULL_NFT`; docs/nft.md). With
    `--grpo`, `DiffusionGRPOTrainer` samples the same groups with DDIM eta 1 and trains a sliding window of the
    denoising steps on their group-relative advantages under the same reward model (`FULL_GRPO`).
 5. Evaluation on held-out seeds (never used for pairs): for every (prompt, seed) the judge scores the DPO sample
@@ -68,6 +71,7 @@ from digits_common import (
     images_sampled,
     judged_statistics,
     load_halves,
+    nft_trainer,
     online_dpo_trainer,
     pil_to_grey,
     winner_error_change,
@@ -170,6 +174,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="Tiny settings for CI: finishes in about a minute.")
     parser.add_argument("--online", action="store_true",
                         help="On-policy DPO (DiffusionOnlineDPOTrainer) instead of pairs sampled from the base model.")
+    parser.add_argument("--nft", action="store_true",
+                        help="DiffusionNFT (DiffusionNFTTrainer) on the policy's own samples instead of DPO.")
     parser.add_argument("--grpo", action="store_true",
                         help="GRPO (DiffusionGRPOTrainer) on the policy's own samples instead of DPO.")
     parser.add_argument("--groups-per-digit", type=int, default=None,
@@ -187,19 +193,19 @@ def parse_args(argv):
         args.dpo_options = dict(dpo_option(text) for text in args.dpo_option)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.dpo_options and (args.online or args.grpo):
-        parser.error("--dpo-option applies to offline DPO only (not with --online or --grpo).")
-    if args.online and args.grpo:
-        parser.error("--online and --grpo are two methods: choose one.")
-    if args.groups_per_digit is not None and (args.online or args.grpo or args.groups_per_digit < 1):
-        parser.error("--groups-per-digit takes a positive number and applies to offline DPO only (not with --online "
-                     "or --grpo).")
+    if args.dpo_options and (args.online or args.grpo or args.nft):
+        parser.error("--dpo-option applies to offline DPO only (not with --online, --grpo or --nft).")
+    if args.online + args.grpo + args.nft > 1:
+        parser.error("--online, --grpo and --nft are three methods: choose one.")
+    if args.groups_per_digit is not None and (args.online or args.grpo or args.nft or args.groups_per_digit < 1):
+        parser.error("--groups-per-digit takes a positive number and applies to offline DPO only (not with --online, "
+                     "--grpo or --nft).")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    settings = settings_for(args.base, args.quick, args.online, args.grpo)
+    settings = settings_for(args.base, args.quick, args.online, args.grpo, args.nft)
     if args.groups_per_digit:
         settings = replace(settings, groups_per_digit=args.groups_per_digit)
     if args.threads:
@@ -233,6 +239,8 @@ def main(argv=None) -> dict:
     sampling = sampling_kwargs(settings)
     if args.online:
         trainer = online_dpo_trainer(base_path, reward, settings, args.seed, lora_path)
+    elif args.nft:
+        trainer = nft_trainer(base_path, reward, settings, args.seed, lora_path)
     elif args.grpo:
         trainer = grpo_trainer(base_path, reward, settings, args.seed, lora_path)
     else:
@@ -291,12 +299,12 @@ def main(argv=None) -> dict:
         "classifier_accuracy": classifier_accuracy,
         "reward_hacking": {"signals": hacking.history, "alerts": hacking.alerts},
         **(online_figures(trainer.state.log_history) if args.online else
-           grpo_figures(trainer.state.log_history) if args.grpo else {
-            "num_pairs": len(pairs), "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0}),
-        "images_sampled": images_sampled(settings, args.online or args.grpo),
+           grpo_figures(trainer.state.log_history) if args.grpo else nft_figures(trainer.state.log_history) if args.nft
+           else {"num_pairs": len(pairs), "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0}),
+        "images_sampled": images_sampled(settings, args.online or args.grpo or args.nft),
         "dpo_options": args.dpo_options,
         **winner_error_change(trainer.state.log_history),
-        "mode": "online" if args.online else "grpo" if args.grpo else "offline",
+        "mode": "online" if args.online else "grpo" if args.grpo else "nft" if args.nft else "offline",
         "seed": args.seed,
         "quick": args.quick,
         "settings": asdict(settings),
@@ -322,6 +330,16 @@ def online_figures(log_history: list) -> dict:
         "no_pair_fraction": float(np.mean([h["objective/no_pair_fraction"] for h in logged])),
         "reward_model_score_while_training": [[h["step"], h["objective/scores"]] for h in logged],
         "sampling_s": round(logged_total(log_history, "time/generation"), 1),
+        "training_s": round(logged_total(log_history, "time/training"), 1),
+    }
+
+
+def nft_figures(log_history: list) -> dict:
+    """The reward model's score of the rollouts and the time split of an NFT run, from what the trainer logged."""
+    return {
+        "reward_model_score_while_training": [[h["step"], h["reward"]] for h in log_history if "reward" in h],
+        "sampling_s": round(logged_total(log_history, "time/sampling"), 1),
+        "rewards_s": round(logged_total(log_history, "time/rewards"), 3),
         "training_s": round(logged_total(log_history, "time/training"), 1),
     }
 
@@ -366,7 +384,7 @@ def print_summary(report: dict) -> None:
         if split[name]["comparisons"]:
             print(f"win rate where the {label}: {split[name]['win_rate']:.1%} of {split[name]['comparisons']}")
     print(f"reward-hacking alerts: {report['reward_hacking']['alerts'] or 'none'}")
-    method = "GRPO" if report["mode"] == "grpo" else f"{report['mode']} DPO"
+    method = {"grpo": "GRPO", "nft": "DiffusionNFT"}.get(report["mode"], f"{report['mode']} DPO")
     print(f"{method}; images sampled to train on: {report['images_sampled']}; "
           f"time: {report['timings_s']['total']:.0f} s {report['timings_s']}")
 

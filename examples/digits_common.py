@@ -24,6 +24,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from diffusion_dpo_trainer import (
     DiffusionDPOConfig,
     DiffusionDPOTrainer,
+    DiffusionNFTConfig,
+    DiffusionNFTTrainer,
     DiffusionGRPOConfig,
     DiffusionGRPOTrainer,
     DiffusionOnlineDPOConfig,
@@ -59,6 +61,14 @@ class Settings:
     # `online_pair_strategy` (DiffusionOnlineDPOConfig's `pair_strategy`).
     online_iterations: int = 10
     online_pair_strategy: str = "best_vs_worst"
+    # --nft: the same rollout budget as --online (every `online_iterations` steps, `dpo_batch_size` prompts x
+    # `images_per_group` images), each image trained at `nft_timesteps` of the sampler's timesteps per step (the paper
+    # trains 9 of 10; fewer keeps a step's cost near online DPO's), with DiffusionNFT's published nft_beta and KL
+    # weight and `nft_learning_rate`.
+    nft_timesteps: int = 2
+    nft_beta: float = 1.0
+    nft_kl_weight: float = 1e-4
+    nft_learning_rate: float = 5e-4
     # --grpo: groups of `images_per_group` sampled with DDIM eta 1 for `dpo_batch_size` prompts every
     # `online_iterations` steps, as --online; only a window of `grpo_window` steps is stochastic and trained, sliding
     # by one step every `grpo_window_shift_every` optimizer steps (MixGRPO), KL weight `grpo_beta`.
@@ -76,6 +86,9 @@ FULL = Settings(vae_steps=200, unet_steps=800, groups_per_digit=48, images_per_g
 # --online: a smaller beta, fresh samples every 5 steps and every pair of a group (chosen with digits_sweep.py on splits
 # 3 and 4: docs/online-dpo.md); it samples 3840 images to train on, twice what the offline pairs are built from.
 FULL_ONLINE = replace(FULL, beta=1000.0, online_iterations=5, online_pair_strategy="all_pairs")
+# --nft: online DPO's sampling budget (3840 images: new samples every 5 steps); DiffusionNFT's published nft_beta and
+# KL weight, 2 of the 20 sampler timesteps per image and step. Not yet tuned on the validation splits (docs/nft.md).
+FULL_NFT = replace(FULL, online_iterations=5)
 # --grpo: not yet chosen on the validation splits (docs/grpo.md): the published MixGRPO-style window, the DPO learning
 # rate, and as many sampled images as --online.
 FULL_GRPO = replace(FULL, online_iterations=5)
@@ -87,13 +100,15 @@ QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_gro
 FLOW = replace(FULL, base="flow", beta=750.0)
 FLOW_ONLINE = replace(FULL_ONLINE, base="flow", beta=300.0)
 FLOW_GRPO = replace(FULL_GRPO, base="flow")
+FLOW_NFT = replace(FULL_NFT, base="flow")  # NFT has no DPO beta to convert; its KL weight is the published 1e-4
 FLOW_QUICK = replace(QUICK, base="flow")
 
 
-def settings_for(base: str, quick: bool = False, online: bool = False, grpo: bool = False) -> Settings:
+def settings_for(base: str, quick: bool = False, online: bool = False, grpo: bool = False, nft: bool = False) -> Settings:
     if base == "flow":
-        return FLOW_QUICK if quick else FLOW_ONLINE if online else FLOW_GRPO if grpo else FLOW
-    return QUICK if quick else FULL_ONLINE if online else FULL_GRPO if grpo else FULL
+        return (FLOW_QUICK if quick else FLOW_ONLINE if online else FLOW_GRPO if grpo else FLOW_NFT if nft
+                else FLOW)
+    return QUICK if quick else FULL_ONLINE if online else FULL_GRPO if grpo else FULL_NFT if nft else FULL
 
 
 # ----- data ---------------------------------------------------------------------------------------------------------
@@ -338,11 +353,26 @@ def grpo_trainer(base_path, reward, settings: Settings, seed: int, output_dir: s
 
 
 def images_sampled(settings: Settings, online: bool) -> int:
-    """The sampling budget: images drawn from a model to train on (pairs offline, policy groups online)."""
+    """The sampling budget: images drawn from a model to train on (pairs offline, policy groups online and NFT)."""
     if online:
         generations = -(-settings.dpo_steps // settings.online_iterations)
         return generations * settings.dpo_batch_size * settings.images_per_group
     return 10 * settings.groups_per_digit * settings.images_per_group
+
+
+def nft_trainer(base_path, reward, settings: Settings, seed: int, output_dir: str, **config) -> DiffusionNFTTrainer:
+    """DiffusionNFT: the online rollout budget, the sampler's own deterministic DDIM steps, no guidance, groups of
+    `images_per_group` normalised into optimality weights; the same LoRA as the DPO runs."""
+    values = {**training_config(settings, seed, output_dir), "beta": settings.nft_kl_weight,
+              "learning_rate": settings.nft_learning_rate}
+    args = DiffusionNFTConfig(
+        **values, num_generations=settings.images_per_group, num_iterations=settings.online_iterations,
+        nft_beta=settings.nft_beta, timestep_fraction=settings.nft_timesteps / settings.inference_steps,
+        **{**sampling_kwargs(settings), **config},
+    )
+    prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    return DiffusionNFTTrainer(model=base_path, reward_funcs=reward, args=args, train_dataset=prompts,
+                               peft_config=lora_config(settings))
 
 
 # ----- judged statistics -----------------------------------------------------------------------------------------

@@ -121,6 +121,27 @@ def test_online_and_grpo_are_refused_together():
     assert done.returncode == 2 and "choose one" in done.stderr
 
 
+def test_quick_nft_run_reports_its_sampling_budget_and_time_split(tmp_path):
+    out = tmp_path / "digits-nft"
+    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--nft", "--output-dir", str(out), "--seed", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    settings = report["settings"]
+    assert report["mode"] == "nft" and is_fraction(report["win_rate"])
+    # 4 steps, new samples every 2: 2 rollouts of dpo_batch_size prompts x images_per_group images.
+    assert report["images_sampled"] == 2 * settings["dpo_batch_size"] * settings["images_per_group"]
+    assert [step for step, _ in report["reward_model_score_while_training"]] == [1, 3]
+    assert all(is_fraction(score) for _, score in report["reward_model_score_while_training"])
+    assert 0 < report["sampling_s"] < report["timings_s"]["dpo_training"]
+    assert 0 < report["training_s"] < report["timings_s"]["dpo_training"] and report["rewards_s"] > 0
+    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
+    pipe.load_lora_weights(out / "dpo-lora")
+
+
+def test_grpo_and_nft_are_refused_together():
+    done = subprocess.run([sys.executable, str(DEMO), "--grpo", "--nft"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "choose one" in done.stderr
 def test_quick_run_on_the_flow_base(tmp_path):
     out = tmp_path / "digits-flow"
     done = subprocess.run([sys.executable, str(DEMO), "--quick", "--base", "flow", "--output-dir", str(out)],

@@ -214,6 +214,15 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
                 layer.enable_adapters(True)
 
     @contextmanager
+    def adapter_active(self, name: str):
+        """The denoiser with LoRA adapter `name` active (and frozen) for the duration, the policy's adapter active and
+        trainable after: a second adapter as a second model (DiffusionNFT's old policy)."""
+        if self._adapter_layers is None:
+            self._adapter_layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        with self._adapter_active(name):
+            yield self.denoiser
+
+    @contextmanager
     def _adapter_active(self, name: str):
         """Another adapter active (and frozen) for the duration; the policy's adapter active and trainable after."""
         active = [layer.active_adapters for layer in self._adapter_layers]
@@ -286,6 +295,23 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     def predict(self, denoiser, noisy_latents, timesteps, conditioning: dict) -> torch.Tensor:
         """The denoiser's prediction, in the shape of `noisy_latents` (pack and unpack inside)."""
 
+    def clean_estimate(self, noisy_latents, prediction, timesteps) -> torch.Tensor:
+        """x0_hat, the clean sample a prediction implies at `noisy_latents`: with x_t = c x0 + d eps and the
+        regression target a x0 + b eps (read from `noisy_latents_and_target` itself, so any parametrisation works),
+        x0_hat = (b x_t - d prediction) / (b c - a d). Flow: x_t - sigma v; epsilon: (x_t - sigma eps) / alpha;
+        v-prediction: alpha x_t - sigma v."""
+        one, zero = torch.ones_like(noisy_latents, dtype=torch.float32), torch.zeros_like(noisy_latents,
+                                                                                         dtype=torch.float32)
+        c, a = self.noisy_latents_and_target(one, zero, timesteps)
+        d, b = self.noisy_latents_and_target(zero, one, timesteps)
+        return (b * noisy_latents.float() - d * prediction.float()) / (b * c - a * d)
+
+    def schedule_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """A sampling scheduler's timesteps moved to the nearest timesteps of the training schedule, which
+        `noisy_latents_and_target` accepts (DiffusionNFT trains at the rollout's timesteps)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot map sampling timesteps to its training schedule; use "
+                                  "nft_timesteps='training'.")
+
     # ----- saving -------------------------------------------------------------------------------------------------
     def save_lora_weights(self, output_dir: str, lora_state_dict: dict, adapter_metadata: dict | None) -> None:
         """Write the adapter with the pipeline class's own `save_lora_weights`, so `load_lora_weights` reads it."""
@@ -298,6 +324,8 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
 
     def lora_state_dict(self, input_dir: str) -> dict[str, torch.Tensor]:
         """The denoiser's part of a saved diffusers-format LoRA, keys without the component prefix."""
-        state, *_ = type(self.pipeline).lora_state_dict(input_dir)
+        state = type(self.pipeline).lora_state_dict(input_dir)
+        # SD1.x/SDXL return (state, alphas); the transformer pipelines (SD3, FLUX, ...) return the state alone.
+        state = state[0] if isinstance(state, tuple) else state
         prefix = f"{self.denoiser_name}."
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

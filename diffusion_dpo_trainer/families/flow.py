@@ -72,6 +72,10 @@ class FlowMatchingFamily(DiffusionFamily, abstract=True):
             raise ValueError(f"Timesteps {timesteps.tolist()} are not all on the scheduler's training schedule.")
         return self._sigmas[matches.float().argmax(dim=1)]
 
+    def schedule_timesteps(self, timesteps):
+        grid = self._timesteps.to(timesteps.device)
+        return grid[(grid[None, :] - timesteps.float()[:, None]).abs().argmin(dim=1)]
+
     def noisy_latents_and_target(self, x0, noise, timesteps):
         sigma = self.sigmas_for(timesteps).view(-1, *([1] * (x0.ndim - 1)))
         return (1.0 - sigma) * x0 + sigma * noise, noise - x0

@@ -42,6 +42,9 @@ class StableDiffusionFamily(DiffusionFamily):
     def sample_timesteps(self, batch_size, device, generator=None):
         return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device, generator=generator)
 
+    def schedule_timesteps(self, timesteps):
+        return timesteps.round().long().clamp(0, self.num_train_timesteps - 1)
+
     def _coefficients(self, timesteps, like):
         if self._alpha.device != like.device:  # moved once, not every step
             self._alpha, self._sigma = self._alpha.to(like.device), self._sigma.to(like.device)
