@@ -146,9 +146,9 @@ def test_the_loss_receives_the_resolved_beta(tmp_path, sd3_path, pairs, monkeypa
 
     seen, original = [], trainer_module.losses.compute_paired_loss
 
-    def spy(loss_types, policy_mse, ref_mse, params):
+    def spy(loss_types, policy_mse, ref_mse, params, **stabilisers):
         seen.append(params.beta)
-        return original(loss_types, policy_mse, ref_mse, params)
+        return original(loss_types, policy_mse, ref_mse, params, **stabilisers)
 
     monkeypatch.setattr(trainer_module.losses, "compute_paired_loss", spy)
     trainer = DiffusionDPOTrainer(model=sd3_path, args=make_args(tmp_path, max_steps=1), train_dataset=pairs,
