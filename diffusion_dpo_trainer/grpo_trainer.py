@@ -11,7 +11,6 @@ and `losses.grpo_loss` compares it with the rollout's (the importance ratio, exa
 steps; a rollout is reused for `num_iterations` optimizer steps (`reuse.py`).
 """
 
-import os
 import time
 
 import datasets
@@ -20,18 +19,17 @@ from diffusers import DDIMScheduler
 
 from . import losses
 from .advantages import compute_advantages, nanstd
-from .collators import PromptCollator, prepare_prompt_dataset
+from .collators import PromptCollator
 from .families.sd import StableDiffusionFamily
 from .families.sd3 import StableDiffusion3Family
 from .families.sdxl import StableDiffusionXLFamily
 from .grpo_config import DYNAMICS, DiffusionGRPOConfig
 from .reference_sync import SyncedReference
-from .reuse import RepeatedWindowSampler, RolloutBuffer, saved_step
-from .rewards import load_reward
-from .rewards.scoring import reward_name, score_images, unique_names
+from .on_policy_trainer import OnPolicyTrainer
+from .reuse import RolloutBuffer
+from .rewards.scoring import score_images
 from .rollout import DDIMStep, FunctionStep, rollout, rollout_seeds
 from .sde import cps_step, dance_sde_step, ddim_step, flow_sde_noise_scale, flow_sde_step
-from .trainer import DiffusionDPOTrainer
 
 FLOW_STEPS = {"flow_sde": flow_sde_step, "dance": dance_sde_step, "cps": cps_step}
 
@@ -51,7 +49,7 @@ def _support(family) -> str:
                      "denoiser inputs (latent packing, guidance inputs) exactly, which the importance ratio needs.")
 
 
-class DiffusionGRPOTrainer(DiffusionDPOTrainer):
+class DiffusionGRPOTrainer(OnPolicyTrainer):
     """GRPO for diffusers text-to-image models, with the signature of TRL's `GRPOTrainer`.
 
     Args:
@@ -75,15 +73,9 @@ class DiffusionGRPOTrainer(DiffusionDPOTrainer):
             args = DiffusionGRPOConfig(output_dir="diffusion-grpo")
         if not isinstance(args, DiffusionGRPOConfig):
             raise TypeError(f"`args` must be a DiffusionGRPOConfig, got {type(args).__name__}.")
-        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if not reward_funcs:
+        self._set_up_rewards(reward_funcs, args)
+        if not self.reward_funcs:
             raise ValueError("GRPO needs at least one reward function in `reward_funcs`.")
-        self.reward_func_names = unique_names([reward_name(fn) for fn in reward_funcs])
-        self.reward_funcs = [load_reward(fn) for fn in reward_funcs]
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(args.reward_weights)} entries for {len(self.reward_funcs)} "
-                             "reward functions; give one weight per function.")
-        self.reward_weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         super().__init__(model=model, args=args, data_collator=PromptCollator(), train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers,
                          peft_config=peft_config)
@@ -113,15 +105,6 @@ class DiffusionGRPOTrainer(DiffusionDPOTrainer):
 
     def _resolve_loss(self, args):
         return [], False, None  # GRPO's loss is its own (losses.grpo_loss); no DPO loss, no reference for one
-
-    # ----- data ---------------------------------------------------------------------------------------------------
-    def _prepare_dataset(self, dataset, name):
-        return prepare_prompt_dataset(dataset, name)
-
-    def _get_train_sampler(self, train_dataset=None):
-        args = self.args
-        window = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-        return RepeatedWindowSampler(len(self.train_dataset), window, args.num_iterations, args.seed)
 
     # ----- which steps are stochastic and trained -----------------------------------------------------------------
     def sde_window(self, step: int) -> list[int] | None:
@@ -304,24 +287,3 @@ class DiffusionGRPOTrainer(DiffusionDPOTrainer):
                                         multi_objective_aggregation=args.multi_objective_aggregation)
         self._log_rewards(self._metrics["eval"], per_function, advantages)
         return None, None, None
-
-    def evaluation_loop(self, *args, **kwargs):
-        self._eval_batches = 0
-        return super().evaluation_loop(*args, **kwargs)
-
-    # ----- checkpoints --------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        """The rollout still to be reused (per process) and a synced reference, written BEFORE the Trainer's files
-        (its `trainer_state.json` marks the checkpoint complete)."""
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        self._buffer.save(folder, self.accelerator.process_index, self.state.global_step)
-        if self.args.sync_ref_model and self.args.should_save:
-            self.synced_reference.save(folder)
-        super()._save_checkpoint(model, trial)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, saved_step(resume_from_checkpoint))
-        if self.args.sync_ref_model:
-            self.synced_reference.load(resume_from_checkpoint)

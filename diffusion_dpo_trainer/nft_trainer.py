@@ -22,14 +22,13 @@ from transformers import TrainerCallback
 
 from . import losses
 from .advantages import compute_advantages, nft_optimality
-from .collators import PromptCollator, prepare_prompt_dataset
+from .collators import PromptCollator
 from .nft_config import DiffusionNFTConfig
 from .old_policy import ema_update_, nft_ema_decay
-from .reuse import RepeatedWindowSampler, RolloutBuffer, saved_step
-from .rewards import load_reward
-from .rewards.scoring import reward_name, score_images, unique_names
+from .on_policy_trainer import OnPolicyTrainer
+from .reuse import RolloutBuffer
+from .rewards.scoring import score_images
 from .rollout import rollout, rollout_seeds
-from .trainer import DiffusionDPOTrainer
 
 OLD_ADAPTER = "old"
 OLD_POLICY_WEIGHTS = "old_policy.safetensors"
@@ -49,7 +48,7 @@ class _OldPolicyUpdate(TrainerCallback):
             self.trainer._metrics["train"]["nft/ema_decay"].append(torch.tensor(decay))
 
 
-class DiffusionNFTTrainer(DiffusionDPOTrainer):
+class DiffusionNFTTrainer(OnPolicyTrainer):
     """DiffusionNFT with the signature of TRL's `GRPOTrainer`.
 
     Args:
@@ -80,15 +79,11 @@ class DiffusionNFTTrainer(DiffusionDPOTrainer):
         if eval_dataset is not None:
             raise ValueError("DiffusionNFTTrainer takes no `eval_dataset` (its loss says nothing about quality): "
                              "evaluate rewards with `RewardEvaluationCallback` or `evaluate_protocol`.")
-        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if not reward_funcs or any(fn is None for fn in reward_funcs):
+        if reward_funcs is None:
             raise ValueError("`reward_funcs` must hold at least one reward (a callable or a `load_reward` name).")
-        self.reward_func_names = unique_names([reward_name(fn) for fn in reward_funcs])
-        self.reward_funcs = [load_reward(fn) for fn in reward_funcs]
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(args.reward_weights)} entries for {len(self.reward_funcs)} "
-                             "reward functions; give one weight per function.")
-        self.reward_weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        self._set_up_rewards(reward_funcs, args)
+        if not self.reward_funcs:
+            raise ValueError("`reward_funcs` must hold at least one reward (a callable or a `load_reward` name).")
         super().__init__(model=model, args=args, data_collator=PromptCollator(), train_dataset=train_dataset,
                          callbacks=callbacks, optimizers=optimizers, peft_config=peft_config)
         if args.nft_timesteps == "schedule":
@@ -126,15 +121,6 @@ class DiffusionNFTTrainer(DiffusionDPOTrainer):
                 "advantage_clip": args.advantage_clip, "scale_rewards": args.scale_rewards,
                 "timestep_fraction": args.timestep_fraction, "ema_flat": flat, "ema_uprate": uprate,
                 "ema_uphold": uphold}
-
-    # ----- data ---------------------------------------------------------------------------------------------------
-    def _prepare_dataset(self, dataset, name):
-        return prepare_prompt_dataset(dataset, name)
-
-    def _get_train_sampler(self, train_dataset=None):
-        args = self.args
-        window = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-        return RepeatedWindowSampler(len(self.train_dataset), window, args.num_iterations, args.seed)
 
     # ----- rollout -> score -> advantages -------------------------------------------------------------------------
     def _sample(self, prompts: list[str], seeds: list[int]):
@@ -242,22 +228,15 @@ class DiffusionNFTTrainer(DiffusionDPOTrainer):
         return (loss, metrics) if return_outputs else loss
 
     # ----- checkpoints --------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        """The old policy and the samples still to be reused, written BEFORE the Trainer's files (whose
-        `trainer_state.json` marks the checkpoint complete)."""
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        self._buffer.save(folder, self.accelerator.process_index, self.state.global_step)
+    def _save_method_state(self, folder: str) -> None:
+        """The old policy (the samples still to be reused are `OnPolicyTrainer`'s part of the checkpoint)."""
         if self.args.should_save:
             save_file({str(i): old.detach().contiguous() for i, (old, _) in enumerate(self.old_policy_pairs())},
                       os.path.join(folder, OLD_POLICY_WEIGHTS))
-        super()._save_checkpoint(model, trial)
 
     @torch.no_grad()
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, saved_step(resume_from_checkpoint))
-        path = os.path.join(resume_from_checkpoint, OLD_POLICY_WEIGHTS)
+    def _load_method_state(self, folder: str) -> None:
+        path = os.path.join(folder, OLD_POLICY_WEIGHTS)
         if not os.path.isfile(path):
             raise ValueError(f"Cannot resume: {path} does not exist (a DiffusionNFT checkpoint holds its old policy).")
         saved = load_file(path)

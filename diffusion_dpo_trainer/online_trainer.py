@@ -14,7 +14,6 @@ process count, and a step without any pair on any process changes nothing.
 """
 
 import math
-import os
 import time
 import warnings
 
@@ -23,15 +22,14 @@ import torch
 from transformers import TrainerCallback
 
 from . import losses
-from .collators import PromptCollator, prepare_prompt_dataset
+from .collators import PromptCollator
+from .on_policy_trainer import OnPolicyTrainer
 from .online_config import DiffusionOnlineDPOConfig
 from .pairing import judge_slots, pair_slots
 from .reference_sync import SyncedReference
-from .reuse import RepeatedWindowSampler, RolloutBuffer, saved_step
-from .rewards import load_reward
-from .rewards.scoring import reward_name, score_images, unique_names
+from .reuse import RolloutBuffer
+from .rewards.scoring import score_images
 from .rollout import rollout, rollout_seeds
-from .trainer import DiffusionDPOTrainer
 
 
 class _NoPairWatch(TrainerCallback):
@@ -53,7 +51,7 @@ class _NoPairWatch(TrainerCallback):
                              "reward, or None for every image?), so training cannot change the model.")
 
 
-class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
+class DiffusionOnlineDPOTrainer(OnPolicyTrainer):
     """On-policy Diffusion-DPO with the signature of TRL's `OnlineDPOTrainer`.
 
     Args:
@@ -88,14 +86,7 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
             if args.num_images_per_prompt % 2:
                 raise ValueError(f"With a judge, images are judged two by two: num_images_per_prompt must be even, "
                                  f"got {args.num_images_per_prompt}.")
-        reward_funcs = [] if reward_funcs is None else reward_funcs
-        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        self.reward_func_names = unique_names([reward_name(fn) for fn in reward_funcs])
-        self.reward_funcs = [load_reward(fn) for fn in reward_funcs]
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(args.reward_weights)} entries for {len(self.reward_funcs)} "
-                             "reward functions; give one weight per function.")
-        self.reward_weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        self._set_up_rewards(reward_funcs, args)
         self.judge = judge
         super().__init__(model=model, ref_model=ref_model, args=args, data_collator=PromptCollator(),
                          train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks,
@@ -121,15 +112,6 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
     def sync_reference(self, alpha: float | None = None) -> None:
         """ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter (alpha: `ref_model_mixup_alpha`)."""
         self.synced_reference.sync(self.args.ref_model_mixup_alpha if alpha is None else alpha)
-
-    # ----- data ---------------------------------------------------------------------------------------------------
-    def _prepare_dataset(self, dataset, name):
-        return prepare_prompt_dataset(dataset, name)
-
-    def _get_train_sampler(self, train_dataset=None):
-        args = self.args
-        window = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-        return RepeatedWindowSampler(len(self.train_dataset), window, args.num_iterations, args.seed)
 
     # ----- rollout -> score -> pair -------------------------------------------------------------------------------
     def _sample(self, prompts: list[str], seeds: list[int]) -> tuple[list, torch.Tensor]:
@@ -224,27 +206,6 @@ class DiffusionOnlineDPOTrainer(DiffusionDPOTrainer):
         if batch["num_pairs"] == 0:
             return torch.tensor(math.nan, device=self.args.device), None, None
         return super().prediction_step(model, self._attach_embeddings(batch), prediction_loss_only, ignore_keys)
-
-    def evaluation_loop(self, *args, **kwargs):
-        self._eval_batches = 0
-        return super().evaluation_loop(*args, **kwargs)
-
-    # ----- checkpoints --------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        """The samples still to be reused (per process) and a synced reference, written BEFORE the Trainer's files:
-        its `trainer_state.json` marks the checkpoint complete, and only then are older checkpoints rotated away."""
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        self._buffer.save(folder, self.accelerator.process_index, self.state.global_step)
-        if self.args.sync_ref_model and self.args.should_save:
-            self.synced_reference.save(folder)
-        super()._save_checkpoint(model, trial)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, saved_step(resume_from_checkpoint))
-        if self.args.sync_ref_model:
-            self.synced_reference.load(resume_from_checkpoint)
 
 
 def _store_spread(store, name: str, values: torch.Tensor) -> None:

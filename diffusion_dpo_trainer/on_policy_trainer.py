@@ -1,0 +1,68 @@
+"""`OnPolicyTrainer`: what every trainer on the policy's own samples shares (online DPO, GRPO, DiffusionNFT).
+
+Each of them takes reward functions with weights, reads a prompt dataset in windows that repeat for the steps that
+reuse a rollout, keeps those rollouts in a `RolloutBuffer`, and may keep a synced reference; their checkpoints hold
+that state, written BEFORE the Trainer's own files (its `trainer_state.json` marks a checkpoint complete, and only then
+are older checkpoints rotated away). A method adds its ending (pairs, advantages, a forward-process loss) on top.
+"""
+
+import os
+
+from .collators import prepare_prompt_dataset
+from .reuse import RepeatedWindowSampler, saved_step
+from .rewards import load_reward
+from .rewards.scoring import reward_name, unique_names
+from .trainer import DiffusionDPOTrainer
+
+
+class OnPolicyTrainer(DiffusionDPOTrainer):
+    synced_reference = None  # a `SyncedReference` when the method keeps one (`sync_ref_model`)
+
+    def _set_up_rewards(self, reward_funcs, args) -> None:
+        """`reward_funcs` (one, a list, or None) as loaded reward callables with unique names and their weights."""
+        reward_funcs = [] if reward_funcs is None else reward_funcs
+        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if any(fn is None for fn in reward_funcs):
+            raise ValueError("`reward_funcs` holds None: each reward is a callable or a `load_reward` name.")
+        self.reward_func_names = unique_names([reward_name(fn) for fn in reward_funcs])
+        self.reward_funcs = [load_reward(fn) for fn in reward_funcs]
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(args.reward_weights)} entries for {len(self.reward_funcs)} "
+                             "reward functions; give one weight per function.")
+        self.reward_weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+
+    # ----- data ---------------------------------------------------------------------------------------------------
+    def _prepare_dataset(self, dataset, name):
+        return prepare_prompt_dataset(dataset, name)
+
+    def _get_train_sampler(self, train_dataset=None):
+        args = self.args
+        window = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        return RepeatedWindowSampler(len(self.train_dataset), window, args.num_iterations, args.seed)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_batches = 0  # evaluation seeds count from the first evaluation batch, every evaluation
+        return super().evaluation_loop(*args, **kwargs)
+
+    # ----- checkpoints --------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        self._buffer.save(folder, self.accelerator.process_index, self.state.global_step)
+        if self.synced_reference is not None and self.args.should_save:
+            self.synced_reference.save(folder)
+        self._save_method_state(folder)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._buffer.load(resume_from_checkpoint, self.accelerator.process_index, saved_step(resume_from_checkpoint))
+        if self.synced_reference is not None:
+            self.synced_reference.load(resume_from_checkpoint)
+        self._load_method_state(resume_from_checkpoint)
+
+    def _save_method_state(self, folder: str) -> None:
+        """A method's own checkpoint state (DiffusionNFT: its old policy), written before the Trainer's files."""
+
+    def _load_method_state(self, folder: str) -> None:
+        """Read back what `_save_method_state` wrote, refusing a checkpoint that lacks it by name."""
