@@ -111,7 +111,9 @@ def run_two_processes(worker: str, *argv, timeout: float = 300, hang: str = "") 
 
 def on_policy_reports(tmp_path, method: str, pipeline_path: str) -> tuple[list[dict], dict]:
     """onpolicy_ddp_worker.py's `method` on 2 processes and on one with the same global batch: (the two ranks'
-    reports, the single process's)."""
+    reports, the single process's), each with `logged`, its log entries of the optimizer steps. Checked here: where the
+    trainer samples through `_sample`, each rollout's prompts and seeds are split between the ranks exactly as one
+    process draws them (2 rollouts in 3 steps: new samples at steps 0 and 2, reused at step 1)."""
     import onpolicy_ddp_worker as worker
 
     run_two_processes("onpolicy_ddp_worker.py", method, pipeline_path, tmp_path / "ddp", tmp_path)
@@ -120,6 +122,15 @@ def on_policy_reports(tmp_path, method: str, pipeline_path: str) -> tuple[list[d
     ranks = [json.loads((tmp_path / f"{method}-rank{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((tmp_path / f"{method}-rank0-single.json").read_text())
     assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
+    if single["sampled"]:
+        assert len(single["sampled"]) == len(ranks[0]["sampled"]) == 2
+        for generation, expected in enumerate(single["sampled"]):
+            for field in ("prompts", "seeds"):
+                assert ranks[0]["sampled"][generation][field] + ranks[1]["sampled"][generation][field] \
+                    == expected[field]
+    for report in (*ranks, single):
+        report["logged"] = [h for h in report["log_history"] if "loss" in h]
+        assert len(report["logged"]) == 3
     return ranks, single
 
 

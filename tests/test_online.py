@@ -442,16 +442,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd
     """Each process samples its own prompts with the seeds one process would use for them, trains on its own pairs,
     and the run logs what a single process with the same global batch logs, and ends with the same weights."""
     ranks, single = on_policy_reports(tmp_path, "online", sd_path)
-
-    # Samples drawn at steps 0 and 2 (reused at step 1): each rank draws its half of the single process's images.
-    assert len(single["sampled"]) == len(ranks[0]["sampled"]) == 2
-    for generation, expected in enumerate(single["sampled"]):
-        for field in ("prompts", "seeds"):
-            assert ranks[0]["sampled"][generation][field] + ranks[1]["sampled"][generation][field] == expected[field]
-
-    logged = [h for h in ranks[0]["log_history"] if "loss" in h]
-    single_logged = [h for h in single["log_history"] if "loss" in h]
-    assert len(logged) == len(single_logged) == 3
+    logged, single_logged = ranks[0]["logged"], single["logged"]
     # Step 0 samples from identical weights: its scores are the same to the last bit. Step 2 samples from weights
     # after two optimizer steps, which DDP's all-reduced gradients leave equal only to float rounding (the LoRA check
     # below): there one 8-bit pixel may round the other way, 1/8192 of the brightness mean (1 / 1024 pixels / 8
