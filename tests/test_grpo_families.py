@@ -1,0 +1,123 @@
+"""GRPO and DiffusionNFT on every family of the registry that can sample, beyond SD1.x (epsilon) and SD3 (tested in
+test_grpo.py and test_nft.py): SDXL and SD v-prediction through DDIM with eta, and FLUX.1 (with and without its
+guidance embedding), FLUX.2 [dev] and [klein], Qwen-Image, Z-Image, Sana and Wan through Flow-SDE, on their tiny
+pipelines. Each family has its own latent layout (packed tokens, frames), timestep scale and conditioning: the rollout
+records them in the pipeline's terms and the training forward must see exactly the same inputs."""
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers import DenoiserRecorder, lora
+
+from diffusion_dpo_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionNFTConfig, DiffusionNFTTrainer
+from diffusion_dpo_trainer.rollout import rollout
+from diffusion_dpo_trainer.testing import TINY_BUILDERS, make_flux_pipeline, make_sd_pipeline
+
+PROMPTS = ["a red square", "a blue circle"]
+# name -> (pipeline class, builder keyword arguments, the guidance scale that trains without an unconditional branch)
+CASES = {
+    "sdxl": ("StableDiffusionXLPipeline", {}, 1.0),
+    "sd-v": ("StableDiffusionPipeline", {"prediction_type": "v_prediction"}, 1.0),
+    "flux": ("FluxPipeline", {}, 1.0),
+    "flux-dev": ("FluxPipeline", {"guidance_embeds": True}, 3.5),  # FLUX.1-dev: the guidance embedding, not CFG
+    "flux2": ("Flux2Pipeline", {}, 4.0),  # FLUX.2 [dev]: the guidance embedding
+    "flux2-klein": ("Flux2KleinPipeline", {}, 1.0),
+    "qwenimage": ("QwenImagePipeline", {}, 1.0),
+    "zimage": ("ZImagePipeline", {}, 0.0),  # Z-Image guides at any scale > 0
+    "sana": ("SanaPipeline", {}, 1.0),
+    "wan": ("WanPipeline", {}, 1.0),
+}
+NUM_FRAMES = 5  # Wan: 4k + 1 frames, 2 latent frames
+#: Sampling steps: 2, or 3 where 2 would hide a difference (Z-Image's 1 - t/1000 and (1000 - t)/1000 agree at 750).
+STEPS = {"zimage": 3}
+
+
+def brightness(prompts, completions, **kwargs):
+    """Mean grey level of each image, or of each video's frames (Wan)."""
+    def grey(item):
+        frames = item if isinstance(item, list) else [item]
+        return float(np.mean([np.asarray(frame.convert("L"), dtype=np.float64) for frame in frames]))
+    return [grey(item) for item in completions]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """Each case's tiny pipeline, built on first use and kept for the module."""
+    built = {}
+
+    def path(name):
+        if name not in built:
+            pipeline_class, kwargs, _ = CASES[name]
+            builder = {"StableDiffusionPipeline": make_sd_pipeline, "FluxPipeline": make_flux_pipeline}.get(
+                pipeline_class, TINY_BUILDERS[pipeline_class])
+            built[name] = builder(tmp_path_factory.mktemp(name) / "pipe", **kwargs)
+        return built[name]
+
+    return path
+
+
+def common_args(tmp_path, name):
+    return {"output_dir": str(tmp_path / "out"), "resolution": 32, "per_device_train_batch_size": 2, "max_steps": 1,
+            "learning_rate": 1e-2, "logging_steps": 1, "report_to": "none", "save_strategy": "no", "seed": 0,
+            "dataloader_pin_memory": False, "num_generations": 2, "num_inference_steps": STEPS.get(name, 2),
+            "disable_tqdm": True,
+            "guidance_scale": CASES[name][2], **({"num_frames": NUM_FRAMES} if name == "wan" else {})}
+
+
+def grpo_trainer(path, tmp_path, name, **overrides):
+    args = DiffusionGRPOConfig(**{**common_args(tmp_path, name), "beta": 0.04, "timestep_fraction": 1.0, **overrides})
+    return DiffusionGRPOTrainer(model=path, reward_funcs=brightness, args=args,
+                                train_dataset=Dataset.from_dict({"prompt": PROMPTS}), peft_config=lora())
+
+
+def lora_state(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if "lora" in k}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_grpo_rollout_is_the_pipelines_sampler_and_training_recomputes_it_exactly(name, paths, tmp_path):
+    """Per family: (1) the rollout's sampler step at noise level 0 is the pipeline's own deterministic sampler, bit
+    for bit (DDIM for the SD families; flow Euler for the others, which replaces Sana's DPM-Solver and Wan's UniPC),
+    at the configured size in the training layout; (2) every denoiser input of a trained step (latents mapped from
+    the pipeline's layout and back, timestep in the denoiser's scale, conditioning, guidance embedding, position ids)
+    is the rollout's, for the policy and the reference, so the recomputed log-density is the recorded one (importance
+    ratio exactly 1, KL to the adapter-off reference exactly 0 on fresh samples); (3) one optimizer step moves the
+    adapter."""
+    trainer = grpo_trainer(paths(name), tmp_path, name)
+    family, guidance = trainer.family, CASES[name][2]
+    if trainer.dynamics == "flow_sde":
+        assert isinstance(family.pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
+    steps = STEPS.get(name, 2)
+    call = {"num_inference_steps": steps, "guidance_scale": guidance}
+    seeds = [1, 2]
+    plain = rollout(family, PROMPTS, seeds, 32, decode=False, **call)
+    noise_level, trainer.noise_level = trainer.noise_level, 0.0
+    silent = rollout(family, PROMPTS, seeds, 32, decode=False, step=trainer._sampler_step(None), record=True, **call)
+    trainer.noise_level = noise_level
+    assert torch.equal(silent.latents, plain.latents)
+    # Sampled at the configured size (and clip length), in the training layout: Sana's binning and Wan's 81 frames off.
+    pixels = (3, NUM_FRAMES, 32, 32) if name == "wan" else (3, 32, 32)
+    assert plain.latents.shape == family.scale_latents(torch.zeros(2, *family.latent_shape(pixels))).shape
+    noisy = rollout(family, PROMPTS, seeds, 32, decode=False, step=trainer._sampler_step(None), **call)
+    assert not torch.allclose(noisy.latents, plain.latents, atol=1e-3)
+
+    before = lora_state(trainer)
+    with DenoiserRecorder(trainer) as recorder:
+        trainer.train()
+    rollout_calls, training_calls = recorder.calls[:steps], recorder.calls[steps:]
+    steps = trainer.trained_steps(0)
+    assert len(training_calls) == 2 * len(steps)  # policy, then reference (adapter off), per trained step
+    for k, j in enumerate(steps):
+        for call in training_calls[2 * k : 2 * k + 2]:
+            assert call.keys() == rollout_calls[j].keys()
+            for key, value in call.items():
+                expected = rollout_calls[j][key]
+                expected = expected.expand(value.shape) if expected.ndim == 0 else expected  # SD's one timestep
+                assert torch.equal(value.float(), expected.float()), (j, key)
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert [log[f"importance_ratio/step_{j}"] for j in steps] == [1.0] * len(steps)
+    assert log["kl"] == 0.0
+    after = lora_state(trainer)
+    assert any(not torch.equal(after[k], v) for k, v in before.items()), "the optimizer step changed nothing"
