@@ -121,3 +121,43 @@ def test_grpo_rollout_is_the_pipelines_sampler_and_training_recomputes_it_exactl
     assert log["kl"] == 0.0
     after = lora_state(trainer)
     assert any(not torch.equal(after[k], v) for k, v in before.items()), "the optimizer step changed nothing"
+
+
+# name -> (a guidance scale GRPO cannot train on that family yet, the reason it gives)
+REFUSED = {
+    "sdxl": (2.0, "zeroed prompt and pooled embeddings"),
+    "flux2-klein": (2.0, "unconditional branch as a second forward"),
+    "zimage": (1.0, r"pos \+ s \(pos - neg\) for any guidance_scale s > 0"),
+    "sana": (2.0, "without the complex human instruction"),
+    "wan": (2.0, "unconditional branch as a second forward"),
+    "flux": (2.0, "does nothing in FluxPipeline's sampling"),
+    "qwenimage": (2.0, "does nothing in QwenImagePipeline's sampling"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_guidance_the_training_forward_cannot_reproduce_is_refused_with_its_reason(name, paths, tmp_path):
+    """Classifier-free guidance whose unconditional branch the training forward does not reproduce (the ratio would
+    not be the rollout's), or a guidance scale the pipeline ignores, is refused by the family's reason; the guidance
+    each family trains with (CASES) is accepted (the test above)."""
+    scale, reason = REFUSED[name]
+    with pytest.raises(ValueError, match=reason):
+        grpo_trainer(paths(name), tmp_path, name, guidance_scale=scale)
+
+
+# One case per latent layout and conditioning (FLUX.1-dev, FLUX.2 [klein] and SD v-prediction add none for NFT).
+@pytest.mark.parametrize("name", ["sdxl", "flux", "flux2", "qwenimage", "zimage", "sana", "wan"])
+def test_diffusion_nft_trains_a_step_on_every_family(name, paths, tmp_path):
+    """DiffusionNFT re-noises the rollout's clean latents (in the training layout: FLUX.2's and Qwen-Image's packed
+    tokens unpacked) at the rollout's timesteps mapped to the training schedule (Sana's DPM-Solver and Wan's UniPC
+    timesteps included), with the family's per-image conditioning (SDXL's time ids), and trains on the three
+    predictions' clean estimates: one optimizer step is finite and moves the adapter on every family."""
+    args = DiffusionNFTConfig(**{**common_args(tmp_path, name), "timestep_fraction": 0.5})  # one timestep per image
+    trainer = DiffusionNFTTrainer(model=paths(name), reward_funcs=brightness, args=args,
+                                  train_dataset=Dataset.from_dict({"prompt": PROMPTS}), peft_config=lora())
+    before = lora_state(trainer)
+    trainer.train()
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert np.isfinite(log["loss"]) and log["loss"] != 0
+    after = {k: v for k, v in lora_state(trainer).items() if ".default." in k}
+    assert any(not torch.equal(value, before[k]) for k, value in after.items()), "the optimizer step changed nothing"
