@@ -161,3 +161,14 @@ def test_diffusion_nft_trains_a_step_on_every_family(name, paths, tmp_path):
     assert np.isfinite(log["loss"]) and log["loss"] != 0
     after = {k: v for k, v in lora_state(trainer).items() if ".default." in k}
     assert any(not torch.equal(value, before[k]) for k, value in after.items()), "the optimizer step changed nothing"
+
+
+@pytest.mark.parametrize("dynamics", ["dance", "cps"])
+def test_dance_and_cps_steps_recompute_exactly_on_packed_latents(dynamics, paths, tmp_path):
+    """DanceGRPO's and CPS's steps run in the pipeline's packed layout too: the first ratio is exactly 1 (FLUX.1)."""
+    trainer = grpo_trainer(paths("flux"), tmp_path, "flux", dynamics=dynamics)
+    trainer.train()
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    steps = trainer.trained_steps(0)
+    assert steps == ([0] if dynamics == "cps" else [0, 1])  # CPS's last step (to sigma 0) is deterministic
+    assert [log[f"importance_ratio/step_{j}"] for j in steps] == [1.0] * len(steps)
