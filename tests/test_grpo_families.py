@@ -172,3 +172,13 @@ def test_dance_and_cps_steps_recompute_exactly_on_packed_latents(dynamics, paths
     steps = trainer.trained_steps(0)
     assert steps == ([0] if dynamics == "cps" else [0, 1])  # CPS's last step (to sigma 0) is deterministic
     assert [log[f"importance_ratio/step_{j}"] for j in steps] == [1.0] * len(steps)
+
+
+def test_the_first_ratio_is_exactly_one_under_bf16(paths, tmp_path):
+    """bf16 autocast over a bf16 base (the adapter in float32): rollout and training run the same mixed-precision
+    forward, so the recomputed density is still the recorded one (FLUX.1: packed latents, t / 1000)."""
+    trainer = grpo_trainer(paths("flux"), tmp_path, "flux", bf16=True, use_cpu=True, beta=0.0)
+    assert trainer.family.denoiser.dtype == torch.bfloat16
+    trainer.train()
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert [log[f"importance_ratio/step_{j}"] for j in trainer.trained_steps(0)] == [1.0, 1.0]
