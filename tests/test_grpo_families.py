@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 from diffusers import FlowMatchEulerDiscreteScheduler
-from helpers import DenoiserRecorder, lora
+from helpers import DenoiserRecorder, assert_grpo_training_repeats_rollout, lora
 
 from diffusion_dpo_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer, DiffusionNFTConfig, DiffusionNFTTrainer
 from diffusion_dpo_trainer.rollout import rollout
@@ -89,8 +89,8 @@ def test_grpo_rollout_is_the_pipelines_sampler_and_training_recomputes_it_exactl
     family, guidance = trainer.family, CASES[name][2]
     if trainer.dynamics == "flow_sde":
         assert isinstance(family.pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
-    steps = STEPS.get(name, 2)
-    call = {"num_inference_steps": steps, "guidance_scale": guidance}
+    sampling_steps = STEPS.get(name, 2)
+    call = {"num_inference_steps": sampling_steps, "guidance_scale": guidance}
     seeds = [1, 2]
     plain = rollout(family, PROMPTS, seeds, 32, decode=False, **call)
     noise_level, trainer.noise_level = trainer.noise_level, 0.0
@@ -106,16 +106,8 @@ def test_grpo_rollout_is_the_pipelines_sampler_and_training_recomputes_it_exactl
     before = lora_state(trainer)
     with DenoiserRecorder(trainer) as recorder:
         trainer.train()
-    rollout_calls, training_calls = recorder.calls[:steps], recorder.calls[steps:]
     steps = trainer.trained_steps(0)
-    assert len(training_calls) == 2 * len(steps)  # policy, then reference (adapter off), per trained step
-    for k, j in enumerate(steps):
-        for call in training_calls[2 * k : 2 * k + 2]:
-            assert call.keys() == rollout_calls[j].keys()
-            for key, value in call.items():
-                expected = rollout_calls[j][key]
-                expected = expected.expand(value.shape) if expected.ndim == 0 else expected  # SD's one timestep
-                assert torch.equal(value.float(), expected.float()), (j, key)
+    assert_grpo_training_repeats_rollout(recorder, sampling_steps, steps)
     (log,) = [h for h in trainer.state.log_history if "loss" in h]
     assert [log[f"importance_ratio/step_{j}"] for j in steps] == [1.0] * len(steps)
     assert log["kl"] == 0.0
