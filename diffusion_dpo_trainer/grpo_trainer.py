@@ -15,14 +15,13 @@ import time
 
 import datasets
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from . import losses
 from .advantages import compute_advantages, nanstd
 from .collators import PromptCollator
+from .families.flow import FlowMatchingFamily
 from .families.sd import StableDiffusionFamily
-from .families.sd3 import StableDiffusion3Family
-from .families.sdxl import StableDiffusionXLFamily
 from .grpo_config import DYNAMICS, DiffusionGRPOConfig
 from .reference_sync import SyncedReference
 from .on_policy_trainer import OnPolicyTrainer
@@ -34,26 +33,30 @@ from .sde import cps_step, dance_sde_step, ddim_step, flow_sde_noise_scale, flow
 FLOW_STEPS = {"flow_sde": flow_sde_step, "dance": dance_sde_step, "cps": cps_step}
 
 
-def _support(family) -> str:
-    """The family's default dynamics, or an error saying why GRPO cannot train it yet."""
-    if isinstance(family, StableDiffusionXLFamily):
-        raise ValueError("GRPO does not support SDXL yet: its pipeline's unconditional branch uses zeroed pooled "
-                         "embeddings and its own time ids, which the training forward does not reproduce yet, so the "
-                         "importance ratio would not be the rollout's.")
-    if isinstance(family, StableDiffusion3Family):
+def _support(family, guidance_scale: float) -> str:
+    """The family's default dynamics (DDIM with eta for the SD families, Flow-SDE for the flow-matching ones), or an
+    error saying why GRPO cannot train it with this guidance: the training forward must reproduce the rollout's."""
+    name = type(family.pipeline).__name__
+    guidance = family.guidance(guidance_scale)
+    if guidance == "cfg" and family.cfg_mismatch:
+        raise ValueError(f"GRPO does not support {name} with guidance_scale={guidance_scale} yet: "
+                         f"{family.cfg_mismatch}.")
+    if guidance is None and guidance_scale > 1:
+        raise ValueError(f"guidance_scale={guidance_scale} does nothing in {name}'s sampling (no classifier-free "
+                         "guidance through `guidance_scale`, no guidance embedding): use guidance_scale=1.0.")
+    if isinstance(family, FlowMatchingFamily):
         return "flow_sde"
     if isinstance(family, StableDiffusionFamily):
         return "ddim"
-    raise ValueError(f"GRPO does not support {type(family.pipeline).__name__} yet: only SD1.x/2.x (DDIM with eta) and "
-                     "SD3 (Flow-SDE, DanceGRPO, CPS) have a training forward verified to reproduce the pipeline's "
-                     "denoiser inputs (latent packing, guidance inputs) exactly, which the importance ratio needs.")
+    raise ValueError(f"GRPO does not support {name}: it has no stochastic sampler step for this family.")
 
 
 class DiffusionGRPOTrainer(OnPolicyTrainer):
     """GRPO for diffusers text-to-image models, with the signature of TRL's `GRPOTrainer`.
 
     Args:
-        model: a Hub id, a local path or a loaded pipeline (SD1.x/2.x or SD3; other families are refused by name).
+        model: a Hub id, a local path or a loaded pipeline of any family (docs/grpo.md, "Families": guidance that
+            the training forward cannot reproduce yet is refused by name).
         reward_funcs: a reward or a list of them (TRL's convention: `fn(prompts=..., completions=images, **columns)`,
             or `fn(images, prompts)`, or a name for `load_reward`), combined with `args.reward_weights`; one float or
             None per image, higher is better.
@@ -79,7 +82,8 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         super().__init__(model=model, args=args, data_collator=PromptCollator(), train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers,
                          peft_config=peft_config)
-        default = _support(self.family)
+        default = _support(self.family, args.guidance_scale)
+        self._cfg = self.family.guidance(args.guidance_scale) == "cfg"  # else: no unconditional branch to train
         self.dynamics = args.dynamics or default
         if (self.dynamics == "ddim") != (default == "ddim"):
             raise ValueError(f"dynamics={self.dynamics!r} does not fit {type(self.family.pipeline).__name__}: use "
@@ -88,6 +92,10 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         pipeline = self.family.pipeline
         if self.dynamics == "ddim" and not isinstance(pipeline.scheduler, DDIMScheduler):
             pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)  # as DDPO samples SD
+        elif self.dynamics != "ddim" and not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
+            # Sana's DPM-Solver and Wan's UniPC have no one-step transition to make stochastic: Euler on the flow
+            # sigmas of the same shift (the family's training schedule) instead.
+            pipeline.scheduler = self.family.training_scheduler()
         # Steps whose transition is deterministic by construction, whatever the noise: CPS's last step (to sigma 0)
         # and DDIM's last step when it lands on alpha = 1.
         last = args.num_inference_steps - 1
@@ -179,7 +187,8 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         self._log_rewards(store, per_function, advantages)
         trained = self.trained_steps(step)
         trajectory = result.trajectory
-        batch = {"prompt": flat_prompts, "steps": trained, "advantages": advantages.advantages[own]}
+        batch = {"prompt": flat_prompts, "steps": trained, "advantages": advantages.advantages[own],
+                 **self.family.generated_conditioning(len(flat_prompts), self.resolution)}  # e.g. SDXL's time ids
         for name in ("latents", "next_latents", "timesteps", "log_prob", "prev_sample", "sigma", "sigma_next",
                      "alpha", "alpha_prev"):
             if name in trajectory:
@@ -194,7 +203,7 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         them (negatives, then prompts); encoded once per micro-step, without grad (the text encoders are frozen)."""
         with torch.no_grad():
             conditioning = self.family.encode_prompt(prompts, self.accelerator.device)
-            if self.args.guidance_scale > 1:
+            if self._cfg:
                 unconditional = self.family.encode_prompt([""] * len(prompts), self.accelerator.device)
                 conditioning = {k: torch.cat([unconditional[k], v]) for k, v in conditioning.items()}
         return conditioning
@@ -204,13 +213,23 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         batches it, combined with the guidance scale; the unconditional branch detached (flow_grpo)."""
         scale = self.args.guidance_scale
         latents = latents.to(self.weight_dtype)
-        if scale <= 1:
+        if not self._cfg:
             return self.family.predict(denoiser, latents, timesteps, conditioning)
         output = self.family.predict(denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
                                      conditioning)
         unconditional, conditional = output.chunk(2)
         unconditional = unconditional.detach()
         return unconditional + scale * (conditional - unconditional)
+
+    def _model_output(self, denoiser, batch: dict, j: int, conditioning: dict) -> torch.Tensor:
+        """The model output of trained step j as the rollout's step saw it, in the pipeline's latent layout: the
+        recorded latents go to `predict` in the family's training layout (FLUX's packed tokens unpacked) with the
+        family's per-image conditioning (SDXL's time ids), and the output comes back packed."""
+        family = self.family
+        extra = family.time_conditioning(batch, self.resolution, self.accelerator.device)
+        conditioning = {**conditioning, **{k: torch.cat([v, v]) if self._cfg else v for k, v in extra.items()}}
+        latents = family.sampled_latents(batch["latents"][:, j], self.resolution)
+        return family.pipeline_latents(self._guided_output(denoiser, latents, batch["timesteps"][:, j], conditioning))
 
     def _transition(self, batch: dict, j: int, output: torch.Tensor):
         """The log-density of the recorded sample of trained step j under `output` (sde.py), and the KL's scale."""
@@ -251,15 +270,13 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The GRPO loss of one trained step, divided by the number of trained steps (their mean)."""
         batch, j, conditioning = inputs["batch"], inputs["j"], inputs["conditioning"]
-        latents, timesteps = batch["latents"][:, j], batch["timesteps"][:, j]
         args = self.args
         with self.accelerator.autocast():
-            step, kl_std = self._transition(batch, j, self._guided_output(model, latents, timesteps, conditioning))
+            step, kl_std = self._transition(batch, j, self._model_output(model, batch, j, conditioning))
             ref_mean = None
             if self.beta > 0:
                 with torch.no_grad(), self.family.reference() as reference:
-                    ref_step, _ = self._transition(batch, j, self._guided_output(reference, latents, timesteps,
-                                                                                 conditioning))
+                    ref_step, _ = self._transition(batch, j, self._model_output(reference, batch, j, conditioning))
                 ref_mean = ref_step.mean
         loss, metrics = losses.grpo_loss(step.log_prob, batch["log_prob"][:, j], batch["advantages"], args.epsilon,
                                          args.epsilon_high, self.beta, step.mean, ref_mean, kl_std)

@@ -156,13 +156,15 @@ def rollout(
     without grad (`sampling.sampling_mode`), `batch_size` images per pipeline call (None: all at once).
 
     `decode=False` skips the VAE decode (no images); `step` replaces the scheduler's step; `record` keeps the
-    trajectory. `pipeline_kwargs` go to the pipeline call (`num_inference_steps`, `guidance_scale`, ...).
+    trajectory. `pipeline_kwargs` go to the pipeline call (`num_inference_steps`, `guidance_scale`, ...), after the
+    family's `sampling_kwargs` (Wan's clip length, Sana without resolution binning).
     """
     step = SchedulerStep() if step is None else step
     records: list[dict] | None = [] if record else None
     batches = iter_sample_batches(
         family.pipeline, prompts, seeds, batch_size or len(prompts), progress=False, return_latents=True,
-        output_type="pil" if decode else "latent", height=resolution, width=resolution, **pipeline_kwargs)
+        output_type="pil" if decode else "latent", height=resolution, width=resolution,
+        **{**family.sampling_kwargs(), **pipeline_kwargs})
     images, latents, trajectory = [], [], []
     plain = type(step) is SchedulerStep and not record  # nothing to see: the pipeline untouched
     with nullcontext() if plain else _stepping(family.pipeline.scheduler, step, records):

@@ -197,6 +197,21 @@ class DenoiserRecorder:
         return False
 
 
+def assert_grpo_training_repeats_rollout(recorder, sampling_steps: int, trained_steps: list[int]) -> None:
+    """A GRPO run's recorded denoiser calls (one rollout of `sampling_steps` calls, then per trained step the policy's
+    and the reference's): every training call's tensor inputs are those of the rollout's call at that step."""
+    rollout_calls, training_calls = recorder.calls[:sampling_steps], recorder.calls[sampling_steps:]
+    assert len(training_calls) == 2 * len(trained_steps)  # policy, then reference (adapter off), per trained step
+    for k, j in enumerate(trained_steps):
+        for call in training_calls[2 * k : 2 * k + 2]:
+            assert call.keys() == rollout_calls[j].keys()
+            for key, value in call.items():
+                expected = rollout_calls[j][key]
+                if expected.ndim == 0:  # SD's pipeline passes one timestep for the batch
+                    expected = expected.expand(value.shape)
+                assert torch.equal(value.float(), expected.float()), (j, key)
+
+
 def write_jsonl_pairs(directory, pairs):
     """`pairs` as a .jsonl file of prompts and image file paths (the images written next to it); returns its path."""
     rows = []

@@ -267,9 +267,31 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         shift = getattr(self.vae_config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae_config.scaling_factor
 
+    # ----- what a pipeline call samples (on-policy trainers train on it) ------------------------------------------
+    #: Why GRPO's training forward, one call on [unconditional; conditional] rows with the unconditional branch
+    #: encoded from "" (grpo_trainer `_guided_output`), does not reproduce this pipeline's classifier-free guidance;
+    #: None where it does. The importance ratio needs the rollout's exact model output.
+    cfg_mismatch: ClassVar[str | None] = None
+
+    def sampling_kwargs(self) -> dict:
+        """Pipeline-call arguments a rollout passes so the pipeline samples what training expects (the configured
+        size and clip length); none for most families."""
+        return {}
+
+    def guidance(self, guidance_scale: float) -> str | None:
+        """What the pipeline's `guidance_scale` does when sampling: "cfg" (classifier-free guidance, an unconditional
+        branch per step), "embedded" (the input of a guidance-distilled model, which `predict` passes as well) or None
+        (nothing)."""
+        return "cfg" if guidance_scale > 1 else None
+
     def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
-        """The final latents of a pipeline call (as `callback_on_step_end` sees them) in the denoiser-space
-        (B, C, H, W) layout training uses; most pipelines already keep them that way."""
+        """Latents of a pipeline's denoising loop (the final ones, as `callback_on_step_end` sees them, or a recorded
+        trajectory's) in the denoiser-space (B, C, H, W) layout training uses; most pipelines keep them that way."""
+        return latents
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `sampled_latents`: training-layout latents (or a prediction) in the layout of the pipeline's
+        denoising loop, where GRPO recomputes a recorded step exactly as the rollout computed it."""
         return latents
 
     def generated_conditioning(self, count: int, resolution: int) -> dict[str, torch.Tensor]:

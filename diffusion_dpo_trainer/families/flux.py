@@ -19,9 +19,17 @@ class FluxFamily(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
+    def guidance(self, guidance_scale):
+        # `guidance_scale` is FLUX.1-dev's guidance embedding; the pipeline's CFG is `true_cfg_scale` with a negative
+        # prompt, which no trainer passes.
+        return "embedded" if self.guidance_scale is not None else None
+
     def sampled_latents(self, latents, resolution):
         """FluxPipeline denoises packed 2x2 patch tokens: unpack them to (B, C, H, W)."""
         return type(self.pipeline)._unpack_latents(latents, resolution, resolution, self.vae_scale_factor)
+
+    def pipeline_latents(self, latents):
+        return type(self.pipeline)._pack_latents(latents, *latents.shape)
 
     @torch.no_grad()
     def encode_prompt(self, prompts, device):

@@ -45,6 +45,25 @@ class Flux2Family(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
+    #: [klein] (not distilled) runs classifier-free guidance; [dev] only embeds `guidance_scale`.
+    cfg_mismatch = ("FLUX.2 [klein]'s pipeline runs the unconditional branch as a second forward (with the negative "
+                    "prompt's own text ids), which the training forward's one batched call does not reproduce bit for "
+                    "bit; use guidance_scale=1.0")
+
+    def guidance(self, guidance_scale):
+        if self.guidance_scale is not None:
+            return "embedded"
+        klein_cfg = hasattr(type(self.pipeline), "do_classifier_free_guidance")  # Flux2Pipeline has no CFG at all
+        return "cfg" if klein_cfg and guidance_scale > 1 and not self.pipeline.config.is_distilled else None
+
+    def sampled_latents(self, latents, resolution):
+        """The pipeline denoises the patch latents as tokens in row-major order: back to (B, C, H, W) patches."""
+        side = resolution // (2 * self.vae_scale_factor)
+        return latents.transpose(1, 2).reshape(len(latents), -1, side, side)
+
+    def pipeline_latents(self, latents):
+        return type(self.pipeline)._pack_latents(latents)
+
     @torch.no_grad()
     def encode_prompt(self, prompts, device):
         length = {"max_sequence_length": self.max_prompt_length} if self.max_prompt_length else {}

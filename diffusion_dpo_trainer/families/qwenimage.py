@@ -18,6 +18,18 @@ class QwenImageFamily(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
+    def guidance(self, guidance_scale):
+        # The pipeline's CFG is `true_cfg_scale` with a negative prompt; `guidance_scale` feeds only guidance-distilled
+        # checkpoints, which this family does not train.
+        return None
+
+    def sampled_latents(self, latents, resolution):
+        """The pipeline denoises packed 2x2 patch tokens: unpack them to (B, C, H, W)."""
+        return type(self.pipeline)._unpack_latents(latents, resolution, resolution, self.vae_scale_factor).squeeze(2)
+
+    def pipeline_latents(self, latents):
+        return type(self.pipeline)._pack_latents(latents, *latents.shape)
+
     def latent_shape(self, pixel_shape):
         return (self.vae_config.z_dim, *(side // self.vae_scale_factor for side in pixel_shape[-2:]))
 
@@ -57,10 +69,12 @@ class QwenImageFamily(FlowMatchingFamily):
         # Text rotary positions do not depend on the padded length and padded keys are masked out: trimming the
         # padding all rows share changes nothing but the cost.
         length = int(mask.sum(dim=1).max())
+        mask = mask[:, :length]
         prediction = denoiser(
             hidden_states=pipeline_class._pack_latents(noisy_latents, batch, channels, height, width),
             encoder_hidden_states=conditioning["encoder_hidden_states"][:, :length],
-            encoder_hidden_states_mask=mask[:, :length],
+            # None when no prompt is padded, as the pipeline passes it (another attention path: GRPO's exact ratio).
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
             timestep=timesteps / self.num_train_timesteps,
             img_shapes=[[(1, height // 2, width // 2)]] * batch,
             return_dict=False,

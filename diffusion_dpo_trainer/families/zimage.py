@@ -22,6 +22,14 @@ class ZImageFamily(FlowMatchingFamily):
     def native_resolution(self):
         return 1024  # ZImagePipeline's default height and width
 
+    cfg_mismatch = ("Z-Image's pipeline guides with the prompt's branch first, pred = pos + s (pos - neg) for any "
+                    "guidance_scale s > 0 (so 1.0 is guidance too), optionally renormalised or truncated, which the "
+                    "training forward's [unconditional; conditional] combination does not reproduce; use "
+                    "guidance_scale=0 for none")
+
+    def guidance(self, guidance_scale):
+        return "cfg" if guidance_scale > 0 else None
+
     @torch.no_grad()
     def encode_prompt(self, prompts, device):
         """The pipeline returns one (tokens, width) tensor per prompt; they are zero-padded to a fixed length with a
@@ -42,8 +50,8 @@ class ZImageFamily(FlowMatchingFamily):
         captions = [embed[keep] for embed, keep in zip(conditioning["cap_feats"], mask)]
         outputs = denoiser(
             list(noisy_latents.unsqueeze(2).unbind(0)),  # one (C, 1, H, W) latent per image
-            # The transformer's time is 1 - sigma (1000 - t over 1000), as the pipeline gives it.
-            1.0 - timesteps / self.num_train_timesteps,
+            # The transformer's time is 1 - sigma, computed as the pipeline computes it (bit for bit: GRPO's ratio).
+            (self.num_train_timesteps - timesteps) / self.num_train_timesteps,
             captions,
             return_dict=False,
         )[0]
