@@ -54,13 +54,16 @@ def iter_sample_batches(
     batch_size: int = 8,
     progress: bool | str = True,
     return_latents: bool = False,
+    prompt_kwargs: dict | None = None,
     **pipeline_kwargs,
 ) -> Iterator[list[Image.Image]] | Iterator[tuple[list[Image.Image], torch.Tensor]]:
     """Yield the images of `sample_images` one batch at a time, so callers can score and drop them as they come.
 
     With `return_latents`, yield `(images, latents)`: the final latents the pipeline decoded into those images, as
     the denoiser produced them (captured with `callback_on_step_end`, so nothing is re-encoded). With
-    `output_type="latent"` nothing is decoded and `images` is None.
+    `output_type="latent"` nothing is decoded and `images` is None. `prompt_kwargs` (what a family's
+    `pipeline_prompt_kwargs` maps: tensors and lists with one row per prompt, of which each batch gets its rows) go to
+    the pipeline in place of the prompt strings.
     """
     output_type = pipeline_kwargs.pop("output_type", "pil")
     if len(prompts) != len(seeds):
@@ -81,9 +84,13 @@ def iter_sample_batches(
                 pipeline_kwargs = {**pipeline_kwargs, "callback_on_step_end": keep_latents,
                                    "callback_on_step_end_tensor_inputs": ["latents"]}
             # Entered per batch, so nothing stays switched while the caller works on a yielded batch.
+            if prompt_kwargs is None:
+                text = {"prompt": batch_prompts}
+            else:
+                text = {key: value[start : start + batch_size] if isinstance(value, (torch.Tensor, list)) else value
+                        for key, value in prompt_kwargs.items()}
             with sampling_mode(pipeline):
-                output = pipeline(prompt=batch_prompts, generator=generators, output_type=output_type,
-                                  **pipeline_kwargs)
+                output = pipeline(**text, generator=generators, output_type=output_type, **pipeline_kwargs)
             bar.update(len(batch_prompts))
             # Video pipelines (Wan) return `frames`: one list of PIL frames per video.
             images = None if output_type == "latent" else output.images if hasattr(output, "images") else output.frames

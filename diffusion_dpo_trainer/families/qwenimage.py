@@ -15,6 +15,19 @@ class QwenImageFamily(FlowMatchingFamily):
     #: The pipeline's own `max_sequence_length` default at inference: prompts are truncated as sampling truncates them.
     default_max_prompt_length = 512
 
+    pipeline_prompt_names = {"encoder_hidden_states": "prompt_embeds",
+                             "encoder_hidden_states_mask": "prompt_embeds_mask"}
+
+    def classifier_free_guidance(self, guidance_scale):
+        """The pipeline's `guidance_scale` is the input of guidance-distilled checkpoints; classifier-free guidance is
+        `true_cfg_scale` with a negative prompt, which training does not use."""
+        return False
+
+    def pipeline_prompt_kwargs(self, conditioning, negative=None):
+        """Without the padding every prompt shares: the pipeline's own encoding pads only to the batch's longest."""
+        length = int(conditioning["encoder_hidden_states_mask"].sum(dim=1).max())
+        return super().pipeline_prompt_kwargs({key: value[:, :length] for key, value in conditioning.items()})
+
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 

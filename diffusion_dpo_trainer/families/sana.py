@@ -27,6 +27,25 @@ class SanaFamily(FlowMatchingFamily):
         default = inspect.signature(type(pipeline).__call__).parameters["complex_human_instruction"].default
         self.complex_human_instruction = list(default)
 
+    pipeline_prompt_names = {"encoder_hidden_states": "prompt_embeds", "encoder_attention_mask": "prompt_attention_mask"}
+
+    @torch.no_grad()
+    def unconditional_conditioning(self, conditioning, encode):
+        """SanaPipeline encodes its negative "" WITHOUT the complex human instruction (so not as a prompt, and not
+        from the text cache): its own encode_prompt, on the text encoder's device."""
+        rows, device = len(conditioning["encoder_hidden_states"]), conditioning["encoder_hidden_states"].device
+        length = {"max_sequence_length": self.max_prompt_length} if self.max_prompt_length else {}
+        _, _, embeds, mask = self.pipeline.encode_prompt(
+            [""], do_classifier_free_guidance=True, device=self.pipeline.text_encoder.device,
+            complex_human_instruction=self.complex_human_instruction, **length,
+        )
+        return {"encoder_hidden_states": embeds.to(device).expand(rows, -1, -1),
+                "encoder_attention_mask": mask.to(device).expand(rows, -1)}
+
+    def pipeline_prompt_kwargs(self, conditioning, negative=None):
+        # The pipeline's `negative_prompt` defaults to "", which it refuses next to negative embeddings.
+        return {**super().pipeline_prompt_kwargs(conditioning, negative), **({"negative_prompt": None} if negative else {})}
+
     def training_scheduler(self):
         """Sana ships a DPM-Solver scheduler on flow sigmas: its `flow_shift` is the static shift of the training
         sigmas (3 in Sana's training configs). A flow-matching Euler scheduler's config is used as it is."""
