@@ -23,7 +23,8 @@ class DiffusionGRPOConfig(DiffusionDPOConfig):
     - `beta` is the KL weight (TRL's meaning), not Diffusion-DPO's; `loss_type` and the DPO-only fields do not apply.
     - `guidance_scale` is the classifier-free guidance of the rollout AND of the training forward (the same, or the
       importance ratio would not be 1); the unconditional branch is detached in training, as in flow_grpo.
-    - `resolution` is the size the images are sampled at; `precompute_latents` and `max_prompt_length` do not apply.
+    - `resolution` is the size the images are sampled at; `precompute_latents` does not apply. `max_prompt_length`
+      applies to the rollout and the training forward alike (both use the same embeddings).
 
     Cost of one micro-step: `per_device_train_batch_size * num_generations` images of `num_inference_steps` denoiser
     calls each (two with guidance) every `num_iterations` optimizer steps, plus per trained step one policy forward
@@ -208,6 +209,3 @@ class DiffusionGRPOConfig(DiffusionDPOConfig):
             raise ValueError("sync_ref_model=True with beta=0: there is no reference to sync (set beta > 0).")
         if self.precompute_latents:
             raise ValueError("precompute_latents does not apply to GRPO: its latents are sampled, not encoded.")
-        if self.max_prompt_length is not None:
-            raise ValueError("max_prompt_length does not apply to GRPO: the rollout encodes prompts at the pipeline's "
-                             "own length, and training must see the same embeddings (or the ratio is not 1).")

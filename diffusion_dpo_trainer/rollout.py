@@ -183,12 +183,16 @@ def rollout(
             return family.encode_prompt(list(texts), pipeline._execution_device)
     guidance_scale = pipeline_kwargs.get(
         "guidance_scale", inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default)
-    conditioning = encode(list(prompts))
-    negative = guidance_conditioning(family, conditioning, encode, guidance_scale)
+
+    def prompt_kwargs(batch_prompts):  # per pipeline call, as the pipeline encodes its own prompts
+        conditioning = encode(batch_prompts)
+        return family.pipeline_prompt_kwargs(
+            conditioning, guidance_conditioning(family, conditioning, encode, guidance_scale))
+
     batches = iter_sample_batches(
         pipeline, prompts, seeds, batch_size or len(prompts), progress=False, return_latents=True,
-        prompt_kwargs=family.pipeline_prompt_kwargs(conditioning, negative), output_type="pil" if decode else "latent",
-        height=resolution, width=resolution, **pipeline_kwargs)
+        prompt_kwargs=prompt_kwargs, output_type="pil" if decode else "latent", height=resolution, width=resolution,
+        **pipeline_kwargs)
     images, latents, trajectory = [], [], []
     plain = type(step) is SchedulerStep and not record  # nothing to see: the pipeline untouched
     with nullcontext() if plain else _stepping(pipeline.scheduler, step, records):

@@ -7,7 +7,7 @@ runs under `torch.no_grad` and forks the global RNG, so a training run that samp
 that does not.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -54,16 +54,16 @@ def iter_sample_batches(
     batch_size: int = 8,
     progress: bool | str = True,
     return_latents: bool = False,
-    prompt_kwargs: dict | None = None,
+    prompt_kwargs: Callable[[list[str]], dict] | None = None,
     **pipeline_kwargs,
 ) -> Iterator[list[Image.Image]] | Iterator[tuple[list[Image.Image], torch.Tensor]]:
     """Yield the images of `sample_images` one batch at a time, so callers can score and drop them as they come.
 
     With `return_latents`, yield `(images, latents)`: the final latents the pipeline decoded into those images, as
     the denoiser produced them (captured with `callback_on_step_end`, so nothing is re-encoded). With
-    `output_type="latent"` nothing is decoded and `images` is None. `prompt_kwargs` (what a family's
-    `pipeline_prompt_kwargs` maps: tensors and lists with one row per prompt, of which each batch gets its rows) go to
-    the pipeline in place of the prompt strings.
+    `output_type="latent"` nothing is decoded and `images` is None. `prompt_kwargs(batch_prompts)`, when given, returns
+    the pipeline's keyword arguments in place of the prompt strings (embeddings: a family's `pipeline_prompt_kwargs`),
+    called per batch in sampling mode.
     """
     output_type = pipeline_kwargs.pop("output_type", "pil")
     if len(prompts) != len(seeds):
@@ -84,12 +84,8 @@ def iter_sample_batches(
                 pipeline_kwargs = {**pipeline_kwargs, "callback_on_step_end": keep_latents,
                                    "callback_on_step_end_tensor_inputs": ["latents"]}
             # Entered per batch, so nothing stays switched while the caller works on a yielded batch.
-            if prompt_kwargs is None:
-                text = {"prompt": batch_prompts}
-            else:
-                text = {key: value[start : start + batch_size] if isinstance(value, (torch.Tensor, list)) else value
-                        for key, value in prompt_kwargs.items()}
             with sampling_mode(pipeline):
+                text = {"prompt": batch_prompts} if prompt_kwargs is None else prompt_kwargs(batch_prompts)
                 output = pipeline(**text, generator=generators, output_type=output_type, **pipeline_kwargs)
             bar.update(len(batch_prompts))
             # Video pipelines (Wan) return `frames`: one list of PIL frames per video.
