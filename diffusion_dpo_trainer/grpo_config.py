@@ -1,6 +1,6 @@
-"""`DiffusionGRPOConfig`: the on-policy options (`on_policy_config.py`) plus what GRPO on a diffusion model needs, named as in TRL's
-`GRPOConfig` where the idea is the same (`num_generations`, `beta`, `epsilon`, `num_iterations`, `scale_rewards`,
-...), with each published value and its source (docs/on-policy-math.md, section 4)."""
+"""`DiffusionGRPOConfig`: the on-policy options (`on_policy_config.py`) plus what GRPO on a diffusion model needs,
+named as in TRL's `GRPOConfig` where the idea is the same (`num_generations`, `beta`, `epsilon`, `num_iterations`,
+`scale_rewards`, ...), with each published value and its source (docs/on-policy-math.md, section 4)."""
 
 from dataclasses import dataclass, field
 from typing import ClassVar

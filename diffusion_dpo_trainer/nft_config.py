@@ -1,6 +1,7 @@
-"""`DiffusionNFTConfig`: the on-policy options (`on_policy_config.py`) plus DiffusionNFT's knobs (Zheng et al., arXiv 2509.16117; code
-NVlabs/DiffusionNFT at 24af555), named as TRL's `GRPOConfig` names them where they mean the same. Every published
-value below is from that code's `config/base.py` / `config/nft.py` (docs/on-policy-math.md section 4)."""
+"""`DiffusionNFTConfig`: the on-policy options (`on_policy_config.py`) plus DiffusionNFT's knobs (Zheng et al., arXiv
+2509.16117; code NVlabs/DiffusionNFT at 24af555), named as TRL's `GRPOConfig` names them where they mean the same.
+Every published value below is from that code's `config/base.py` / `config/nft.py` (docs/on-policy-math.md
+section 4)."""
 
 from dataclasses import dataclass, field
 from typing import ClassVar

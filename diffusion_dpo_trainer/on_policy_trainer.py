@@ -43,9 +43,11 @@ class OnPolicyTrainer(DiffusionDPOTrainer):
         """The prompts' conditioning as training sees it: the text cache's when there is one, else
         `family.encode_prompt` (`max_prompt_length` applies). Rollouts sample with it (`rollout(encode=...)`), so the
         images and the training forward are conditioned on the same tensors."""
-        cache = self.data_collator.prompt_embeddings
+        cache, inputs = self.data_collator.prompt_embeddings, {"prompt": prompts}
+        if cache is not None:
+            inputs["prompt_embeds"] = cache(prompts)
         with torch.no_grad():
-            return self._prompt_embeddings({"prompt": prompts, **({"prompt_embeds": cache(prompts)} if cache is not None else {})})
+            return self._prompt_embeddings(inputs)
 
     # ----- data ---------------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, name):

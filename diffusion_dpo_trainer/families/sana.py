@@ -3,6 +3,7 @@
 sigmas of its DPM-Solver scheduler's `flow_shift`."""
 
 import inspect
+from typing import ClassVar
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -27,7 +28,10 @@ class SanaFamily(FlowMatchingFamily):
         default = inspect.signature(type(pipeline).__call__).parameters["complex_human_instruction"].default
         self.complex_human_instruction = list(default)
 
-    pipeline_prompt_names = {"encoder_hidden_states": "prompt_embeds", "encoder_attention_mask": "prompt_attention_mask"}
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {
+        "encoder_hidden_states": "prompt_embeds",
+        "encoder_attention_mask": "prompt_attention_mask",
+    }
 
     @torch.no_grad()
     def unconditional_conditioning(self, conditioning, encode):
@@ -44,7 +48,8 @@ class SanaFamily(FlowMatchingFamily):
 
     def pipeline_prompt_kwargs(self, conditioning, negative=None):
         # The pipeline's `negative_prompt` defaults to "", which it refuses next to negative embeddings.
-        return {**super().pipeline_prompt_kwargs(conditioning, negative), **({"negative_prompt": None} if negative else {})}
+        kwargs = super().pipeline_prompt_kwargs(conditioning, negative)
+        return {**kwargs, "negative_prompt": None} if negative is not None else kwargs
 
     def training_scheduler(self):
         """Sana ships a DPM-Solver scheduler on flow sigmas: its `flow_shift` is the static shift of the training

@@ -1,5 +1,7 @@
 """SDXL: two CLIP encoders, pooled text embeddings and micro-conditioning on image size and crop."""
 
+from typing import ClassVar
+
 import torch
 
 from .sd import StableDiffusionFamily
@@ -16,7 +18,10 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
-    pipeline_prompt_names = {"encoder_hidden_states": "prompt_embeds", "text_embeds": "pooled_prompt_embeds"}
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {
+        "encoder_hidden_states": "prompt_embeds",
+        "text_embeds": "pooled_prompt_embeds",
+    }
 
     def unconditional_conditioning(self, conditioning, encode):
         """SDXL's pipeline guides with zeroed embeddings (pooled too) for an empty negative prompt when its config says

@@ -32,8 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-from .base import check_inputs
 from . import scoring
+from .base import check_inputs
 
 #: What the server decodes: the client sends PNG; other formats PIL knows (EPS runs Ghostscript) are refused.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
