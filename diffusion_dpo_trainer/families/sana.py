@@ -36,15 +36,14 @@ class SanaFamily(FlowMatchingFamily):
     @torch.no_grad()
     def unconditional_conditioning(self, conditioning, encode):
         """SanaPipeline encodes its negative "" WITHOUT the complex human instruction (so not as a prompt, and not
-        from the text cache): its own encode_prompt, on the text encoder's device."""
+        from the text cache): its own encode_prompt, one "" per row, on the text encoder's device."""
         rows, device = len(conditioning["encoder_hidden_states"]), conditioning["encoder_hidden_states"].device
         length = {"max_sequence_length": self.max_prompt_length} if self.max_prompt_length else {}
         _, _, embeds, mask = self.pipeline.encode_prompt(
-            [""], do_classifier_free_guidance=True, device=self.pipeline.text_encoder.device,
+            [""] * rows, do_classifier_free_guidance=True, device=self.pipeline.text_encoder.device,
             complex_human_instruction=self.complex_human_instruction, **length,
         )
-        return {"encoder_hidden_states": embeds.to(device).expand(rows, -1, -1),
-                "encoder_attention_mask": mask.to(device).expand(rows, -1)}
+        return {"encoder_hidden_states": embeds.to(device), "encoder_attention_mask": mask.to(device)}
 
     def pipeline_prompt_kwargs(self, conditioning, negative=None):
         # The pipeline's `negative_prompt` defaults to "", which it refuses next to negative embeddings.
