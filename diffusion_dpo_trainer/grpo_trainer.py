@@ -27,7 +27,7 @@ from .reference_sync import SyncedReference
 from .on_policy_trainer import OnPolicyTrainer
 from .reuse import RolloutBuffer
 from .rewards.scoring import score_images
-from .rollout import DDIMStep, FunctionStep, rollout, rollout_seeds
+from .rollout import DDIMStep, FunctionStep, guidance_conditioning, rollout, rollout_seeds
 from .sde import cps_step, dance_sde_step, ddim_step, flow_sde_noise_scale, flow_sde_step
 
 FLOW_STEPS = {"flow_sde": flow_sde_step, "dance": dance_sde_step, "cps": cps_step}
@@ -106,8 +106,6 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         if args.sync_ref_model:
             self.synced_reference = SyncedReference(self)
             self.add_callback(self.synced_reference)
-        for encoder in self.family.text_encoders:  # the pipeline encodes the prompts when it samples
-            encoder.to(self.accelerator.device)
         self._buffer = RolloutBuffer(args.num_iterations)
         self._eval_batches = 0
 
@@ -176,8 +174,8 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         with self.accelerator.autocast():
             result = rollout(self.family, flat_prompts, rollout_seeds(args.seed, key, first, len(prompts), n),
                              self.resolution, args.generation_batch_size, step=self._sampler_step(self.sde_window(step)),
-                             record=True, num_inference_steps=args.num_inference_steps,
-                             guidance_scale=args.guidance_scale)
+                             record=True, encode=self._prompt_conditioning,
+                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
         sampled = time.perf_counter()
         per_function, own = self._score(inputs, result.images, flat_prompts)
         advantages = compute_advantages(per_function, n, reward_weights=self.reward_weights,
@@ -199,13 +197,13 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
 
     # ----- the step -----------------------------------------------------------------------------------------------
     def _conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The prompts' conditioning, and with guidance the unconditional ("") one first, as the pipeline batches
-        them (negatives, then prompts); encoded once per micro-step, without grad (the text encoders are frozen)."""
-        with torch.no_grad():
-            conditioning = self.family.encode_prompt(prompts, self.accelerator.device)
-            if self._cfg:
-                unconditional = self.family.encode_prompt([""] * len(prompts), self.accelerator.device)
-                conditioning = {k: torch.cat([unconditional[k], v]) for k, v in conditioning.items()}
+        """The prompts' conditioning and, with guidance, the pipeline's own unconditional one first, as the pipeline
+        batches them (negatives, then prompts): the tensors the rollout sampled with (text cache or encoder, the
+        family's negative), once per micro-step."""
+        conditioning = self._prompt_conditioning(prompts)
+        negative = guidance_conditioning(self.family, conditioning, self._prompt_conditioning, self.args.guidance_scale)
+        if negative is not None:
+            conditioning = {k: torch.cat([negative[k], v]) for k, v in conditioning.items()}
         return conditioning
 
     def _guided_output(self, denoiser, latents, timesteps, conditioning):
@@ -297,7 +295,8 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         self._eval_batches += 1
         with self.accelerator.autocast():
             result = rollout(self.family, prompts, seeds, self.resolution, args.generation_batch_size,
-                             num_inference_steps=args.eval_num_inference_steps, guidance_scale=args.guidance_scale)
+                             encode=self._prompt_conditioning, num_inference_steps=args.eval_num_inference_steps,
+                             guidance_scale=args.guidance_scale)
         per_function, _ = self._score(inputs, result.images, prompts)
         advantages = compute_advantages(per_function, n, reward_weights=self.reward_weights,
                                         scale_rewards=args.scale_rewards,

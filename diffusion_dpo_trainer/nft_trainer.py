@@ -90,8 +90,6 @@ class DiffusionNFTTrainer(OnPolicyTrainer):
             self.family.schedule_timesteps(torch.zeros(1))  # a family that cannot map them is refused now, by name
         add_adapter_copy(self.family.denoiser, OLD_ADAPTER, torch.float32)  # the old policy starts as the policy
         self.add_callback(_OldPolicyUpdate(self))
-        for encoder in self.family.text_encoders:  # the pipeline encodes the prompts when it samples
-            encoder.to(self.accelerator.device)
         self._buffer = RolloutBuffer(args.num_iterations)
 
     def old_policy_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -119,7 +117,8 @@ class DiffusionNFTTrainer(OnPolicyTrainer):
         args = self.args
         with self.accelerator.autocast(), self.family.adapter_active(OLD_ADAPTER):
             result = rollout(self.family, prompts, seeds, self.resolution, args.generation_batch_size,
-                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+                             encode=self._prompt_conditioning, num_inference_steps=args.num_inference_steps,
+                             guidance_scale=args.guidance_scale)
         return result.images, result.latents, self.family.pipeline.scheduler.timesteps.float().cpu()
 
     def _generate(self, inputs: dict[str, list], key: tuple[int, ...]) -> dict:

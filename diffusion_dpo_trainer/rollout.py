@@ -18,12 +18,18 @@ Both take `stochastic`, the step indices that get the noise (a window, MixGRPO);
 and every extra the step returns (the steps above: schedule values, `log_prob`, and `prev_sample`, the float32
 next latents, when the model's dtype rounds them), in the pipeline's latent layout.
 
+Conditioning: the pipeline is called with the family's own prompt embeddings (`encode`: the trainer's text cache or
+`family.encode_prompt`, where `max_prompt_length` applies), mapped by `family.pipeline_prompt_kwargs`, and with
+guidance the family's `unconditional_conditioning` as the negative, never with prompt strings: a trainer conditions
+its training forward on exactly the tensors the rollout sampled with (`guidance_conditioning`).
+
 Seeds: image j of prompt g is drawn with `derived_seed(seed, *key, first + g, j)`, where `key` says which rollout it
 is (e.g. training step and micro-step) and `first` is the prompt's place in the global batch, so a run is
 reproducible, resumes exactly, and N processes sample what one process would.
 """
 
 import functools
+import inspect
 from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -107,6 +113,14 @@ def _model_dtype(prev: torch.Tensor, dtype: torch.dtype, extras: dict) -> tuple[
     return prev.to(dtype), extras
 
 
+def guidance_conditioning(family, conditioning: dict, encode: Callable, guidance_scale: float) -> dict | None:
+    """The unconditional conditioning the family's pipeline guides with at `guidance_scale` (one row per row of
+    `conditioning`), or None where it runs no unconditional branch."""
+    if not family.classifier_free_guidance(guidance_scale):
+        return None
+    return family.unconditional_conditioning(conditioning, encode)
+
+
 @dataclass
 class Rollout:
     """One rollout: per image (prompt-major) its prompt and seed, its final latents (float32, in the family's training
@@ -150,24 +164,38 @@ def rollout(
     decode: bool = True,
     step: SchedulerStep | None = None,
     record: bool = False,
+    encode: Callable[[list[str]], dict] | None = None,
     **pipeline_kwargs,
 ) -> Rollout:
     """Sample one image per (prompt, seed) from `family.pipeline` as it is now (the policy: adapter on), in eval mode
     without grad (`sampling.sampling_mode`), `batch_size` images per pipeline call (None: all at once).
 
     `decode=False` skips the VAE decode (no images); `step` replaces the scheduler's step; `record` keeps the
-    trajectory. `pipeline_kwargs` go to the pipeline call (`num_inference_steps`, `guidance_scale`, ...), after the
-    family's `sampling_kwargs` (Wan's clip length, Sana without resolution binning).
+    trajectory; `encode(prompts)` gives the prompts' conditioning as `family.encode_prompt` returns it (None: that
+    method, on the pipeline's device). `pipeline_kwargs` go to the pipeline call (`num_inference_steps`,
+    `guidance_scale`, ...), after the family's `sampling_kwargs` (Wan's clip length, Sana without resolution binning).
     """
     step = SchedulerStep() if step is None else step
     records: list[dict] | None = [] if record else None
+    pipeline = family.pipeline
+    if encode is None:
+        def encode(texts):
+            return family.encode_prompt(list(texts), pipeline._execution_device)
+    guidance_scale = pipeline_kwargs.get(
+        "guidance_scale", inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default)
+
+    def prompt_kwargs(batch_prompts):  # per pipeline call, as the pipeline encodes its own prompts
+        conditioning = encode(batch_prompts)
+        return family.pipeline_prompt_kwargs(
+            conditioning, guidance_conditioning(family, conditioning, encode, guidance_scale))
+
     batches = iter_sample_batches(
-        family.pipeline, prompts, seeds, batch_size or len(prompts), progress=False, return_latents=True,
-        output_type="pil" if decode else "latent", height=resolution, width=resolution,
+        pipeline, prompts, seeds, batch_size or len(prompts), progress=False, return_latents=True,
+        prompt_kwargs=prompt_kwargs, output_type="pil" if decode else "latent", height=resolution, width=resolution,
         **{**family.sampling_kwargs(), **pipeline_kwargs})
     images, latents, trajectory = [], [], []
     plain = type(step) is SchedulerStep and not record  # nothing to see: the pipeline untouched
-    with nullcontext() if plain else _stepping(family.pipeline.scheduler, step, records):
+    with nullcontext() if plain else _stepping(pipeline.scheduler, step, records):
         for batch_images, batch_latents in batches:
             images += batch_images or []
             latents.append(family.sampled_latents(batch_latents, resolution).float())

@@ -75,6 +75,19 @@ def test_training_recomputes_exactly_what_the_rollout_saw_and_the_first_ratio_is
     assert [log[f"importance_ratio/step_{j}"] for j in steps] == [1.0] * len(steps)
 
 
+def test_max_prompt_length_and_the_text_cache_reach_the_rollout(sd3_path, tmp_path):
+    """With cached, truncated prompt embeddings and the text encoders released, the rollout samples with the cache's
+    tensors (prompts and the "" of guidance) and the training forward sees exactly them: the first ratio is 1."""
+    trainer = grpo_trainer(sd3_path, tmp_path, max_prompt_length=8, precompute_text_embeddings=True,
+                           release_cached_encoders=True)
+    assert trainer.family.text_encoders == [] and len(trainer.data_collator.prompt_embeddings) == len(PROMPTS) + 1
+    clip_tokens = trainer.pipeline.tokenizer.model_max_length
+    with DenoiserRecorder(trainer) as recorder:
+        trainer.train()
+    assert {call["encoder_hidden_states"].shape[1] for call in recorder.calls} == {clip_tokens + 8}
+    assert logged(trainer)[0]["importance_ratio/mean"] == 1.0
+
+
 def test_logged_loss_is_the_clipped_policy_loss_plus_beta_times_kl(sd3_path, tmp_path):
     """On a reused rollout the ratio moves away from 1: the loss the trainer optimises is the mean over trained steps
     of the clipped policy loss plus beta * KL, with clipping counted at the configured epsilon."""

@@ -477,6 +477,15 @@ def test_cached_prompt_embeddings_and_small_generation_batches_train_the_same(tm
     assert losses_of(cached) == pytest.approx(losses_of(plain), abs=1e-5)
 
 
+def test_rollouts_sample_from_the_text_cache_with_the_encoders_released(tmp_path, sd_path):
+    """With guidance, the cache also holds guidance's "" and the rollouts need no text encoder: they are released."""
+    trainer = trainer_for(sd_path, tmp_path, max_steps=1, guidance_scale=2.0, precompute_text_embeddings=True,
+                          release_cached_encoders=True)
+    assert trainer.family.text_encoders == [] and len(trainer.data_collator.prompt_embeddings) == len(PROMPTS) + 1
+    trainer.train()
+    assert math.isfinite(losses_of(trainer)[0])
+
+
 def test_sdxl_generated_pairs_carry_the_familys_micro_conditioning(tmp_path, sdxl_path):
     """The batch of generated SDXL pairs holds the family's conditioning of a generated image (its size, no crop)."""
     trainer = trainer_for(sdxl_path, tmp_path, max_steps=1)

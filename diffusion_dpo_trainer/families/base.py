@@ -9,6 +9,7 @@ class attribute set) and registers it for its pipeline classes: adding a family 
 import abc
 import copy
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -302,6 +303,28 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     def time_conditioning(self, batch: dict, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-image conditioning other than the prompt (SDXL's micro-conditioning); rows: winners, then losers."""
         return {}
+
+    # ----- sampling with the training conditioning ----------------------------------------------------------------
+    #: `encode_prompt`'s keys -> the pipeline call's keyword arguments; a negative's are "negative_" + those.
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {"encoder_hidden_states": "prompt_embeds"}
+
+    def classifier_free_guidance(self, guidance_scale: float) -> bool:
+        """Whether the pipeline runs an unconditional branch at `guidance_scale` (most pipelines: above 1)."""
+        return guidance_scale > 1
+
+    def unconditional_conditioning(self, conditioning: dict, encode: Callable) -> dict[str, torch.Tensor]:
+        """What the pipeline uses as its unconditional branch when no negative prompt is given, one row per row of
+        `conditioning`: most pipelines encode "" as they encode a prompt (`encode`: the caller's encoder or text
+        cache; one "" per row, as the pipeline batches them), so training and sampling guide with the same tensors."""
+        return encode([""] * len(next(iter(conditioning.values()))))
+
+    def pipeline_prompt_kwargs(self, conditioning: dict, negative: dict | None = None) -> dict:
+        """`encode_prompt`'s tensors (and the unconditional ones) as the pipeline call's keyword arguments, in place
+        of prompt strings: the pipeline then samples with exactly what training conditions on."""
+        names = self.pipeline_prompt_names
+        kwargs = {names[key]: value for key, value in conditioning.items()}
+        kwargs.update({f"negative_{names[key]}": value for key, value in (negative or {}).items()})
+        return kwargs
 
     # ----- the diffusion process ----------------------------------------------------------------------------------
     @abc.abstractmethod

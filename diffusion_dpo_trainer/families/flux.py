@@ -1,5 +1,7 @@
 """FLUX.1: CLIP (pooled) + T5 prompt encoding, latents packed in 2x2 patches with position ids, guidance embedding."""
 
+from typing import ClassVar
+
 import torch
 
 from .flow import FlowMatchingFamily
@@ -10,11 +12,20 @@ class FluxFamily(FlowMatchingFamily):
     #: 5000 (the SD1.5/SDXL value) times E[(1 - s)^2] ~ 0.29 under unshifted logit-normal sampling (a velocity error is
     #: an epsilon error divided by 1 - s) gives ~1470; TangoFlux's DPO on a FLUX transformer uses 2000.
     default_beta = 1000.0
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {
+        "encoder_hidden_states": "prompt_embeds",
+        "pooled_projections": "pooled_prompt_embeds",
+    }
 
     def __init__(self, pipeline, args=None):
         super().__init__(pipeline, args)
         # Guidance-distilled checkpoints (FLUX.1-dev) take the guidance scale as an input; FLUX.1-schnell does not.
         self.guidance_scale = self.args.guidance_scale if self.denoiser.config.guidance_embeds else None
+
+    def classifier_free_guidance(self, guidance_scale):
+        """FLUX.1's `guidance_scale` is the guidance-distilled model's input, not classifier-free guidance (that is
+        `true_cfg_scale` with a negative prompt, which training does not use)."""
+        return False
 
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor

@@ -42,6 +42,11 @@ class Flux2Family(FlowMatchingFamily):
         # [dev] is guidance-distilled and takes the guidance scale as an input; [klein] has no guidance embedding.
         self.guidance_scale = self.args.guidance_scale if self.denoiser.config.guidance_embeds else None
 
+    def classifier_free_guidance(self, guidance_scale):
+        """[dev]'s `guidance_scale` is the guidance embedding's input; [klein] guides classifier-free above 1 unless
+        its config says it is distilled (`is_distilled`)."""
+        return guidance_scale > 1 and self.pipeline.config.get("is_distilled") is False
+
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 

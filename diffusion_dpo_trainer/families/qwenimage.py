@@ -1,6 +1,8 @@
 """Qwen-Image: Qwen2.5-VL prompt encoding with a padding mask, a 3D (video-style) VAE with per-channel latent
 normalisation, latents packed in 2x2 patches with rotary positions from the image shape, an MMDiT transformer."""
 
+from typing import ClassVar
+
 import torch
 
 from .flow import FlowMatchingFamily
@@ -14,6 +16,21 @@ class QwenImageFamily(FlowMatchingFamily):
     default_beta = 1000.0
     #: The pipeline's own `max_sequence_length` default at inference: prompts are truncated as sampling truncates them.
     default_max_prompt_length = 512
+
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {
+        "encoder_hidden_states": "prompt_embeds",
+        "encoder_hidden_states_mask": "prompt_embeds_mask",
+    }
+
+    def classifier_free_guidance(self, guidance_scale):
+        """The pipeline's `guidance_scale` is the input of guidance-distilled checkpoints; classifier-free guidance is
+        `true_cfg_scale` with a negative prompt, which training does not use."""
+        return False
+
+    def pipeline_prompt_kwargs(self, conditioning, negative=None):
+        """Without the padding every prompt shares: the pipeline's own encoding pads only to the batch's longest."""
+        length = int(conditioning["encoder_hidden_states_mask"].sum(dim=1).max())
+        return super().pipeline_prompt_kwargs({key: value[:, :length] for key, value in conditioning.items()})
 
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor

@@ -1,5 +1,7 @@
 """SDXL: two CLIP encoders, pooled text embeddings and micro-conditioning on image size and crop."""
 
+from typing import ClassVar
+
 import torch
 
 from .sd import StableDiffusionFamily
@@ -19,6 +21,18 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     cfg_mismatch = ("SDXL's pipeline guides with zeroed prompt and pooled embeddings for an empty negative prompt "
                     "(force_zeros_for_empty_prompt), not the encoding of \"\" that the training forward uses; use "
                     "guidance_scale=1.0")
+
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {
+        "encoder_hidden_states": "prompt_embeds",
+        "text_embeds": "pooled_prompt_embeds",
+    }
+
+    def unconditional_conditioning(self, conditioning, encode):
+        """SDXL's pipeline guides with zeroed embeddings (pooled too) for an empty negative prompt when its config says
+        `force_zeros_for_empty_prompt` (the SDXL base checkpoint does); otherwise with the encoding of ""."""
+        if self.pipeline.config.get("force_zeros_for_empty_prompt", False):
+            return {key: torch.zeros_like(value) for key, value in conditioning.items()}
+        return super().unconditional_conditioning(conditioning, encode)
 
     def generated_conditioning(self, count, resolution):
         """A generated image's micro-conditioning: its own size, no crop."""

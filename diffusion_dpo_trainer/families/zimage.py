@@ -19,6 +19,18 @@ class ZImageFamily(FlowMatchingFamily):
     #: The pipeline's own `max_sequence_length` default.
     default_max_prompt_length = 512
 
+    def classifier_free_guidance(self, guidance_scale):
+        """Z-Image guides classifier-free at any scale above 0 (Z-Image-Turbo samples at 0)."""
+        return guidance_scale > 0
+
+    def pipeline_prompt_kwargs(self, conditioning, negative=None):
+        """The pipeline takes one (tokens, width) tensor per prompt: the padded cache rows without their padding."""
+        def tokens(entry):
+            return [embed[keep] for embed, keep in zip(entry["cap_feats"], entry["cap_mask"].bool())]
+
+        return {"prompt_embeds": tokens(conditioning),
+                **({"negative_prompt_embeds": tokens(negative)} if negative is not None else {})}
+
     def native_resolution(self):
         return 1024  # ZImagePipeline's default height and width
 
