@@ -279,12 +279,6 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         size and clip length); none for most families."""
         return {}
 
-    def guidance(self, guidance_scale: float) -> str | None:
-        """What the pipeline's `guidance_scale` does when sampling: "cfg" (classifier-free guidance, an unconditional
-        branch per step), "embedded" (the input of a guidance-distilled model, which `predict` passes as well) or None
-        (nothing)."""
-        return "cfg" if guidance_scale > 1 else None
-
     def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
         """Latents of a pipeline's denoising loop (the final ones, as `callback_on_step_end` sees them, or a recorded
         trajectory's) in the denoiser-space (B, C, H, W) layout training uses; most pipelines keep them that way."""
@@ -308,9 +302,12 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     #: `encode_prompt`'s keys -> the pipeline call's keyword arguments; a negative's are "negative_" + those.
     pipeline_prompt_names: ClassVar[dict[str, str]] = {"encoder_hidden_states": "prompt_embeds"}
 
-    def classifier_free_guidance(self, guidance_scale: float) -> bool:
-        """Whether the pipeline runs an unconditional branch at `guidance_scale` (most pipelines: above 1)."""
-        return guidance_scale > 1
+    def guidance(self, guidance_scale: float) -> str | None:
+        """What the pipeline's `guidance_scale` does when sampling: "cfg" (classifier-free guidance: an unconditional
+        branch per step, on `unconditional_conditioning`; most pipelines above 1), "embedded" (the input of a
+        guidance-distilled model, which `predict` passes as well) or None (nothing). The one answer the rollout, the
+        text cache and GRPO's training forward all follow."""
+        return "cfg" if guidance_scale > 1 else None
 
     def unconditional_conditioning(self, conditioning: dict, encode: Callable) -> dict[str, torch.Tensor]:
         """What the pipeline uses as its unconditional branch when no negative prompt is given, one row per row of

@@ -42,11 +42,6 @@ class Flux2Family(FlowMatchingFamily):
         # [dev] is guidance-distilled and takes the guidance scale as an input; [klein] has no guidance embedding.
         self.guidance_scale = self.args.guidance_scale if self.denoiser.config.guidance_embeds else None
 
-    def classifier_free_guidance(self, guidance_scale):
-        """[dev]'s `guidance_scale` is the guidance embedding's input; [klein] guides classifier-free above 1 unless
-        its config says it is distilled (`is_distilled`)."""
-        return guidance_scale > 1 and self.pipeline.config.get("is_distilled") is False
-
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
@@ -56,10 +51,12 @@ class Flux2Family(FlowMatchingFamily):
                     "bit; use guidance_scale=1.0")
 
     def guidance(self, guidance_scale):
+        """[dev]'s `guidance_scale` is the guidance embedding's input; [klein] guides classifier-free above 1 unless
+        its config says it is step-distilled (`is_distilled`, where the pipeline ignores the scale). Flux2Pipeline's
+        config has no `is_distilled`: it has no classifier-free guidance at all."""
         if self.guidance_scale is not None:
             return "embedded"
-        klein_cfg = hasattr(type(self.pipeline), "do_classifier_free_guidance")  # Flux2Pipeline has no CFG at all
-        return "cfg" if klein_cfg and guidance_scale > 1 and not self.pipeline.config.is_distilled else None
+        return "cfg" if guidance_scale > 1 and self.pipeline.config.get("is_distilled") is False else None
 
     def sampled_latents(self, latents, resolution):
         """The pipeline denoises the patch latents as tokens in row-major order: back to (B, C, H, W) patches."""

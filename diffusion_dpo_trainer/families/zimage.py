@@ -19,10 +19,6 @@ class ZImageFamily(FlowMatchingFamily):
     #: The pipeline's own `max_sequence_length` default.
     default_max_prompt_length = 512
 
-    def classifier_free_guidance(self, guidance_scale):
-        """Z-Image guides classifier-free at any scale above 0 (Z-Image-Turbo samples at 0)."""
-        return guidance_scale > 0
-
     def pipeline_prompt_kwargs(self, conditioning, negative=None):
         """The pipeline takes one (tokens, width) tensor per prompt: the padded cache rows without their padding."""
         def tokens(entry):
@@ -40,6 +36,7 @@ class ZImageFamily(FlowMatchingFamily):
                     "guidance_scale=0 for none")
 
     def guidance(self, guidance_scale):
+        """Z-Image guides classifier-free at any scale above 0 (Z-Image-Turbo samples at 0)."""
         return "cfg" if guidance_scale > 0 else None
 
     @torch.no_grad()
