@@ -60,10 +60,6 @@ class SanaFamily(FlowMatchingFamily):
             )
         return super().training_scheduler()
 
-    cfg_mismatch = ("Sana's pipeline encodes its negative prompt without the complex human instruction the prompts "
-                    "get, so its unconditional branch is not the encoding of \"\" that the training forward uses; use "
-                    "guidance_scale=1.0")
-
     def sampling_kwargs(self):
         # Binning would sample at the nearest trained aspect-ratio size and resize the images: not `resolution`.
         return {"use_resolution_binning": False}
