@@ -45,10 +45,9 @@ class Flux2Family(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
-    #: [klein] (not distilled) runs classifier-free guidance; [dev] only embeds `guidance_scale`.
-    cfg_mismatch = ("FLUX.2 [klein]'s pipeline runs the unconditional branch as a second forward (with the negative "
-                    "prompt's own text ids), which the training forward's one batched call does not reproduce bit for "
-                    "bit; use guidance_scale=1.0")
+    #: [klein] runs the prompt's branch, then the negative's as a second forward (with the negative's own text ids,
+    #: which `predict` makes from the negative's embeddings as the pipeline does); [dev] only embeds the scale.
+    guidance_batched = False
 
     def guidance(self, guidance_scale):
         """[dev]'s `guidance_scale` is the guidance embedding's input; [klein] guides classifier-free above 1 unless

@@ -45,6 +45,9 @@ class SanaFamily(FlowMatchingFamily):
         )
         return {"encoder_hidden_states": embeds.to(device), "encoder_attention_mask": mask.to(device)}
 
+    #: SanaPipeline casts the transformer's output to float32 before combining the guidance branches.
+    guidance_dtype = torch.float32
+
     def pipeline_prompt_kwargs(self, conditioning, negative=None):
         # The pipeline's `negative_prompt` defaults to "", which it refuses next to negative embeddings.
         kwargs = super().pipeline_prompt_kwargs(conditioning, negative)
