@@ -30,7 +30,7 @@ class QwenImageFamily(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
-    def guidance(self, guidance_scale):
+    def guidance(self, guidance_scale) -> str | None:
         """The pipeline's `guidance_scale` feeds only guidance-distilled checkpoints, which this family does not train;
         its classifier-free guidance is `true_cfg_scale` with a negative prompt, which no trainer passes."""
         return None
