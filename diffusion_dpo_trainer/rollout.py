@@ -81,21 +81,31 @@ class DDIMStep(SchedulerStep):
 
     def __init__(self, eta: float = 1.0, stochastic: Collection[int] | None = None):
         self.eta, self.stochastic = eta, stochastic
+        self._schedule = None  # (the scheduler's timesteps, {timestep: (step index, alpha, alpha_prev)})
 
     def __call__(self, scheduler, scheduler_step, model_output, timestep, latents, *args, **kwargs):
         if not isinstance(scheduler, DDIMScheduler):
             raise ValueError(f"{type(scheduler).__name__} is not a DDIMScheduler: DDIM with eta needs one (build it "
                              "with DDIMScheduler.from_config(pipeline.scheduler.config)).")
-        index = int((scheduler.timesteps == torch.as_tensor(timestep)).nonzero()[0, 0])
+        index, alpha, alpha_prev = self._scheduled(scheduler, timestep)
         eta = self.eta if self.stochastic is None or index in self.stochastic else 0.0
-        alpha, alpha_prev = ddim_alphas(scheduler, torch.as_tensor(timestep).reshape(1))
         clip = scheduler.config.clip_sample_range if scheduler.config.clip_sample else None
         prev, log_prob, _, _ = ddim_step(latents.float(), model_output.float(), alpha, alpha_prev, eta,
                                          prediction_type=scheduler.config.prediction_type, clip_sample_range=clip,
                                          generator=kwargs.get("generator"))
-        extras = {"alpha": alpha.float().expand(len(latents)), "alpha_prev": alpha_prev.float().expand(len(latents)),
+        extras = {"alpha": alpha.expand(len(latents)), "alpha_prev": alpha_prev.expand(len(latents)),
                   "log_prob": log_prob}
         return _model_dtype(prev, model_output.dtype, extras)
+
+    def _scheduled(self, scheduler, timestep) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The step index and alphas of `timestep`, from a table built once per `set_timesteps` (a new `timesteps`
+        tensor) instead of a search and the alphas' arithmetic at every step."""
+        if self._schedule is None or self._schedule[0] is not scheduler.timesteps:
+            alphas, alphas_prev = ddim_alphas(scheduler, scheduler.timesteps)
+            table = {int(t): (i, a.float().reshape(1), p.float().reshape(1))
+                     for i, (t, a, p) in enumerate(zip(scheduler.timesteps, alphas, alphas_prev))}
+            self._schedule = (scheduler.timesteps, table)
+        return self._schedule[1][int(timestep)]
 
 
 def _model_dtype(prev: torch.Tensor, dtype: torch.dtype, extras: dict) -> tuple[torch.Tensor, dict]:
