@@ -18,12 +18,13 @@ Both take `stochastic`, the step indices that get the noise (a window, MixGRPO);
 and every extra the step returns (the steps above: schedule values, `log_prob`, and `prev_sample`, the float32
 next latents, when the model's dtype rounds them), in the pipeline's latent layout.
 
-Seeds: image j of prompt g is drawn with `derived_seed(seed, *key, first + g, j)`, where `key` says which rollout it
-is (e.g. training step and micro-step) and `first` is the prompt's place in the global batch, so a run is
-reproducible, resumes exactly, and N processes sample what one process would.
+Seeds: image j of prompt g (its initial noise and a stochastic step's noise) is drawn with `derived_seed(seed, *key,
+first + g, j)`, where `key` says which rollout it is (e.g. training step and micro-step) and `first` is the prompt's
+place in the global batch, so a run is reproducible, resumes exactly, and N processes sample what one process would.
 """
 
 import functools
+import inspect
 from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -131,13 +132,35 @@ class Rollout:
 
 
 @contextmanager
-def _stepping(scheduler, step: SchedulerStep, records: list[dict] | None):
-    """The scheduler's `step` routed through `step` (and recorded) for the duration, on this instance only."""
+def _stepping(pipeline, step: SchedulerStep, records: list[dict] | None):
+    """The pipeline's scheduler's `step` routed through `step` (and recorded) for the duration, on this instance only.
+
+    A step whose signature takes `generator` gets the per-image generators the pipeline call drew its initial noise
+    from (caught at `prepare_latents`), as diffusers' SD pipelines pass them and its flow pipelines do not: a stochastic
+    step's noise then comes from each image's own seed, not from the global RNG (which `sampling_mode` restores after
+    every call, so each rollout would draw the same noise, and N processes other noise than one).
+    """
+    scheduler = pipeline.scheduler
     scheduler_step = scheduler.step
+    takes_generator = "generator" in inspect.signature(scheduler_step).parameters
+    prepare_latents = getattr(pipeline, "prepare_latents", None)
+    drawn = {}
+
+    if prepare_latents is not None:
+        binding = inspect.signature(prepare_latents)
+
+        @functools.wraps(prepare_latents)
+        def preparing(*args, **kwargs):
+            drawn["generator"] = binding.bind(*args, **kwargs).arguments.get("generator")
+            return prepare_latents(*args, **kwargs)
+
+        pipeline.prepare_latents = preparing
 
     # The scheduler's signature: pipelines pass `generator` / `eta` only to a step whose signature takes them.
     @functools.wraps(scheduler_step)
     def stepped(model_output, timestep, sample, *args, return_dict=True, **kwargs):
+        if takes_generator and kwargs.get("generator") is None and drawn.get("generator") is not None:
+            kwargs["generator"] = drawn["generator"]
         prev, extras = step(scheduler, scheduler_step, model_output, timestep, sample, *args, **kwargs)
         if records is not None:
             records.append({"latents": sample, "next_latents": prev, "model_output": model_output,
@@ -149,6 +172,8 @@ def _stepping(scheduler, step: SchedulerStep, records: list[dict] | None):
         yield
     finally:
         del scheduler.step  # the class's method again
+        if prepare_latents is not None:
+            del pipeline.prepare_latents
 
 
 def rollout(
@@ -175,7 +200,7 @@ def rollout(
         output_type="pil" if decode else "latent", height=resolution, width=resolution, **pipeline_kwargs)
     images, latents, trajectory = [], [], []
     plain = type(step) is SchedulerStep and not record  # nothing to see: the pipeline untouched
-    with nullcontext() if plain else _stepping(family.pipeline.scheduler, step, records):
+    with nullcontext() if plain else _stepping(family.pipeline, step, records):
         for batch_images, batch_latents in batches:
             images += batch_images or []
             latents.append(family.sampled_latents(batch_latents, resolution).float())
