@@ -3,11 +3,11 @@ level 0 reproduces it, a recorded trajectory chains its steps, and `decode=False
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 
 from diffusion_dpo_trainer import sde
 from diffusion_dpo_trainer.families import load_family
-from diffusion_dpo_trainer.rollout import FunctionStep, SchedulerStep, rollout, rollout_seeds
+from diffusion_dpo_trainer.rollout import DDIMStep, FunctionStep, SchedulerStep, rollout, rollout_seeds
 from diffusion_dpo_trainer.sampling import iter_sample_batches
 
 PROMPTS = ["a red square", "a red square", "a blue circle", "a blue circle"]
@@ -78,6 +78,21 @@ def test_a_flow_steps_noise_comes_from_each_images_own_seed(sd3):
     alone = rollout(sd3, PROMPTS[2:3], [4], 32, step=step, **call)  # up to the batch size's float rounding
     torch.testing.assert_close(alone.trajectory["next_latents"], both.trajectory["next_latents"][1:], rtol=0, atol=1e-4)
     assert "prepare_latents" not in vars(sd3.pipeline)  # the pipeline is left as it was
+
+
+def test_a_ddim_step_reused_at_another_step_count_steps_as_a_new_one(sd_path):
+    """DDIMStep keeps each schedule's step indices and alphas between steps: a new schedule (another step count) is
+    looked up afresh, never in the last one's table."""
+    family = load_family(DiffusionPipeline.from_pretrained(sd_path))
+    family.pipeline.scheduler = DDIMScheduler.from_config(family.pipeline.scheduler.config)
+    reused = DDIMStep(1.0, stochastic=[0])
+    for steps in (2, 3):
+        call = {"num_inference_steps": steps, "guidance_scale": 1.0, "decode": False, "record": True}
+        again = rollout(family, PROMPTS[:2], [1, 2], 32, step=reused, **call).trajectory
+        new = rollout(family, PROMPTS[:2], [1, 2], 32, step=DDIMStep(1.0, stochastic=[0]), **call).trajectory
+        for name in ("next_latents", "alpha", "alpha_prev"):
+            assert torch.equal(again[name], new[name])
+        assert not again["log_prob"][:, 0].isnan().any() and again["log_prob"][:, 1:].isnan().all()
 
 
 def test_recording_the_schedulers_own_step_changes_nothing(sd_path):
