@@ -52,17 +52,20 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     is why the published clip range is ~1e-4. A deterministic step (std 0) has no density: its entries are NaN, so
     training on a step that was never stochastic fails loudly instead of silently.
     """
-    std = std.expand_as(mean)
+    # std keeps its own shape (one value per sample, as the steps give it), so what depends on it alone is computed
+    # once per sample rather than once per element; broadcasting makes every element's value the same.
+    std = std.reshape((1,) * (mean.ndim - std.ndim) + tuple(std.shape))
     stochastic = std > 0
     safe = torch.where(stochastic, std, torch.ones_like(std))
     log_prob = -((sample - mean) ** 2) / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
-    log_prob = torch.where(stochastic, log_prob, torch.full_like(log_prob, float("nan")))
-    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return torch.where(stochastic.flatten(1).all(dim=1), log_prob, float("nan"))
 
 
 def _gaussian_step(mean, std, prev_sample, generator) -> SDEStep:
+    stochastic = bool((std > 0).any())
     if prev_sample is None:
-        if bool((std > 0).any()):
+        if stochastic:
             noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             prev_sample = mean + std * noise
         else:  # noise level 0: the deterministic step itself, bit for bit, and no draw from the generator
@@ -72,6 +75,8 @@ def _gaussian_step(mean, std, prev_sample, generator) -> SDEStep:
             raise ValueError("Give either `prev_sample` (recompute a recorded step) or `generator` (draw one), "
                              "not both.")
         prev_sample = prev_sample.float()
+    if not stochastic:  # no density (gaussian_log_prob's NaN), without its arithmetic: a window's other steps
+        return SDEStep(prev_sample, mean.new_full(mean.shape[:1], float("nan")), mean, std)
     return SDEStep(prev_sample, gaussian_log_prob(prev_sample.detach(), mean, std), mean, std)
 
 
