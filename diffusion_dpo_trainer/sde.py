@@ -52,14 +52,15 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     is why the published clip range is ~1e-4. A deterministic step (std 0) has no density: its entries are NaN, so
     training on a step that was never stochastic fails loudly instead of silently.
     """
-    # std keeps its own shape (one value per sample, as the steps give it), so what depends on it alone is computed
-    # once per sample rather than once per element; broadcasting makes every element's value the same.
-    std = std.reshape((1,) * (mean.ndim - std.ndim) + tuple(std.shape))
+    # std is expanded to every element, in the rollout (one std for the batch) and in training (one per sample) alike:
+    # computed per sample and broadcast, its last bits came out differently in the two on FLUX.2's token layout, and the
+    # importance ratio was no longer exactly 1.
+    std = std.expand_as(mean)
     stochastic = std > 0
     safe = torch.where(stochastic, std, torch.ones_like(std))
     log_prob = -((sample - mean) ** 2) / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
-    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
-    return torch.where(stochastic.flatten(1).all(dim=1), log_prob, float("nan"))
+    log_prob = torch.where(stochastic, log_prob, torch.full_like(log_prob, float("nan")))
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
 def _gaussian_step(mean, std, prev_sample, generator) -> SDEStep:
