@@ -23,9 +23,9 @@ Conditioning: the pipeline is called with the family's own prompt embeddings (`e
 guidance the family's `unconditional_conditioning` as the negative, never with prompt strings: a trainer conditions
 its training forward on exactly the tensors the rollout sampled with (`guidance_conditioning`).
 
-Seeds: image j of prompt g is drawn with `derived_seed(seed, *key, first + g, j)`, where `key` says which rollout it
-is (e.g. training step and micro-step) and `first` is the prompt's place in the global batch, so a run is
-reproducible, resumes exactly, and N processes sample what one process would.
+Seeds: image j of prompt g (its initial noise and a stochastic step's noise) is drawn with `derived_seed(seed, *key,
+first + g, j)`, where `key` says which rollout it is (e.g. training step and micro-step) and `first` is the prompt's
+place in the global batch, so a run is reproducible, resumes exactly, and N processes sample what one process would.
 """
 
 import functools
@@ -87,21 +87,31 @@ class DDIMStep(SchedulerStep):
 
     def __init__(self, eta: float = 1.0, stochastic: Collection[int] | None = None):
         self.eta, self.stochastic = eta, stochastic
+        self._schedule = None  # (the scheduler's timesteps, {timestep: (step index, alpha, alpha_prev)})
 
     def __call__(self, scheduler, scheduler_step, model_output, timestep, latents, *args, **kwargs):
         if not isinstance(scheduler, DDIMScheduler):
             raise ValueError(f"{type(scheduler).__name__} is not a DDIMScheduler: DDIM with eta needs one (build it "
                              "with DDIMScheduler.from_config(pipeline.scheduler.config)).")
-        index = int((scheduler.timesteps == torch.as_tensor(timestep)).nonzero()[0, 0])
+        index, alpha, alpha_prev = self._scheduled(scheduler, timestep)
         eta = self.eta if self.stochastic is None or index in self.stochastic else 0.0
-        alpha, alpha_prev = ddim_alphas(scheduler, torch.as_tensor(timestep).reshape(1))
         clip = scheduler.config.clip_sample_range if scheduler.config.clip_sample else None
         prev, log_prob, _, _ = ddim_step(latents.float(), model_output.float(), alpha, alpha_prev, eta,
                                          prediction_type=scheduler.config.prediction_type, clip_sample_range=clip,
                                          generator=kwargs.get("generator"))
-        extras = {"alpha": alpha.float().expand(len(latents)), "alpha_prev": alpha_prev.float().expand(len(latents)),
+        extras = {"alpha": alpha.expand(len(latents)), "alpha_prev": alpha_prev.expand(len(latents)),
                   "log_prob": log_prob}
         return _model_dtype(prev, model_output.dtype, extras)
+
+    def _scheduled(self, scheduler, timestep) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The step index and alphas of `timestep`, from a table built once per `set_timesteps` (a new `timesteps`
+        tensor) instead of a search and the alphas' arithmetic at every step."""
+        if self._schedule is None or self._schedule[0] is not scheduler.timesteps:
+            alphas, alphas_prev = ddim_alphas(scheduler, scheduler.timesteps)
+            table = {int(t): (i, a.float().reshape(1), p.float().reshape(1))
+                     for i, (t, a, p) in enumerate(zip(scheduler.timesteps, alphas, alphas_prev))}
+            self._schedule = (scheduler.timesteps, table)
+        return self._schedule[1][int(timestep)]
 
 
 def _model_dtype(prev: torch.Tensor, dtype: torch.dtype, extras: dict) -> tuple[torch.Tensor, dict]:
@@ -135,13 +145,35 @@ class Rollout:
 
 
 @contextmanager
-def _stepping(scheduler, step: SchedulerStep, records: list[dict] | None):
-    """The scheduler's `step` routed through `step` (and recorded) for the duration, on this instance only."""
+def _stepping(pipeline, step: SchedulerStep, records: list[dict] | None):
+    """The pipeline's scheduler's `step` routed through `step` (and recorded) for the duration, on this instance only.
+
+    A step whose signature takes `generator` gets the per-image generators the pipeline call drew its initial noise
+    from (caught at `prepare_latents`), as diffusers' SD pipelines pass them and its flow pipelines do not: a stochastic
+    step's noise then comes from each image's own seed, not from the global RNG (which `sampling_mode` restores after
+    every call, so each rollout would draw the same noise, and N processes other noise than one).
+    """
+    scheduler = pipeline.scheduler
     scheduler_step = scheduler.step
+    takes_generator = "generator" in inspect.signature(scheduler_step).parameters
+    prepare_latents = getattr(pipeline, "prepare_latents", None)
+    drawn = {}
+
+    if prepare_latents is not None:
+        binding = inspect.signature(prepare_latents)
+
+        @functools.wraps(prepare_latents)
+        def preparing(*args, **kwargs):
+            drawn["generator"] = binding.bind(*args, **kwargs).arguments.get("generator")
+            return prepare_latents(*args, **kwargs)
+
+        pipeline.prepare_latents = preparing
 
     # The scheduler's signature: pipelines pass `generator` / `eta` only to a step whose signature takes them.
     @functools.wraps(scheduler_step)
     def stepped(model_output, timestep, sample, *args, return_dict=True, **kwargs):
+        if takes_generator and kwargs.get("generator") is None and drawn.get("generator") is not None:
+            kwargs["generator"] = drawn["generator"]
         prev, extras = step(scheduler, scheduler_step, model_output, timestep, sample, *args, **kwargs)
         if records is not None:
             records.append({"latents": sample, "next_latents": prev, "model_output": model_output,
@@ -153,6 +185,8 @@ def _stepping(scheduler, step: SchedulerStep, records: list[dict] | None):
         yield
     finally:
         del scheduler.step  # the class's method again
+        if prepare_latents is not None:
+            del pipeline.prepare_latents
 
 
 def rollout(
@@ -195,7 +229,7 @@ def rollout(
         **{**family.sampling_kwargs(), **pipeline_kwargs})
     images, latents, trajectory = [], [], []
     plain = type(step) is SchedulerStep and not record  # nothing to see: the pipeline untouched
-    with nullcontext() if plain else _stepping(pipeline.scheduler, step, records):
+    with nullcontext() if plain else _stepping(pipeline, step, records):
         for batch_images, batch_latents in batches:
             images += batch_images or []
             latents.append(family.sampled_latents(batch_latents, resolution).float())
