@@ -322,12 +322,13 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         if self.guidance_batched:
             rows = {key: torch.cat([negative[key], value]) for key, value in conditioning.items()}
             output = self.predict(denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), rows)
-            unconditional, conditional = output.to(self.guidance_dtype or output.dtype).chunk(2)
+            unconditional, conditional = output.chunk(2)
         else:
             conditional = self.predict(denoiser, latents, timesteps, conditioning)
             with torch.no_grad():
                 unconditional = self.predict(denoiser, latents, timesteps, negative)
-        unconditional = unconditional.detach()
+        dtype = self.guidance_dtype or conditional.dtype
+        unconditional, conditional = unconditional.detach().to(dtype), conditional.to(dtype)
         return unconditional + guidance_scale * (conditional - unconditional)
 
     def unconditional_conditioning(self, conditioning: dict, encode: Callable) -> dict[str, torch.Tensor]:
