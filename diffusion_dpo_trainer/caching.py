@@ -251,10 +251,13 @@ def precompute_for_training(family, train_dataset, eval_dataset, collator, args,
             every = [d for d in (train_dataset, *eval_datasets(eval_dataset)) if d is not None]
             for encoder in family.text_encoders:
                 encoder.to(device)
-            # Prompt dropout turns prompts into "" at collate time: its embedding is cached too.
-            dropout = getattr(collator, "proportion_empty_prompts", 0) > 0
+            # Prompt dropout turns prompts into "" at collate time, and a collator may name more (the negative of
+            # guided sampling): their embeddings are cached too.
+            extra = set(getattr(collator, "extra_prompts", ()))
+            if getattr(collator, "proportion_empty_prompts", 0) > 0:
+                extra.add("")
             collator.prompt_embeddings = precompute_prompt_embeddings(
-                every, family, device, args.per_device_train_batch_size, extra_prompts=[""] if dropout else ()
+                every, family, device, args.per_device_train_batch_size, extra_prompts=extra
             )
             if args.release_cached_encoders:
                 family.release(text_encoders=True)

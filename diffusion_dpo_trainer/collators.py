@@ -152,11 +152,12 @@ class PromptCollator:
     """Rows of a prompt dataset as lists per column (the prompts, and the columns the rewards receive).
 
     It has no image columns; `prompt_embeddings` (set by `precompute_text_embeddings`) is looked up for the generated
-    pairs' prompts, by the trainer.
+    pairs' prompts, by the trainer, and holds `extra_prompts` too (the trainer adds "", guided sampling's negative).
     """
 
     image_columns = ()
     prompt_embeddings = None
+    extra_prompts: tuple[str, ...] = ()
 
     def __call__(self, rows: list[dict]) -> dict[str, list]:
         return {key: [row[key] for row in rows] for key in rows[0]}

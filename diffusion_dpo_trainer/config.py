@@ -216,7 +216,8 @@ class DiffusionDPOConfig(TrainingArguments):
         metadata={
             "help": "Maximum number of prompt tokens of the text encoders other than CLIP (CLIP encoders always use "
             "their 77 tokens); docs/models.md names each family's encoders. Defaults to the pipeline's own default. "
-            "A prompt cache stores up to that many tokens per prompt."
+            "A prompt cache stores up to that many tokens per prompt. The on-policy trainers sample with the same "
+            "embeddings they train on, so it applies to their rollouts too."
         },
     )
     model_init_kwargs: dict[str, Any] | str | None = field(

@@ -1,11 +1,12 @@
-"""`DiffusionGRPOConfig`: `DiffusionDPOConfig` plus what GRPO on a diffusion model needs, named as in TRL's
-`GRPOConfig` where the idea is the same (`num_generations`, `beta`, `epsilon`, `num_iterations`, `scale_rewards`,
-...), with each published value and its source (docs/on-policy-math.md, section 4)."""
+"""`DiffusionGRPOConfig`: the on-policy options (`on_policy_config.py`) plus what GRPO on a diffusion model needs,
+named as in TRL's `GRPOConfig` where the idea is the same (`num_generations`, `beta`, `epsilon`, `num_iterations`,
+`scale_rewards`, ...), with each published value and its source (docs/on-policy-math.md, section 4)."""
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
-from .config import DiffusionDPOConfig
+from .on_policy_config import SyncedReferenceConfig
 
 #: The stochastic sampler steps (sde.py) and each one's published noise level (docs/on-policy-math.md).
 DYNAMICS = {"flow_sde": 0.7, "dance": 0.3, "cps": 0.8, "ddim": 1.0}
@@ -13,22 +14,26 @@ WINDOW_MODES = ("fixed", "sliding")
 
 
 @dataclass
-class DiffusionGRPOConfig(DiffusionDPOConfig):
+class DiffusionGRPOConfig(SyncedReferenceConfig):
     r"""
     Configuration for [`DiffusionGRPOTrainer`]. Every field of `DiffusionDPOConfig` (and so of
-    `transformers.TrainingArguments`) is accepted too, with the same meaning, except:
+    `transformers.TrainingArguments`) is accepted too, with the same meaning, except as `OnPolicyConfig` says
+    (prompts per batch, sampling guidance and resolution, the text cache and `max_prompt_length`), and:
 
-    - `per_device_train_batch_size` counts PROMPTS per process and micro-step: each prompt gets `num_generations`
-      images, a group, so a group never straddles two processes (advantages are still formed over the gathered batch).
+    - each prompt gets `num_generations` images, a group, so a group never straddles two processes (advantages are
+      still formed over the gathered batch).
     - `beta` is the KL weight (TRL's meaning), not Diffusion-DPO's; `loss_type` and the DPO-only fields do not apply.
     - `guidance_scale` is the classifier-free guidance of the rollout AND of the training forward (the same, or the
       importance ratio would not be 1); the unconditional branch is detached in training, as in flow_grpo.
-    - `resolution` is the size the images are sampled at; `precompute_latents` and `max_prompt_length` do not apply.
+    - `generation_batch_size` other than None (all images of a micro-step at once, as training forwards them) may
+      change the float rounding of the ratio.
 
     Cost of one micro-step: `per_device_train_batch_size * num_generations` images of `num_inference_steps` denoiser
     calls each (two with guidance) every `num_iterations` optimizer steps, plus per trained step one policy forward
     and backward (and, with `beta > 0`, one reference forward) on those images.
     """
+
+    method_name: ClassVar[str] = "GRPO"
 
     beta: float | None = field(
         default=0.04,
@@ -57,13 +62,6 @@ class DiffusionGRPOConfig(DiffusionDPOConfig):
         default=None,
         metadata={"help": "Upper clip range (DAPO's asymmetric clipping); None: equal to `epsilon`."},
     )
-    num_iterations: int = field(
-        default=1,
-        metadata={
-            "help": "Optimizer steps trained on each rollout (GRPO's mu, TRL's name): new images every `num_iterations` "
-            "steps. 1 (published for Flow-GRPO and TRL's default) is fully on-policy; the ratio is exactly 1 then."
-        },
-    )
     scale_rewards: str = field(
         default="group",
         metadata={
@@ -71,10 +69,6 @@ class DiffusionGRPOConfig(DiffusionDPOConfig):
             "gathered batch ('batch': Flow-GRPO's published `global_std=True`), or not at all ('none', Dr. GRPO).",
             "choices": list(SCALE_REWARDS),
         },
-    )
-    reward_weights: list[float] | None = field(
-        default=None,
-        metadata={"help": "One weight per reward function (TRL); None: every weight is 1.0."},
     )
     multi_objective_aggregation: str = field(
         default="sum_then_normalize",
@@ -149,31 +143,12 @@ class DiffusionGRPOConfig(DiffusionDPOConfig):
     sde_window_stride: int = field(default=1, metadata={"help": "Steps a sliding window moves (MixGRPO: 1)."})
     sde_window_shift_every: int = field(
         default=25, metadata={"help": "Optimizer steps between two moves of a sliding window (MixGRPO: 25)."})
-    generation_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Images per pipeline call while sampling (memory). None: all images of a micro-step in one call, "
-            "the batch the training forward uses; another value may change the float rounding of the ratio."
-        },
-    )
-    sync_ref_model: bool = field(
-        default=False,
-        metadata={
-            "help": "Move the reference towards the policy every `ref_model_sync_steps` optimizer steps (TRL's "
-            "option): ref = alpha * policy + (1 - alpha) * ref; with LoRA the reference is a second adapter."
-        },
-    )
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "alpha of `sync_ref_model`, in (0, 1]."})
-    ref_model_sync_steps: int = field(
-        default=512, metadata={"help": "Optimizer steps between two reference syncs (`sync_ref_model=True` only)."})
-
     def __post_init__(self):
         super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(f"num_generations={self.num_generations}: a group needs at least 2 images to have a "
                              "reward spread (GRPO's advantage is relative to the group).")
-        for name in ("num_inference_steps", "eval_num_inference_steps", "num_iterations", "ref_model_sync_steps",
-                     "sde_window_stride", "sde_window_shift_every"):
+        for name in ("eval_num_inference_steps", "sde_window_stride", "sde_window_shift_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.beta is None or self.beta < 0:
@@ -200,14 +175,5 @@ class DiffusionGRPOConfig(DiffusionDPOConfig):
         if self.sde_window_size and self.sde_window_start + self.sde_window_size > self.num_inference_steps:
             raise ValueError(f"sde_window_size={self.sde_window_size} from sde_window_start={self.sde_window_start} "
                              f"is larger than the num_inference_steps={self.num_inference_steps} sampling steps.")
-        if self.generation_batch_size is not None and self.generation_batch_size < 1:
-            raise ValueError(f"generation_batch_size must be >= 1 or None, got {self.generation_batch_size}.")
-        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
-            raise ValueError(f"ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}.")
         if self.sync_ref_model and self.beta == 0:
             raise ValueError("sync_ref_model=True with beta=0: there is no reference to sync (set beta > 0).")
-        if self.precompute_latents:
-            raise ValueError("precompute_latents does not apply to GRPO: its latents are sampled, not encoded.")
-        if self.max_prompt_length is not None:
-            raise ValueError("max_prompt_length does not apply to GRPO: the rollout encodes prompts at the pipeline's "
-                             "own length, and training must see the same embeddings (or the ratio is not 1).")

@@ -15,45 +15,44 @@ import time
 
 import datasets
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from . import losses
 from .advantages import compute_advantages, nanstd
 from .collators import PromptCollator
+from .families.flow import FlowMatchingFamily
 from .families.sd import StableDiffusionFamily
-from .families.sd3 import StableDiffusion3Family
-from .families.sdxl import StableDiffusionXLFamily
 from .grpo_config import DYNAMICS, DiffusionGRPOConfig
 from .reference_sync import SyncedReference
 from .on_policy_trainer import OnPolicyTrainer
 from .reuse import RolloutBuffer
 from .rewards.scoring import score_images
-from .rollout import DDIMStep, FunctionStep, rollout, rollout_seeds
+from .rollout import DDIMStep, FunctionStep, guidance_conditioning, rollout, rollout_seeds
 from .sde import cps_step, dance_sde_step, ddim_step, flow_sde_noise_scale, flow_sde_step
 
 FLOW_STEPS = {"flow_sde": flow_sde_step, "dance": dance_sde_step, "cps": cps_step}
 
 
-def _support(family) -> str:
-    """The family's default dynamics, or an error saying why GRPO cannot train it yet."""
-    if isinstance(family, StableDiffusionXLFamily):
-        raise ValueError("GRPO does not support SDXL yet: its pipeline's unconditional branch uses zeroed pooled "
-                         "embeddings and its own time ids, which the training forward does not reproduce yet, so the "
-                         "importance ratio would not be the rollout's.")
-    if isinstance(family, StableDiffusion3Family):
+def _support(family, guidance_scale: float) -> str:
+    """The family's default dynamics (DDIM with eta for the SD families, Flow-SDE for the flow-matching ones), or an
+    error saying why GRPO cannot train it: no stochastic step, or a guidance scale the pipeline ignores."""
+    name = type(family.pipeline).__name__
+    if family.guidance(guidance_scale) is None and guidance_scale > 1:
+        raise ValueError(f"guidance_scale={guidance_scale} does nothing in {name}'s sampling (no classifier-free "
+                         "guidance through `guidance_scale`, no guidance embedding): use guidance_scale=1.0.")
+    if isinstance(family, FlowMatchingFamily):
         return "flow_sde"
     if isinstance(family, StableDiffusionFamily):
         return "ddim"
-    raise ValueError(f"GRPO does not support {type(family.pipeline).__name__} yet: only SD1.x/2.x (DDIM with eta) and "
-                     "SD3 (Flow-SDE, DanceGRPO, CPS) have a training forward verified to reproduce the pipeline's "
-                     "denoiser inputs (latent packing, guidance inputs) exactly, which the importance ratio needs.")
+    raise ValueError(f"GRPO does not support {name}: it has no stochastic sampler step for this family.")
 
 
 class DiffusionGRPOTrainer(OnPolicyTrainer):
     """GRPO for diffusers text-to-image models, with the signature of TRL's `GRPOTrainer`.
 
     Args:
-        model: a Hub id, a local path or a loaded pipeline (SD1.x/2.x or SD3; other families are refused by name).
+        model: a Hub id, a local path or a loaded pipeline of any family (docs/grpo.md, "Families": the guidance each
+            trains with).
         reward_funcs: a reward or a list of them (TRL's convention: `fn(prompts=..., completions=images, **columns)`,
             or `fn(images, prompts)`, or a name for `load_reward`), combined with `args.reward_weights`; one float or
             None per image, higher is better.
@@ -79,7 +78,7 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         super().__init__(model=model, args=args, data_collator=PromptCollator(), train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers,
                          peft_config=peft_config)
-        default = _support(self.family)
+        default = _support(self.family, args.guidance_scale)
         self.dynamics = args.dynamics or default
         if (self.dynamics == "ddim") != (default == "ddim"):
             raise ValueError(f"dynamics={self.dynamics!r} does not fit {type(self.family.pipeline).__name__}: use "
@@ -88,6 +87,10 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         pipeline = self.family.pipeline
         if self.dynamics == "ddim" and not isinstance(pipeline.scheduler, DDIMScheduler):
             pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)  # as DDPO samples SD
+        elif self.dynamics != "ddim" and not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
+            # Sana's DPM-Solver and Wan's UniPC have no one-step transition to make stochastic: Euler on the flow
+            # sigmas of the same shift (the family's training schedule) instead.
+            pipeline.scheduler = self.family.training_scheduler()
         # Steps whose transition is deterministic by construction, whatever the noise: CPS's last step (to sigma 0)
         # and DDIM's last step when it lands on alpha = 1.
         last = args.num_inference_steps - 1
@@ -98,8 +101,6 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         if args.sync_ref_model:
             self.synced_reference = SyncedReference(self)
             self.add_callback(self.synced_reference)
-        for encoder in self.family.text_encoders:  # the pipeline encodes the prompts when it samples
-            encoder.to(self.accelerator.device)
         self._buffer = RolloutBuffer(args.num_iterations)
         self._eval_batches = 0
 
@@ -168,8 +169,8 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         with self.accelerator.autocast():
             result = rollout(self.family, flat_prompts, rollout_seeds(args.seed, key, first, len(prompts), n),
                              self.resolution, args.generation_batch_size, step=self._sampler_step(self.sde_window(step)),
-                             record=True, num_inference_steps=args.num_inference_steps,
-                             guidance_scale=args.guidance_scale)
+                             record=True, encode=self._prompt_conditioning,
+                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
         sampled = time.perf_counter()
         per_function, own = self._score(inputs, result.images, flat_prompts)
         advantages = compute_advantages(per_function, n, reward_weights=self.reward_weights,
@@ -179,7 +180,8 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         self._log_rewards(store, per_function, advantages)
         trained = self.trained_steps(step)
         trajectory = result.trajectory
-        batch = {"prompt": flat_prompts, "steps": trained, "advantages": advantages.advantages[own]}
+        batch = {"prompt": flat_prompts, "steps": trained, "advantages": advantages.advantages[own],
+                 **self.family.generated_conditioning(len(flat_prompts), self.resolution)}  # e.g. SDXL's time ids
         for name in ("latents", "next_latents", "timesteps", "log_prob", "prev_sample", "sigma", "sigma_next",
                      "alpha", "alpha_prev"):
             if name in trajectory:
@@ -189,28 +191,31 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         return batch
 
     # ----- the step -----------------------------------------------------------------------------------------------
-    def _conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The prompts' conditioning, and with guidance the unconditional ("") one first, as the pipeline batches
-        them (negatives, then prompts); encoded once per micro-step, without grad (the text encoders are frozen)."""
-        with torch.no_grad():
-            conditioning = self.family.encode_prompt(prompts, self.accelerator.device)
-            if self.args.guidance_scale > 1:
-                unconditional = self.family.encode_prompt([""] * len(prompts), self.accelerator.device)
-                conditioning = {k: torch.cat([unconditional[k], v]) for k, v in conditioning.items()}
-        return conditioning
+    def _conditioning(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The prompts' conditioning and, with classifier-free guidance, the pipeline's own unconditional one (else
+        None): the tensors the rollout sampled with (text cache or encoder, the family's negative), once per
+        micro-step."""
+        conditioning = self._prompt_conditioning(prompts)
+        return conditioning, guidance_conditioning(self.family, conditioning, self._prompt_conditioning,
+                                                   self.args.guidance_scale)
 
-    def _guided_output(self, denoiser, latents, timesteps, conditioning):
-        """The model output the rollout's step saw: one forward on [unconditional; conditional] as the pipeline
-        batches it, combined with the guidance scale; the unconditional branch detached (flow_grpo)."""
-        scale = self.args.guidance_scale
-        latents = latents.to(self.weight_dtype)
-        if scale <= 1:
-            return self.family.predict(denoiser, latents, timesteps, conditioning)
-        output = self.family.predict(denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
-                                     conditioning)
-        unconditional, conditional = output.chunk(2)
-        unconditional = unconditional.detach()
-        return unconditional + scale * (conditional - unconditional)
+    def _guided_output(self, denoiser, latents, timesteps, conditioning, negative):
+        """The model output the rollout's step saw: the family's `guided_prediction` (its pipeline's guidance, the
+        unconditional branch detached as flow_grpo does) at the configured scale."""
+        return self.family.guided_prediction(denoiser, latents.to(self.weight_dtype), timesteps, conditioning, negative,
+                                             self.args.guidance_scale)
+
+    def _model_output(self, denoiser, batch: dict, j: int, conditioning: tuple) -> torch.Tensor:
+        """The model output of trained step j as the rollout's step saw it, in the pipeline's latent layout: the
+        recorded latents go to `predict` in the family's training layout (FLUX's packed tokens unpacked) with the
+        family's per-image conditioning (SDXL's time ids, for both guidance branches, as its pipeline repeats them),
+        and the output comes back packed."""
+        family = self.family
+        extra = family.time_conditioning(batch, self.resolution, self.accelerator.device)
+        conditioning, negative = ({**entry, **extra} if entry is not None else None for entry in conditioning)
+        latents = family.sampled_latents(batch["latents"][:, j], self.resolution)
+        output = self._guided_output(denoiser, latents, batch["timesteps"][:, j], conditioning, negative)
+        return family.pipeline_latents(output)
 
     def _transition(self, batch: dict, j: int, output: torch.Tensor):
         """The log-density of the recorded sample of trained step j under `output` (sde.py), and the KL's scale."""
@@ -251,15 +256,13 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The GRPO loss of one trained step, divided by the number of trained steps (their mean)."""
         batch, j, conditioning = inputs["batch"], inputs["j"], inputs["conditioning"]
-        latents, timesteps = batch["latents"][:, j], batch["timesteps"][:, j]
         args = self.args
         with self.accelerator.autocast():
-            step, kl_std = self._transition(batch, j, self._guided_output(model, latents, timesteps, conditioning))
+            step, kl_std = self._transition(batch, j, self._model_output(model, batch, j, conditioning))
             ref_mean = None
             if self.beta > 0:
                 with torch.no_grad(), self.family.reference() as reference:
-                    ref_step, _ = self._transition(batch, j, self._guided_output(reference, latents, timesteps,
-                                                                                 conditioning))
+                    ref_step, _ = self._transition(batch, j, self._model_output(reference, batch, j, conditioning))
                 ref_mean = ref_step.mean
         loss, metrics = losses.grpo_loss(step.log_prob, batch["log_prob"][:, j], batch["advantages"], args.epsilon,
                                          args.epsilon_high, self.beta, step.mean, ref_mean, kl_std)
@@ -280,7 +283,8 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         self._eval_batches += 1
         with self.accelerator.autocast():
             result = rollout(self.family, prompts, seeds, self.resolution, args.generation_batch_size,
-                             num_inference_steps=args.eval_num_inference_steps, guidance_scale=args.guidance_scale)
+                             encode=self._prompt_conditioning, num_inference_steps=args.eval_num_inference_steps,
+                             guidance_scale=args.guidance_scale)
         per_function, _ = self._score(inputs, result.images, prompts)
         advantages = compute_advantages(per_function, n, reward_weights=self.reward_weights,
                                         scale_rewards=args.scale_rewards,

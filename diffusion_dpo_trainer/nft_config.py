@@ -1,24 +1,27 @@
-"""`DiffusionNFTConfig`: `DiffusionDPOConfig` plus DiffusionNFT's knobs (Zheng et al., arXiv 2509.16117; code
-NVlabs/DiffusionNFT at 24af555), named as TRL's `GRPOConfig` names them where they mean the same. Every published
-value below is from that code's `config/base.py` / `config/nft.py` (docs/on-policy-math.md section 4)."""
+"""`DiffusionNFTConfig`: the on-policy options (`on_policy_config.py`) plus DiffusionNFT's knobs (Zheng et al., arXiv
+2509.16117; code NVlabs/DiffusionNFT at 24af555), named as TRL's `GRPOConfig` names them where they mean the same.
+Every published value below is from that code's `config/base.py` / `config/nft.py` (docs/on-policy-math.md
+section 4)."""
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
-from .config import DiffusionDPOConfig
 from .old_policy import NFT_DECAY_PRESETS
+from .on_policy_config import OnPolicyConfig
 
 NFT_TIMESTEPS = ("schedule", "training")
 
 
 @dataclass
-class DiffusionNFTConfig(DiffusionDPOConfig):
+class DiffusionNFTConfig(OnPolicyConfig):
     r"""
     Configuration for [`DiffusionNFTTrainer`]. Every field of `DiffusionDPOConfig` (and so of
-    `transformers.TrainingArguments`) is accepted too, with the same meaning, except:
+    `transformers.TrainingArguments`) is accepted too, with the same meaning, except as `OnPolicyConfig` says
+    (prompts per batch, sampling guidance and resolution, the text cache), and:
 
-    - `per_device_train_batch_size` counts PROMPTS per process and micro-step (TRL's convention); each prompt gets
-      `num_generations` images, and its group's rewards give each image's advantage.
+    - each prompt gets `num_generations` images, and its group's rewards give each image's advantage.
+    - `num_iterations`: the old policy moves once per rollout, after its last optimizer step (the paper's epoch).
     - `beta` is TRL's: the weight of the KL-like regulariser to the base model (adapter off), DiffusionNFT's
       `train.beta` (published 1e-4). The paper's guidance strength is `nft_beta`.
     - `loss_type`, `label_smoothing` and the other preference-loss options do not apply.
@@ -27,6 +30,8 @@ class DiffusionNFTConfig(DiffusionDPOConfig):
     calls (no guidance by default) every `num_iterations` optimizer steps, plus, per image and trained timestep, three
     denoiser forwards (policy, old policy, base) and one backward.
     """
+
+    method_name: ClassVar[str] = "DiffusionNFT"
 
     beta: float = field(
         default=1e-4,
@@ -54,20 +59,6 @@ class DiffusionNFTConfig(DiffusionDPOConfig):
         metadata={"help": "The pipeline's `guidance_scale` while sampling. 1.0 (the default, published): no "
                   "classifier-free guidance; DiffusionNFT trains CFG-free. Training always uses the conditional "
                   "prediction alone."},
-    )
-    generation_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Images per pipeline call while sampling (a memory knob). None: a micro-step's images at "
-                  "once."},
-    )
-    num_iterations: int = field(
-        default=1,
-        metadata={"help": "Optimizer steps trained on each rollout (TRL's mu); each reuse draws fresh noise and "
-                  "timesteps. The old policy moves once per rollout, after its last step (the paper's epoch)."},
-    )
-    reward_weights: list[float] | None = field(
-        default=None,
-        metadata={"help": "One weight per reward function (TRL's `reward_weights`). None: all 1.0."},
     )
     scale_rewards: str = field(
         default="batch",
@@ -117,11 +108,6 @@ class DiffusionNFTConfig(DiffusionDPOConfig):
         super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be at least 2 (a group needs a spread), got {self.num_generations}.")
-        for name in ("num_inference_steps", "num_iterations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.generation_batch_size is not None and self.generation_batch_size < 1:
-            raise ValueError(f"generation_batch_size must be >= 1 or None, got {self.generation_batch_size}.")
         if not self.nft_beta > 0:
             raise ValueError(f"nft_beta must be positive (the loss divides by it), got {self.nft_beta}.")
         if self.beta is None or self.beta < 0:
@@ -141,9 +127,9 @@ class DiffusionNFTConfig(DiffusionDPOConfig):
             raise ValueError(f"ema_decay_type={self.ema_decay_type}: expected one of {sorted(NFT_DECAY_PRESETS)}.")
         if self.ema_uphold is not None and not 0 <= self.ema_uphold < 1:
             raise ValueError(f"ema_uphold must be in [0, 1), got {self.ema_uphold}.")
-        if self.precompute_latents or self.precompute_ref_errors:
-            raise ValueError("precompute_latents / precompute_ref_errors do not apply to DiffusionNFT: its latents are "
-                             "sampled, not encoded.")
+        if self.precompute_ref_errors:
+            raise ValueError("precompute_ref_errors does not apply to DiffusionNFT: its latents are sampled, not "
+                             "encoded.")
 
     @property
     def ema_schedule(self) -> tuple[int, float, float]:

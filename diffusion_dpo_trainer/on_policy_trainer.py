@@ -8,6 +8,8 @@ are older checkpoints rotated away). A method adds its ending (pairs, advantages
 
 import os
 
+import torch
+
 from .collators import prepare_prompt_dataset
 from .reuse import RepeatedWindowSampler, saved_step
 from .rewards import load_reward
@@ -30,6 +32,22 @@ class OnPolicyTrainer(DiffusionDPOTrainer):
             raise ValueError(f"reward_weights has {len(args.reward_weights)} entries for {len(self.reward_funcs)} "
                              "reward functions; give one weight per function.")
         self.reward_weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+
+    # ----- conditioning -------------------------------------------------------------------------------------------
+    def _precompute_caches(self) -> None:
+        if self.family.guidance(self.args.guidance_scale) == "cfg":
+            self.data_collator.extra_prompts = ("",)  # most pipelines' negative: cached with the prompts
+        super()._precompute_caches()
+
+    def _prompt_conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The prompts' conditioning as training sees it: the text cache's when there is one, else
+        `family.encode_prompt` (`max_prompt_length` applies). Rollouts sample with it (`rollout(encode=...)`), so the
+        images and the training forward are conditioned on the same tensors."""
+        cache, inputs = self.data_collator.prompt_embeddings, {"prompt": prompts}
+        if cache is not None:
+            inputs["prompt_embeds"] = cache(prompts)
+        with torch.no_grad():
+            return self._prompt_embeddings(inputs)
 
     # ----- data ---------------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, name):

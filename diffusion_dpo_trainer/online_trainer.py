@@ -103,9 +103,6 @@ class DiffusionOnlineDPOTrainer(OnPolicyTrainer):
             self.add_callback(self.synced_reference)
         self._no_pairs = _NoPairWatch(args.no_pair_patience)
         self.add_callback(self._no_pairs)
-        # The cached embeddings serve the training step; the pipeline still encodes prompts when it samples.
-        for encoder in self.family.text_encoders:
-            encoder.to(self.accelerator.device)
         self._buffer = RolloutBuffer(args.num_iterations)
         self._eval_batches = 0
 
@@ -119,7 +116,8 @@ class DiffusionOnlineDPOTrainer(OnPolicyTrainer):
         args = self.args
         with self.accelerator.autocast():
             result = rollout(self.family, prompts, seeds, self.resolution, args.generation_batch_size,
-                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+                             encode=self._prompt_conditioning, num_inference_steps=args.num_inference_steps,
+                             guidance_scale=args.guidance_scale)
         return result.images, result.latents
 
     def _generate(self, inputs: dict[str, list], key: tuple[int, ...], mode: str) -> dict:

@@ -18,12 +18,18 @@ Both take `stochastic`, the step indices that get the noise (a window, MixGRPO);
 and every extra the step returns (the steps above: schedule values, `log_prob`, and `prev_sample`, the float32
 next latents, when the model's dtype rounds them), in the pipeline's latent layout.
 
-Seeds: image j of prompt g is drawn with `derived_seed(seed, *key, first + g, j)`, where `key` says which rollout it
-is (e.g. training step and micro-step) and `first` is the prompt's place in the global batch, so a run is
-reproducible, resumes exactly, and N processes sample what one process would.
+Conditioning: the pipeline is called with the family's own prompt embeddings (`encode`: the trainer's text cache or
+`family.encode_prompt`, where `max_prompt_length` applies), mapped by `family.pipeline_prompt_kwargs`, and with
+guidance the family's `unconditional_conditioning` as the negative, never with prompt strings: a trainer conditions
+its training forward on exactly the tensors the rollout sampled with (`guidance_conditioning`).
+
+Seeds: image j of prompt g (its initial noise and a stochastic step's noise) is drawn with `derived_seed(seed, *key,
+first + g, j)`, where `key` says which rollout it is (e.g. training step and micro-step) and `first` is the prompt's
+place in the global batch, so a run is reproducible, resumes exactly, and N processes sample what one process would.
 """
 
 import functools
+import inspect
 from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -81,21 +87,31 @@ class DDIMStep(SchedulerStep):
 
     def __init__(self, eta: float = 1.0, stochastic: Collection[int] | None = None):
         self.eta, self.stochastic = eta, stochastic
+        self._schedule = None  # (the scheduler's timesteps, {timestep: (step index, alpha, alpha_prev)})
 
     def __call__(self, scheduler, scheduler_step, model_output, timestep, latents, *args, **kwargs):
         if not isinstance(scheduler, DDIMScheduler):
             raise ValueError(f"{type(scheduler).__name__} is not a DDIMScheduler: DDIM with eta needs one (build it "
                              "with DDIMScheduler.from_config(pipeline.scheduler.config)).")
-        index = int((scheduler.timesteps == torch.as_tensor(timestep)).nonzero()[0, 0])
+        index, alpha, alpha_prev = self._scheduled(scheduler, timestep)
         eta = self.eta if self.stochastic is None or index in self.stochastic else 0.0
-        alpha, alpha_prev = ddim_alphas(scheduler, torch.as_tensor(timestep).reshape(1))
         clip = scheduler.config.clip_sample_range if scheduler.config.clip_sample else None
         prev, log_prob, _, _ = ddim_step(latents.float(), model_output.float(), alpha, alpha_prev, eta,
                                          prediction_type=scheduler.config.prediction_type, clip_sample_range=clip,
                                          generator=kwargs.get("generator"))
-        extras = {"alpha": alpha.float().expand(len(latents)), "alpha_prev": alpha_prev.float().expand(len(latents)),
+        extras = {"alpha": alpha.expand(len(latents)), "alpha_prev": alpha_prev.expand(len(latents)),
                   "log_prob": log_prob}
         return _model_dtype(prev, model_output.dtype, extras)
+
+    def _scheduled(self, scheduler, timestep) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The step index and alphas of `timestep`, from a table built once per `set_timesteps` (a new `timesteps`
+        tensor) instead of a search and the alphas' arithmetic at every step."""
+        if self._schedule is None or self._schedule[0] is not scheduler.timesteps:
+            alphas, alphas_prev = ddim_alphas(scheduler, scheduler.timesteps)
+            table = {int(t): (i, a.float().reshape(1), p.float().reshape(1))
+                     for i, (t, a, p) in enumerate(zip(scheduler.timesteps, alphas, alphas_prev))}
+            self._schedule = (scheduler.timesteps, table)
+        return self._schedule[1][int(timestep)]
 
 
 def _model_dtype(prev: torch.Tensor, dtype: torch.dtype, extras: dict) -> tuple[torch.Tensor, dict]:
@@ -105,6 +121,14 @@ def _model_dtype(prev: torch.Tensor, dtype: torch.dtype, extras: dict) -> tuple[
     if prev.dtype != dtype:
         extras["prev_sample"] = prev
     return prev.to(dtype), extras
+
+
+def guidance_conditioning(family, conditioning: dict, encode: Callable, guidance_scale: float) -> dict | None:
+    """The unconditional conditioning the family's pipeline guides with at `guidance_scale` (one row per row of
+    `conditioning`), or None where it runs no unconditional branch."""
+    if family.guidance(guidance_scale) != "cfg":
+        return None
+    return family.unconditional_conditioning(conditioning, encode)
 
 
 @dataclass
@@ -121,13 +145,35 @@ class Rollout:
 
 
 @contextmanager
-def _stepping(scheduler, step: SchedulerStep, records: list[dict] | None):
-    """The scheduler's `step` routed through `step` (and recorded) for the duration, on this instance only."""
+def _stepping(pipeline, step: SchedulerStep, records: list[dict] | None):
+    """The pipeline's scheduler's `step` routed through `step` (and recorded) for the duration, on this instance only.
+
+    A step whose signature takes `generator` gets the per-image generators the pipeline call drew its initial noise
+    from (caught at `prepare_latents`), as diffusers' SD pipelines pass them and its flow pipelines do not: a stochastic
+    step's noise then comes from each image's own seed, not from the global RNG (which `sampling_mode` restores after
+    every call, so each rollout would draw the same noise, and N processes other noise than one).
+    """
+    scheduler = pipeline.scheduler
     scheduler_step = scheduler.step
+    takes_generator = "generator" in inspect.signature(scheduler_step).parameters
+    prepare_latents = getattr(pipeline, "prepare_latents", None)
+    drawn = {}
+
+    if prepare_latents is not None:
+        binding = inspect.signature(prepare_latents)
+
+        @functools.wraps(prepare_latents)
+        def preparing(*args, **kwargs):
+            drawn["generator"] = binding.bind(*args, **kwargs).arguments.get("generator")
+            return prepare_latents(*args, **kwargs)
+
+        pipeline.prepare_latents = preparing
 
     # The scheduler's signature: pipelines pass `generator` / `eta` only to a step whose signature takes them.
     @functools.wraps(scheduler_step)
     def stepped(model_output, timestep, sample, *args, return_dict=True, **kwargs):
+        if takes_generator and kwargs.get("generator") is None and drawn.get("generator") is not None:
+            kwargs["generator"] = drawn["generator"]
         prev, extras = step(scheduler, scheduler_step, model_output, timestep, sample, *args, **kwargs)
         if records is not None:
             records.append({"latents": sample, "next_latents": prev, "model_output": model_output,
@@ -139,6 +185,8 @@ def _stepping(scheduler, step: SchedulerStep, records: list[dict] | None):
         yield
     finally:
         del scheduler.step  # the class's method again
+        if prepare_latents is not None:
+            del pipeline.prepare_latents
 
 
 def rollout(
@@ -150,22 +198,38 @@ def rollout(
     decode: bool = True,
     step: SchedulerStep | None = None,
     record: bool = False,
+    encode: Callable[[list[str]], dict] | None = None,
     **pipeline_kwargs,
 ) -> Rollout:
     """Sample one image per (prompt, seed) from `family.pipeline` as it is now (the policy: adapter on), in eval mode
     without grad (`sampling.sampling_mode`), `batch_size` images per pipeline call (None: all at once).
 
     `decode=False` skips the VAE decode (no images); `step` replaces the scheduler's step; `record` keeps the
-    trajectory. `pipeline_kwargs` go to the pipeline call (`num_inference_steps`, `guidance_scale`, ...).
+    trajectory; `encode(prompts)` gives the prompts' conditioning as `family.encode_prompt` returns it (None: that
+    method, on the pipeline's device). `pipeline_kwargs` go to the pipeline call (`num_inference_steps`,
+    `guidance_scale`, ...), after the family's `sampling_kwargs` (Wan's clip length, Sana without resolution binning).
     """
     step = SchedulerStep() if step is None else step
     records: list[dict] | None = [] if record else None
+    pipeline = family.pipeline
+    if encode is None:
+        def encode(texts):
+            return family.encode_prompt(list(texts), pipeline._execution_device)
+    guidance_scale = pipeline_kwargs.get(
+        "guidance_scale", inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default)
+
+    def prompt_kwargs(batch_prompts):  # per pipeline call, as the pipeline encodes its own prompts
+        conditioning = encode(batch_prompts)
+        return family.pipeline_prompt_kwargs(
+            conditioning, guidance_conditioning(family, conditioning, encode, guidance_scale))
+
     batches = iter_sample_batches(
-        family.pipeline, prompts, seeds, batch_size or len(prompts), progress=False, return_latents=True,
-        output_type="pil" if decode else "latent", height=resolution, width=resolution, **pipeline_kwargs)
+        pipeline, prompts, seeds, batch_size or len(prompts), progress=False, return_latents=True,
+        prompt_kwargs=prompt_kwargs, output_type="pil" if decode else "latent", height=resolution, width=resolution,
+        **{**family.sampling_kwargs(), **pipeline_kwargs})
     images, latents, trajectory = [], [], []
     plain = type(step) is SchedulerStep and not record  # nothing to see: the pipeline untouched
-    with nullcontext() if plain else _stepping(family.pipeline.scheduler, step, records):
+    with nullcontext() if plain else _stepping(pipeline, step, records):
         for batch_images, batch_latents in batches:
             images += batch_images or []
             latents.append(family.sampled_latents(batch_latents, resolution).float())

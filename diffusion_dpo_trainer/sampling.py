@@ -7,7 +7,7 @@ runs under `torch.no_grad` and forks the global RNG, so a training run that samp
 that does not.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -54,13 +54,16 @@ def iter_sample_batches(
     batch_size: int = 8,
     progress: bool | str = True,
     return_latents: bool = False,
+    prompt_kwargs: Callable[[list[str]], dict] | None = None,
     **pipeline_kwargs,
 ) -> Iterator[list[Image.Image]] | Iterator[tuple[list[Image.Image], torch.Tensor]]:
     """Yield the images of `sample_images` one batch at a time, so callers can score and drop them as they come.
 
     With `return_latents`, yield `(images, latents)`: the final latents the pipeline decoded into those images, as
     the denoiser produced them (captured with `callback_on_step_end`, so nothing is re-encoded). With
-    `output_type="latent"` nothing is decoded and `images` is None.
+    `output_type="latent"` nothing is decoded and `images` is None. `prompt_kwargs(batch_prompts)`, when given, returns
+    the pipeline's keyword arguments in place of the prompt strings (embeddings: a family's `pipeline_prompt_kwargs`),
+    called per batch in sampling mode.
     """
     output_type = pipeline_kwargs.pop("output_type", "pil")
     if len(prompts) != len(seeds):
@@ -82,8 +85,8 @@ def iter_sample_batches(
                                    "callback_on_step_end_tensor_inputs": ["latents"]}
             # Entered per batch, so nothing stays switched while the caller works on a yielded batch.
             with sampling_mode(pipeline):
-                output = pipeline(prompt=batch_prompts, generator=generators, output_type=output_type,
-                                  **pipeline_kwargs)
+                text = {"prompt": batch_prompts} if prompt_kwargs is None else prompt_kwargs(batch_prompts)
+                output = pipeline(**text, generator=generators, output_type=output_type, **pipeline_kwargs)
             bar.update(len(batch_prompts))
             # Video pipelines (Wan) return `frames`: one list of PIL frames per video.
             images = None if output_type == "latent" else output.images if hasattr(output, "images") else output.frames

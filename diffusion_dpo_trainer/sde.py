@@ -52,6 +52,9 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     is why the published clip range is ~1e-4. A deterministic step (std 0) has no density: its entries are NaN, so
     training on a step that was never stochastic fails loudly instead of silently.
     """
+    # std is expanded to every element, in the rollout (one std for the batch) and in training (one per sample) alike:
+    # computed per sample and broadcast, its last bits came out differently in the two on FLUX.2's token layout, and the
+    # importance ratio was no longer exactly 1.
     std = std.expand_as(mean)
     stochastic = std > 0
     safe = torch.where(stochastic, std, torch.ones_like(std))
@@ -61,8 +64,9 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
 
 
 def _gaussian_step(mean, std, prev_sample, generator) -> SDEStep:
+    stochastic = bool((std > 0).any())
     if prev_sample is None:
-        if bool((std > 0).any()):
+        if stochastic:
             noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             prev_sample = mean + std * noise
         else:  # noise level 0: the deterministic step itself, bit for bit, and no draw from the generator
@@ -72,6 +76,8 @@ def _gaussian_step(mean, std, prev_sample, generator) -> SDEStep:
             raise ValueError("Give either `prev_sample` (recompute a recorded step) or `generator` (draw one), "
                              "not both.")
         prev_sample = prev_sample.float()
+    if not stochastic:  # no density (gaussian_log_prob's NaN), without its arithmetic: a window's other steps
+        return SDEStep(prev_sample, mean.new_full(mean.shape[:1], float("nan")), mean, std)
     return SDEStep(prev_sample, gaussian_log_prob(prev_sample.detach(), mean, std), mean, std)
 
 

@@ -191,6 +191,11 @@ def test_a_non_finite_score_is_an_error_naming_the_reward_and_the_image(serve):
     inf = f"http://127.0.0.1:{serve(lambda images, prompts: [math.inf])}/score"
     with pytest.raises(RewardServerError, match=r"\(500\): ValueError: reward 'bright' returned inf for images\[0\]"):
         HTTPReward(inf)([picture()], ["a cat"])
+    # The rules of rewards.scoring.check_scores: a string is not a score, even one that parses as a number.
+    text = f"http://127.0.0.1:{serve(lambda images, prompts: ['1.5'])}/score"
+    with pytest.raises(RewardServerError, match=r"\(500\): NotAScoreError: reward 'bright' returned '1.5' \(str\) for "
+                                                r"images\[0\] \(prompt 'a cat'\); expected a number"):
+        HTTPReward(text)([picture()], ["a cat"])
     # None is TRL's "not scored": it passes through as null, and the client returns None.
     none = f"http://127.0.0.1:{serve(lambda images, prompts: [None, 2])}/score"
     assert HTTPReward(none)([picture(), picture()], ["a", "b"]) == [None, 2.0]

@@ -3,10 +3,11 @@ level 0 reproduces it, a recorded trajectory chains its steps, and `decode=False
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 
+from diffusion_dpo_trainer import sde
 from diffusion_dpo_trainer.families import load_family
-from diffusion_dpo_trainer.rollout import FunctionStep, SchedulerStep, rollout, rollout_seeds
+from diffusion_dpo_trainer.rollout import DDIMStep, FunctionStep, SchedulerStep, rollout, rollout_seeds
 from diffusion_dpo_trainer.sampling import iter_sample_batches
 
 PROMPTS = ["a red square", "a red square", "a blue circle", "a blue circle"]
@@ -62,6 +63,36 @@ def test_a_step_function_with_noise_level_0_reproduces_the_pipeline_and_records_
                                    trajectory["sigma"][0, 1], trajectory["sigma_next"][0, 1], 0.0)
     torch.testing.assert_close(prev, trajectory["next_latents"][:, 1])
     assert (trajectory["sigma"][:, 1:] == trajectory["sigma_next"][:, :-1]).all()
+
+
+def test_a_flow_steps_noise_comes_from_each_images_own_seed(sd3):
+    """The flow pipelines pass their scheduler's step no generator; the rollout hands a stochastic step each image's
+    own, so its noise depends on that image's seed alone: not on the global RNG (which sampling restores after every
+    call, so every rollout drew the same noise) nor on the other images of the batch (N processes sample what one
+    does)."""
+    step, call = FunctionStep(sde.flow_sde_step, 0.7), {"decode": False, "record": True, **CALL}
+    torch.manual_seed(0)
+    both = rollout(sd3, PROMPTS[1:3], [3, 4], 32, step=step, **call)
+    torch.manual_seed(1)
+    assert torch.equal(rollout(sd3, PROMPTS[1:3], [3, 4], 32, step=step, **call).latents, both.latents)
+    alone = rollout(sd3, PROMPTS[2:3], [4], 32, step=step, **call)  # up to the batch size's float rounding
+    torch.testing.assert_close(alone.trajectory["next_latents"], both.trajectory["next_latents"][1:], rtol=0, atol=1e-4)
+    assert "prepare_latents" not in vars(sd3.pipeline)  # the pipeline is left as it was
+
+
+def test_a_ddim_step_reused_at_another_step_count_steps_as_a_new_one(sd_path):
+    """DDIMStep keeps each schedule's step indices and alphas between steps: a new schedule (another step count) is
+    looked up afresh, never in the last one's table."""
+    family = load_family(DiffusionPipeline.from_pretrained(sd_path))
+    family.pipeline.scheduler = DDIMScheduler.from_config(family.pipeline.scheduler.config)
+    reused = DDIMStep(1.0, stochastic=[0])
+    for steps in (2, 3):
+        call = {"num_inference_steps": steps, "guidance_scale": 1.0, "decode": False, "record": True}
+        again = rollout(family, PROMPTS[:2], [1, 2], 32, step=reused, **call).trajectory
+        new = rollout(family, PROMPTS[:2], [1, 2], 32, step=DDIMStep(1.0, stochastic=[0]), **call).trajectory
+        for name in ("next_latents", "alpha", "alpha_prev"):
+            assert torch.equal(again[name], new[name])
+        assert not again["log_prob"][:, 0].isnan().any() and again["log_prob"][:, 1:].isnan().all()
 
 
 def test_recording_the_schedulers_own_step_changes_nothing(sd_path):

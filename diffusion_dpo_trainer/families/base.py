@@ -9,6 +9,7 @@ class attribute set) and registers it for its pipeline classes: adding a family 
 import abc
 import copy
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -267,9 +268,20 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         shift = getattr(self.vae_config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae_config.scaling_factor
 
+    # ----- what a pipeline call samples (on-policy trainers train on it) ------------------------------------------
+    def sampling_kwargs(self) -> dict:
+        """Pipeline-call arguments a rollout passes so the pipeline samples what training expects (the configured
+        size and clip length); none for most families."""
+        return {}
+
     def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
-        """The final latents of a pipeline call (as `callback_on_step_end` sees them) in the denoiser-space
-        (B, C, H, W) layout training uses; most pipelines already keep them that way."""
+        """Latents of a pipeline's denoising loop (the final ones, as `callback_on_step_end` sees them, or a recorded
+        trajectory's) in the denoiser-space (B, C, H, W) layout training uses; most pipelines keep them that way."""
+        return latents
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `sampled_latents`: training-layout latents (or a prediction) in the layout of the pipeline's
+        denoising loop, where GRPO recomputes a recorded step exactly as the rollout computed it."""
         return latents
 
     def generated_conditioning(self, count: int, resolution: int) -> dict[str, torch.Tensor]:
@@ -280,6 +292,58 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     def time_conditioning(self, batch: dict, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-image conditioning other than the prompt (SDXL's micro-conditioning); rows: winners, then losers."""
         return {}
+
+    # ----- sampling with the training conditioning ----------------------------------------------------------------
+    #: `encode_prompt`'s keys -> the pipeline call's keyword arguments; a negative's are "negative_" + those.
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {"encoder_hidden_states": "prompt_embeds"}
+
+    def guidance(self, guidance_scale: float) -> str | None:
+        """What the pipeline's `guidance_scale` does when sampling: "cfg" (classifier-free guidance: an unconditional
+        branch per step, on `unconditional_conditioning`; most pipelines above 1), "embedded" (the input of a
+        guidance-distilled model, which `predict` passes as well) or None (nothing). The one answer the rollout, the
+        text cache and GRPO's training forward all follow."""
+        return "cfg" if guidance_scale > 1 else None
+
+    #: How the pipeline runs classifier-free guidance's two branches: one forward on [negative; prompt] rows (SD,
+    #: SDXL, SD3, Sana), or, False, the prompt's forward and then the negative's (Wan, FLUX.2 [klein]).
+    guidance_batched: ClassVar[bool] = True
+    #: The dtype the pipeline combines the two branches in (Sana: float32); None: the denoiser output's own.
+    guidance_dtype: ClassVar[torch.dtype | None] = None
+
+    def guided_prediction(self, denoiser, latents, timesteps, conditioning: dict, negative: dict | None,
+                          guidance_scale: float) -> torch.Tensor:
+        """The model output the pipeline steps with at `guidance_scale`, recomputed for training (GRPO's ratio needs
+        it bit for bit): `predict` alone without a `negative`; with one, the pipeline's classifier-free guidance,
+        uncond + s (cond - uncond), its branches run as the pipeline runs them (`guidance_batched`, `guidance_dtype`)
+        and the unconditional one detached (flow_grpo trains through the conditional branch). Override where the
+        pipeline's guidance has another form (Z-Image)."""
+        if negative is None:
+            return self.predict(denoiser, latents, timesteps, conditioning)
+        if self.guidance_batched:
+            rows = {key: torch.cat([negative[key], value]) for key, value in conditioning.items()}
+            output = self.predict(denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), rows)
+            unconditional, conditional = output.chunk(2)
+        else:
+            conditional = self.predict(denoiser, latents, timesteps, conditioning)
+            with torch.no_grad():
+                unconditional = self.predict(denoiser, latents, timesteps, negative)
+        dtype = self.guidance_dtype or conditional.dtype
+        unconditional, conditional = unconditional.detach().to(dtype), conditional.to(dtype)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    def unconditional_conditioning(self, conditioning: dict, encode: Callable) -> dict[str, torch.Tensor]:
+        """What the pipeline uses as its unconditional branch when no negative prompt is given, one row per row of
+        `conditioning`: most pipelines encode "" as they encode a prompt (`encode`: the caller's encoder or text
+        cache; one "" per row, as the pipeline batches them), so training and sampling guide with the same tensors."""
+        return encode([""] * len(next(iter(conditioning.values()))))
+
+    def pipeline_prompt_kwargs(self, conditioning: dict, negative: dict | None = None) -> dict:
+        """`encode_prompt`'s tensors (and the unconditional ones) as the pipeline call's keyword arguments, in place
+        of prompt strings: the pipeline then samples with exactly what training conditions on."""
+        names = self.pipeline_prompt_names
+        kwargs = {names[key]: value for key, value in conditioning.items()}
+        kwargs.update({f"negative_{names[key]}": value for key, value in (negative or {}).items()})
+        return kwargs
 
     # ----- the diffusion process ----------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -1,5 +1,7 @@
 """FLUX.1: CLIP (pooled) + T5 prompt encoding, latents packed in 2x2 patches with position ids, guidance embedding."""
 
+from typing import ClassVar
+
 import torch
 
 from .flow import FlowMatchingFamily
@@ -10,6 +12,10 @@ class FluxFamily(FlowMatchingFamily):
     #: 5000 (the SD1.5/SDXL value) times E[(1 - s)^2] ~ 0.29 under unshifted logit-normal sampling (a velocity error is
     #: an epsilon error divided by 1 - s) gives ~1470; TangoFlux's DPO on a FLUX transformer uses 2000.
     default_beta = 1000.0
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {
+        "encoder_hidden_states": "prompt_embeds",
+        "pooled_projections": "pooled_prompt_embeds",
+    }
 
     def __init__(self, pipeline, args=None):
         super().__init__(pipeline, args)
@@ -19,9 +25,17 @@ class FluxFamily(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
+    def guidance(self, guidance_scale):
+        """FLUX.1's `guidance_scale` is the guidance-distilled model's input (FLUX.1-dev), never classifier-free
+        guidance: that is `true_cfg_scale` with a negative prompt, which no trainer passes."""
+        return "embedded" if self.guidance_scale is not None else None
+
     def sampled_latents(self, latents, resolution):
         """FluxPipeline denoises packed 2x2 patch tokens: unpack them to (B, C, H, W)."""
         return type(self.pipeline)._unpack_latents(latents, resolution, resolution, self.vae_scale_factor)
+
+    def pipeline_latents(self, latents):
+        return type(self.pipeline)._pack_latents(latents, *latents.shape)
 
     @torch.no_grad()
     def encode_prompt(self, prompts, device):

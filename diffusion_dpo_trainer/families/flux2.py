@@ -45,6 +45,26 @@ class Flux2Family(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
+    #: [klein] runs the prompt's branch, then the negative's as a second forward (with the negative's own text ids,
+    #: which `predict` makes from the negative's embeddings as the pipeline does); [dev] only embeds the scale.
+    guidance_batched = False
+
+    def guidance(self, guidance_scale):
+        """[dev]'s `guidance_scale` is the guidance embedding's input; [klein] guides classifier-free above 1 unless
+        its config says it is step-distilled (`is_distilled`, where the pipeline ignores the scale). Flux2Pipeline's
+        config has no `is_distilled`: it has no classifier-free guidance at all."""
+        if self.guidance_scale is not None:
+            return "embedded"
+        return "cfg" if guidance_scale > 1 and self.pipeline.config.get("is_distilled") is False else None
+
+    def sampled_latents(self, latents, resolution):
+        """The pipeline denoises the patch latents as tokens in row-major order: back to (B, C, H, W) patches."""
+        side = resolution // (2 * self.vae_scale_factor)
+        return latents.transpose(1, 2).reshape(len(latents), -1, side, side)
+
+    def pipeline_latents(self, latents):
+        return type(self.pipeline)._pack_latents(latents)
+
     @torch.no_grad()
     def encode_prompt(self, prompts, device):
         length = {"max_sequence_length": self.max_prompt_length} if self.max_prompt_length else {}

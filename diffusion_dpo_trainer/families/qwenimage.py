@@ -1,6 +1,8 @@
 """Qwen-Image: Qwen2.5-VL prompt encoding with a padding mask, a 3D (video-style) VAE with per-channel latent
 normalisation, latents packed in 2x2 patches with rotary positions from the image shape, an MMDiT transformer."""
 
+from typing import ClassVar
+
 import torch
 
 from .flow import FlowMatchingFamily
@@ -15,8 +17,30 @@ class QwenImageFamily(FlowMatchingFamily):
     #: The pipeline's own `max_sequence_length` default at inference: prompts are truncated as sampling truncates them.
     default_max_prompt_length = 512
 
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {
+        "encoder_hidden_states": "prompt_embeds",
+        "encoder_hidden_states_mask": "prompt_embeds_mask",
+    }
+
+    def pipeline_prompt_kwargs(self, conditioning, negative=None):
+        """Without the padding every prompt shares: the pipeline's own encoding pads only to the batch's longest."""
+        length = int(conditioning["encoder_hidden_states_mask"].sum(dim=1).max())
+        return super().pipeline_prompt_kwargs({key: value[:, :length] for key, value in conditioning.items()})
+
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
+
+    def guidance(self, guidance_scale) -> str | None:
+        """The pipeline's `guidance_scale` feeds only guidance-distilled checkpoints, which this family does not train;
+        its classifier-free guidance is `true_cfg_scale` with a negative prompt, which no trainer passes."""
+        return None
+
+    def sampled_latents(self, latents, resolution):
+        """The pipeline denoises packed 2x2 patch tokens: unpack them to (B, C, H, W)."""
+        return type(self.pipeline)._unpack_latents(latents, resolution, resolution, self.vae_scale_factor).squeeze(2)
+
+    def pipeline_latents(self, latents):
+        return type(self.pipeline)._pack_latents(latents, *latents.shape)
 
     def latent_shape(self, pixel_shape):
         return (self.vae_config.z_dim, *(side // self.vae_scale_factor for side in pixel_shape[-2:]))
@@ -57,10 +81,12 @@ class QwenImageFamily(FlowMatchingFamily):
         # Text rotary positions do not depend on the padded length and padded keys are masked out: trimming the
         # padding all rows share changes nothing but the cost.
         length = int(mask.sum(dim=1).max())
+        mask = mask[:, :length]
         prediction = denoiser(
             hidden_states=pipeline_class._pack_latents(noisy_latents, batch, channels, height, width),
             encoder_hidden_states=conditioning["encoder_hidden_states"][:, :length],
-            encoder_hidden_states_mask=mask[:, :length],
+            # None when no prompt is padded, as the pipeline passes it (another attention path: GRPO's exact ratio).
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
             timestep=timesteps / self.num_train_timesteps,
             img_shapes=[[(1, height // 2, width // 2)]] * batch,
             return_dict=False,

@@ -3,6 +3,7 @@
 sigmas of its DPM-Solver scheduler's `flow_shift`."""
 
 import inspect
+from typing import ClassVar
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -27,6 +28,31 @@ class SanaFamily(FlowMatchingFamily):
         default = inspect.signature(type(pipeline).__call__).parameters["complex_human_instruction"].default
         self.complex_human_instruction = list(default)
 
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {
+        "encoder_hidden_states": "prompt_embeds",
+        "encoder_attention_mask": "prompt_attention_mask",
+    }
+
+    @torch.no_grad()
+    def unconditional_conditioning(self, conditioning, encode):
+        """SanaPipeline encodes its negative "" WITHOUT the complex human instruction (so not as a prompt, and not
+        from the text cache): its own encode_prompt, one "" per row, on the text encoder's device."""
+        rows, device = len(conditioning["encoder_hidden_states"]), conditioning["encoder_hidden_states"].device
+        length = {"max_sequence_length": self.max_prompt_length} if self.max_prompt_length else {}
+        _, _, embeds, mask = self.pipeline.encode_prompt(
+            [""] * rows, do_classifier_free_guidance=True, device=self.pipeline.text_encoder.device,
+            complex_human_instruction=self.complex_human_instruction, **length,
+        )
+        return {"encoder_hidden_states": embeds.to(device), "encoder_attention_mask": mask.to(device)}
+
+    #: SanaPipeline casts the transformer's output to float32 before combining the guidance branches.
+    guidance_dtype = torch.float32
+
+    def pipeline_prompt_kwargs(self, conditioning, negative=None):
+        # The pipeline's `negative_prompt` defaults to "", which it refuses next to negative embeddings.
+        kwargs = super().pipeline_prompt_kwargs(conditioning, negative)
+        return {**kwargs, "negative_prompt": None} if negative is not None else kwargs
+
     def training_scheduler(self):
         """Sana ships a DPM-Solver scheduler on flow sigmas: its `flow_shift` is the static shift of the training
         sigmas (3 in Sana's training configs). A flow-matching Euler scheduler's config is used as it is."""
@@ -36,6 +62,10 @@ class SanaFamily(FlowMatchingFamily):
                 num_train_timesteps=config.num_train_timesteps, shift=config.flow_shift
             )
         return super().training_scheduler()
+
+    def sampling_kwargs(self):
+        # Binning would sample at the nearest trained aspect-ratio size and resize the images: not `resolution`.
+        return {"use_resolution_binning": False}
 
     def resolution_multiple(self):
         return self.denoiser.config.patch_size * self.vae_scale_factor

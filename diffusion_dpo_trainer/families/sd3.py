@@ -1,5 +1,7 @@
 """Stable Diffusion 3/3.5: CLIP-L + CLIP-G + T5 prompt encoding, pooled projections, an MMDiT transformer."""
 
+from typing import ClassVar
+
 import torch
 
 from .flow import FlowMatchingFamily
@@ -10,6 +12,10 @@ class StableDiffusion3Family(FlowMatchingFamily):
     #: 5000 (the SD1.5/SDXL value) times E[(1 - s)^2] ~ 0.11 under SD3's shift 3 and logit-normal sampling (a velocity
     #: error is an epsilon error divided by 1 - s) gives ~570; Flow-GRPO's SD3.5-M DPO baseline uses 100.
     default_beta = 500.0
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {
+        "encoder_hidden_states": "prompt_embeds",
+        "pooled_projections": "pooled_prompt_embeds",
+    }
 
     @torch.no_grad()
     def encode_prompt(self, prompts, device):

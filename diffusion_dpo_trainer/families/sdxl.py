@@ -1,5 +1,7 @@
 """SDXL: two CLIP encoders, pooled text embeddings and micro-conditioning on image size and crop."""
 
+from typing import ClassVar
+
 import torch
 
 from .sd import StableDiffusionFamily
@@ -15,6 +17,18 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def encode_prompt(self, prompts, device):
         embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+
+    pipeline_prompt_names: ClassVar[dict[str, str]] = {
+        "encoder_hidden_states": "prompt_embeds",
+        "text_embeds": "pooled_prompt_embeds",
+    }
+
+    def unconditional_conditioning(self, conditioning, encode):
+        """SDXL's pipeline guides with zeroed embeddings (pooled too) for an empty negative prompt when its config says
+        `force_zeros_for_empty_prompt` (the SDXL base checkpoint does); otherwise with the encoding of ""."""
+        if self.pipeline.config.get("force_zeros_for_empty_prompt", False):
+            return {key: torch.zeros_like(value) for key, value in conditioning.items()}
+        return super().unconditional_conditioning(conditioning, encode)
 
     def generated_conditioning(self, count, resolution):
         """A generated image's micro-conditioning: its own size, no crop."""

@@ -55,6 +55,12 @@ class WanFamily(FlowMatchingFamily):
         if has_second or config.get("boundary_ratio") is not None:
             raise ValueError(TWO_EXPERT_MESSAGE)
 
+    #: WanPipeline runs the prompt's branch, then the negative's as a second forward.
+    guidance_batched = False
+
+    def sampling_kwargs(self):
+        return {"num_frames": self.default_num_frames if self.args.num_frames is None else self.args.num_frames}
+
     def spatial_compression(self):
         return int(self.vae_config.scale_factor_spatial)
 

@@ -19,8 +19,32 @@ class ZImageFamily(FlowMatchingFamily):
     #: The pipeline's own `max_sequence_length` default.
     default_max_prompt_length = 512
 
+    def pipeline_prompt_kwargs(self, conditioning, negative=None):
+        """The pipeline takes one (tokens, width) tensor per prompt: the padded cache rows without their padding."""
+        def tokens(entry):
+            return [embed[keep] for embed, keep in zip(entry["cap_feats"], entry["cap_mask"].bool())]
+
+        return {"prompt_embeds": tokens(conditioning),
+                **({"negative_prompt_embeds": tokens(negative)} if negative is not None else {})}
+
     def native_resolution(self):
         return 1024  # ZImagePipeline's default height and width
+
+    def guidance(self, guidance_scale):
+        """Z-Image guides classifier-free at any scale above 0 (Z-Image-Turbo samples at 0)."""
+        return "cfg" if guidance_scale > 0 else None
+
+    def guided_prediction(self, denoiser, latents, timesteps, conditioning, negative, guidance_scale):
+        """ZImagePipeline batches the prompt's rows FIRST and combines in float32 as pos + s (pos - neg), so 1.0
+        guides too. `predict` returns the negated output, which changes no bit of that arithmetic. The pipeline's
+        `cfg_normalization` and `cfg_truncation` are off by default, and no rollout passes them."""
+        if negative is None:
+            return self.predict(denoiser, latents, timesteps, conditioning)
+        rows = {key: torch.cat([value, negative[key]]) for key, value in conditioning.items()}
+        output = self.predict(denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), rows)
+        conditional, unconditional = output.float().chunk(2)
+        unconditional = unconditional.detach()
+        return conditional + guidance_scale * (conditional - unconditional)
 
     @torch.no_grad()
     def encode_prompt(self, prompts, device):
@@ -42,8 +66,8 @@ class ZImageFamily(FlowMatchingFamily):
         captions = [embed[keep] for embed, keep in zip(conditioning["cap_feats"], mask)]
         outputs = denoiser(
             list(noisy_latents.unsqueeze(2).unbind(0)),  # one (C, 1, H, W) latent per image
-            # The transformer's time is 1 - sigma (1000 - t over 1000), as the pipeline gives it.
-            1.0 - timesteps / self.num_train_timesteps,
+            # The transformer's time is 1 - sigma, computed as the pipeline computes it (bit for bit: GRPO's ratio).
+            (self.num_train_timesteps - timesteps) / self.num_train_timesteps,
             captions,
             return_dict=False,
         )[0]

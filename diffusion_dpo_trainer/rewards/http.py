@@ -32,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
+from . import scoring
 from .base import check_inputs
 
 #: What the server decodes: the client sends PNG; other formats PIL knows (EPS runs Ghostscript) are refused.
@@ -149,23 +150,13 @@ def check_payload(payload, max_batch_size: int) -> tuple[list[str], list[str]]:
     return prompts, images
 
 
+#: The protocol's words in `check_scores`' errors: the JSON fields a client sees.
+SERVER_NAMING = scoring.ScoreNaming(reward="reward", values="scores", image="images[{}]")
+
+
 def check_scores(scores, prompts: list[str], name: str) -> list[float | None]:
-    """One finite float (or None: not scored, TRL's convention) per image, or an error naming the reward and the
-    image: a NaN would turn every comparison it enters into a tie."""
-    scores = list(scores)
-    if len(scores) != len(prompts):
-        raise ValueError(f"reward {name!r} returned {len(scores)} scores for {len(prompts)} images")
-    checked = []
-    for i, score in enumerate(scores):
-        try:
-            value = None if score is None else float(score)
-        except (TypeError, ValueError):
-            value = math.nan
-        if value is not None and (isinstance(score, bool) or not math.isfinite(value)):
-            raise ValueError(f"reward {name!r} returned {score!r} for images[{i}] (prompt {prompts[i]!r}); expected "
-                             "a finite number (or None for an image it does not score)")
-        checked.append(value)
-    return checked
+    """`rewards.scoring.check_scores` in the protocol's words, with None (TRL's "not scored", JSON null) kept."""
+    return [None if math.isnan(s) else s for s in scoring.check_scores(scores, prompts, name, naming=SERVER_NAMING)]
 
 
 class HTTPReward:

@@ -43,29 +43,39 @@ class NotAScoreError(TypeError, ValueError):
     (ValueError) to the command line, which reports it in one line instead of a traceback."""
 
 
-def check_scores(values, prompts: Sequence[str], name: str, allow_none: bool = True, offset: int = 0) -> list[float]:
+@dataclass(frozen=True)
+class ScoreNaming:
+    """How `check_scores`' errors name the reward, its values and an image (`image.format(index)`): the trainers'
+    words by default; the reward server names its JSON fields (`SERVER_NAMING` in http.py)."""
+
+    reward: str = "Reward function"
+    values: str = "values"
+    image: str = "image {}"
+
+
+def check_scores(values, prompts: Sequence[str], name: str, allow_none: bool = True, offset: int = 0,
+                 naming: ScoreNaming = ScoreNaming()) -> list[float]:
     """One finite float per image (NaN for None where `allow_none`); `offset` is the first image's index in the run,
     so an error names the image as the caller counts it."""
-    values = list(values)
+    values, reward = list(values), f"{naming.reward} {name!r}"
     if len(values) != len(prompts):
-        raise ValueError(f"Reward function {name!r} returned {len(values)} values for {len(prompts)} images; expected "
+        raise ValueError(f"{reward} returned {len(values)} {naming.values} for {len(prompts)} images; expected "
                          "one per image" + (" (None for an image it does not score)." if allow_none else "."))
     checked = []
     for i, value in enumerate(values):
-        where = f"image {offset + i} (prompt {prompts[i]!r})"
+        where = f"{naming.image.format(offset + i)} (prompt {prompts[i]!r})"
         if value is None:
             if not allow_none:
-                raise ValueError(f"Reward function {name!r} returned None for {where}; every image must be scored "
-                                 "here.")
+                raise ValueError(f"{reward} returned None for {where}; every image must be scored here.")
             checked.append(math.nan)
             continue
         if isinstance(value, torch.Tensor | np.ndarray) and np.ndim(value) == 0:
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-            raise NotAScoreError(f"Reward function {name!r} returned {value!r} ({type(value).__name__}) for {where}; "
-                            "expected a number" + (", or None to skip the image." if allow_none else "."))
+            raise NotAScoreError(f"{reward} returned {value!r} ({type(value).__name__}) for {where}; expected a "
+                                 "number" + (", or None to skip the image." if allow_none else "."))
         if not math.isfinite(value):
-            raise ValueError(f"Reward function {name!r} returned {value} for {where}; expected a finite number"
+            raise ValueError(f"{reward} returned {value} for {where}; expected a finite number"
                              + (" (return None to leave an image unscored)." if allow_none else "."))
         checked.append(float(value))
     return checked
