@@ -11,9 +11,11 @@ VALIDATION sampling seeds (2e9 + s): disjoint from the pair-sampling seeds and f
 A setting is comma-separated overrides of the demo's `Settings` fields, plus `reward=svm` (the demo's calibrated
 RBF-SVM) or `reward=logistic` (a logistic regression, C=0.5), and `online=1` for on-policy DPO (the demo's --online;
 `online_iterations`, `images_per_group`, `dpo_batch_size` set its sampling; any scalar field that
-`DiffusionOnlineDPOConfig` adds, e.g. `pair_strategy=all_pairs` or `sync_ref_model=1`, is passed on) or `grpo=1` for
-GRPO (the demo's --grpo, from `FULL_GRPO`; scalar `DiffusionGRPOConfig` fields such as `epsilon=1e-3` pass on). Prints one JSON
-line per run, then a Markdown table;
+`DiffusionOnlineDPOConfig` adds, e.g. `pair_strategy=all_pairs` or `sync_ref_model=1`, is passed on), `grpo=1` for
+GRPO (the demo's --grpo, from `FULL_GRPO`; scalar `DiffusionGRPOConfig` fields such as `epsilon=1e-3` pass on) or
+`nft=1` for DiffusionNFT (the demo's --nft, from `FULL_NFT`; scalar `DiffusionNFTConfig` fields such as
+`ema_decay_type=2` pass on; its logs also carry `cpu_s`, the process CPU seconds since training began). Prints one
+JSON line per run, then a Markdown table;
 "judge agrees with pair labels" is the share of AI-feedback pairs whose chosen image the judge also scores higher.
 `--reference-points 8` first prints, per pipeline seed, the judged win rates of two yardsticks against base samples:
 best-of-k base samples picked by the reward model, and real scans (see `reference_points`).
@@ -33,8 +35,15 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
+from transformers import TrainerCallback
 
-from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionGRPOConfig, DiffusionOnlineDPOConfig, evaluate_win_rate
+from diffusion_dpo_trainer import (
+    DiffusionDPOConfig,
+    DiffusionGRPOConfig,
+    DiffusionNFTConfig,
+    DiffusionOnlineDPOConfig,
+    evaluate_win_rate,
+)
 from diffusion_dpo_trainer.sampling import sample_images
 
 # The demo's building blocks live in examples/digits_common.py, a module the demo and this sweep share.
@@ -73,13 +82,24 @@ def reference_points(base_path, reward, judge, pixels_a, labels_a, n: int, per_d
     return points
 
 
+class _CPUSeconds(TrainerCallback):
+    """Adds `cpu_s`, the process CPU seconds since training began, to every log: the cost axis of a reward curve that
+    a shared machine's wall time would distort."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.process_time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        state.log_history[-1]["cpu_s"] = round(time.process_time() - self.start, 2)  # the entry just logged
+
+
 def parse_setting(text: str, defaults: demo.Settings = demo.FULL) -> tuple[str, str, demo.Settings, dict]:
-    """(reward, method: offline, online or grpo, the demo's Settings from `defaults` (GRPO: the base's GRPO settings),
-    the method's own config overrides) of one
-    setting."""
+    """(reward, method: offline, online, grpo or nft, the demo's Settings from `defaults` (GRPO, NFT: the base's GRPO or
+    NFT settings), the method's own config overrides) of one setting."""
     fields = {f.name: f.type for f in dataclasses.fields(demo.Settings)}
-    method = "grpo" if "grpo=1" in text.split(",") else "online" if "online=1" in text.split(",") else "offline"
-    config_class = DiffusionGRPOConfig if method == "grpo" else DiffusionOnlineDPOConfig
+    items = text.split(",")
+    method = next((m for m in ("grpo", "nft", "online") if f"{m}=1" in items), "offline")
+    config_class = {"grpo": DiffusionGRPOConfig, "nft": DiffusionNFTConfig}.get(method, DiffusionOnlineDPOConfig)
     online_fields = {f.name: f.default for f in dataclasses.fields(config_class)
                      if f.name not in {g.name for g in dataclasses.fields(DiffusionDPOConfig)}}
     reward, overrides, config, dpo_config = "svm", {}, {}, {}
@@ -87,7 +107,7 @@ def parse_setting(text: str, defaults: demo.Settings = demo.FULL) -> tuple[str, 
         key, _, value = item.partition("=")
         if key == "reward" and value in ("svm", "logistic"):
             reward = value
-        elif key in ("online", "grpo"):
+        elif key in ("online", "grpo", "nft"):
             continue
         elif key in fields:
             overrides[key] = {int: int, "int": int, str: str, "str": str}.get(fields[key], float)(value)
@@ -99,11 +119,13 @@ def parse_setting(text: str, defaults: demo.Settings = demo.FULL) -> tuple[str, 
                 dpo_config.update([demo.dpo_option(item)])
             except ValueError:
                 raise SystemExit(f"unknown setting {item!r} in {text!r}: use reward=svm|logistic, online=1, grpo=1, "
-                                 f"{sorted(fields)}, DiffusionDPOConfig's own fields, or ({method}) "
+                                 f"nft=1, {sorted(fields)}, DiffusionDPOConfig's own fields, or ({method}) "
                                  f"{sorted(online_fields)}") from None
     if config and method == "offline":
-        raise SystemExit(f"{sorted(config)} in {text!r} apply to online DPO or GRPO only: add online=1 or grpo=1.")
-    base = demo.settings_for(defaults.base, grpo=True) if method == "grpo" else defaults
+        raise SystemExit(f"{sorted(config)} in {text!r} apply to online DPO, GRPO or NFT only: add online=1, grpo=1 or "
+                         "nft=1.")
+    base = demo.settings_for(defaults.base, grpo=method == "grpo", nft=method == "nft") if method in ("grpo", "nft") \
+        else defaults
     return reward, method, dataclasses.replace(base, **overrides), {**config, **dpo_config}
 
 
@@ -116,6 +138,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--base", choices=("epsilon", "flow"), default="epsilon",
                         help="the demo's base model (its --base): settings start from its full offline settings")
     parser.add_argument("--work-dir", default=None, help="keeps the base pipelines (base-S) for later sweeps")
+    parser.add_argument("--log-dir", default=None,
+                        help="writes each run's trainer.state.log_history and row as JSON there (training curves)")
     parser.add_argument("--base-cache", default=None, metavar="DIR",
                         help="the demo's --base-cache: pretrained bases shared with demo runs and other sweeps")
     parser.add_argument("--reference-points", type=int, default=0, metavar="N",
@@ -158,15 +182,19 @@ def main(argv=None) -> list[dict]:
                 if method == "grpo":
                     trainer = demo.grpo_trainer(base_path, rewards[reward], settings, seed + dpo_seed, output_dir,
                                                 disable_tqdm=True, **online_config)
+                elif method == "nft":
+                    trainer = demo.nft_trainer(base_path, rewards[reward], settings, seed + dpo_seed, output_dir,
+                                               disable_tqdm=True, **online_config)
+                    trainer.add_callback(_CPUSeconds())  # the cost axis of "reward reached" (docs/nft.md)
                 elif online:
                     trainer = demo.online_dpo_trainer(base_path, rewards[reward], settings, seed + dpo_seed,
                                                       output_dir, disable_tqdm=True, **online_config)
                 else:
                     trainer = demo.dpo_trainer(base_path, pairs[key], settings, seed + dpo_seed, output_dir,
                                                disable_tqdm=True, **online_config)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 trainer.train()
-                train_s = time.perf_counter() - start
+                train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
                 result = evaluate_win_rate(trainer.pipeline, None, demo.PROMPTS, judge, seeds, return_images=True,
                                            batch_size=settings.batch_size, **demo.sampling_kwargs(settings))
                 prompts = [c["prompt"] for c in result["comparisons"]]
@@ -180,9 +208,15 @@ def main(argv=None) -> list[dict]:
                        "diversity": [base["diversity"], dpo["diversity"]], "reward_model_win_rate": reward_win_rate,
                        "pair_judge_agreement": agreement.get(key) if not online else None,
                        "images_sampled": demo.images_sampled(settings, online), "train_s": round(train_s, 1),
+                       "train_cpu_s": round(train_cpu_s, 1),
                        **demo.winner_error_change(trainer.state.log_history)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                if args.log_dir:
+                    os.makedirs(args.log_dir, exist_ok=True)
+                    name = f"{text.replace('=', '-').replace(',', '_')}_split{seed}_dpo{dpo_seed}.json"
+                    with open(os.path.join(args.log_dir, name), "w", encoding="utf-8") as f:
+                        json.dump({**row, "log_history": trainer.state.log_history}, f, indent=1)
     if not args.settings:
         return rows
     print("\n| setting | judged win rates (validation) | mean | min | judge accuracy base -> DPO | diversity "
