@@ -35,13 +35,9 @@ FLOW_STEPS = {"flow_sde": flow_sde_step, "dance": dance_sde_step, "cps": cps_ste
 
 def _support(family, guidance_scale: float) -> str:
     """The family's default dynamics (DDIM with eta for the SD families, Flow-SDE for the flow-matching ones), or an
-    error saying why GRPO cannot train it with this guidance: the training forward must reproduce the rollout's."""
+    error saying why GRPO cannot train it: no stochastic step, or a guidance scale the pipeline ignores."""
     name = type(family.pipeline).__name__
-    guidance = family.guidance(guidance_scale)
-    if guidance == "cfg" and family.cfg_mismatch:
-        raise ValueError(f"GRPO does not support {name} with guidance_scale={guidance_scale} yet: "
-                         f"{family.cfg_mismatch}.")
-    if guidance is None and guidance_scale > 1:
+    if family.guidance(guidance_scale) is None and guidance_scale > 1:
         raise ValueError(f"guidance_scale={guidance_scale} does nothing in {name}'s sampling (no classifier-free "
                          "guidance through `guidance_scale`, no guidance embedding): use guidance_scale=1.0.")
     if isinstance(family, FlowMatchingFamily):
@@ -55,8 +51,8 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
     """GRPO for diffusers text-to-image models, with the signature of TRL's `GRPOTrainer`.
 
     Args:
-        model: a Hub id, a local path or a loaded pipeline of any family (docs/grpo.md, "Families": guidance that
-            the training forward cannot reproduce yet is refused by name).
+        model: a Hub id, a local path or a loaded pipeline of any family (docs/grpo.md, "Families": the guidance each
+            trains with).
         reward_funcs: a reward or a list of them (TRL's convention: `fn(prompts=..., completions=images, **columns)`,
             or `fn(images, prompts)`, or a name for `load_reward`), combined with `args.reward_weights`; one float or
             None per image, higher is better.
@@ -83,7 +79,6 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
                          eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers,
                          peft_config=peft_config)
         default = _support(self.family, args.guidance_scale)
-        self._cfg = self.family.guidance(args.guidance_scale) == "cfg"  # else: no unconditional branch to train
         self.dynamics = args.dynamics or default
         if (self.dynamics == "ddim") != (default == "ddim"):
             raise ValueError(f"dynamics={self.dynamics!r} does not fit {type(self.family.pipeline).__name__}: use "
@@ -196,38 +191,31 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         return batch
 
     # ----- the step -----------------------------------------------------------------------------------------------
-    def _conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The prompts' conditioning and, with guidance, the pipeline's own unconditional one first, as the pipeline
-        batches them (negatives, then prompts): the tensors the rollout sampled with (text cache or encoder, the
-        family's negative), once per micro-step."""
+    def _conditioning(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The prompts' conditioning and, with classifier-free guidance, the pipeline's own unconditional one (else
+        None): the tensors the rollout sampled with (text cache or encoder, the family's negative), once per
+        micro-step."""
         conditioning = self._prompt_conditioning(prompts)
-        negative = guidance_conditioning(self.family, conditioning, self._prompt_conditioning, self.args.guidance_scale)
-        if negative is not None:
-            conditioning = {k: torch.cat([negative[k], v]) for k, v in conditioning.items()}
-        return conditioning
+        return conditioning, guidance_conditioning(self.family, conditioning, self._prompt_conditioning,
+                                                   self.args.guidance_scale)
 
-    def _guided_output(self, denoiser, latents, timesteps, conditioning):
-        """The model output the rollout's step saw: one forward on [unconditional; conditional] as the pipeline
-        batches it, combined with the guidance scale; the unconditional branch detached (flow_grpo)."""
-        scale = self.args.guidance_scale
-        latents = latents.to(self.weight_dtype)
-        if not self._cfg:
-            return self.family.predict(denoiser, latents, timesteps, conditioning)
-        output = self.family.predict(denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
-                                     conditioning)
-        unconditional, conditional = output.chunk(2)
-        unconditional = unconditional.detach()
-        return unconditional + scale * (conditional - unconditional)
+    def _guided_output(self, denoiser, latents, timesteps, conditioning, negative):
+        """The model output the rollout's step saw: the family's `guided_prediction` (its pipeline's guidance, the
+        unconditional branch detached as flow_grpo does) at the configured scale."""
+        return self.family.guided_prediction(denoiser, latents.to(self.weight_dtype), timesteps, conditioning, negative,
+                                             self.args.guidance_scale)
 
-    def _model_output(self, denoiser, batch: dict, j: int, conditioning: dict) -> torch.Tensor:
+    def _model_output(self, denoiser, batch: dict, j: int, conditioning: tuple) -> torch.Tensor:
         """The model output of trained step j as the rollout's step saw it, in the pipeline's latent layout: the
         recorded latents go to `predict` in the family's training layout (FLUX's packed tokens unpacked) with the
-        family's per-image conditioning (SDXL's time ids), and the output comes back packed."""
+        family's per-image conditioning (SDXL's time ids, for both guidance branches, as its pipeline repeats them),
+        and the output comes back packed."""
         family = self.family
         extra = family.time_conditioning(batch, self.resolution, self.accelerator.device)
-        conditioning = {**conditioning, **{k: torch.cat([v, v]) if self._cfg else v for k, v in extra.items()}}
+        conditioning, negative = ({**entry, **extra} if entry is not None else None for entry in conditioning)
         latents = family.sampled_latents(batch["latents"][:, j], self.resolution)
-        return family.pipeline_latents(self._guided_output(denoiser, latents, batch["timesteps"][:, j], conditioning))
+        output = self._guided_output(denoiser, latents, batch["timesteps"][:, j], conditioning, negative)
+        return family.pipeline_latents(output)
 
     def _transition(self, batch: dict, j: int, output: torch.Tensor):
         """The log-density of the recorded sample of trained step j under `output` (sde.py), and the KL's scale."""

@@ -35,7 +35,7 @@ class OnPolicyTrainer(DiffusionDPOTrainer):
 
     # ----- conditioning -------------------------------------------------------------------------------------------
     def _precompute_caches(self) -> None:
-        if self.family.classifier_free_guidance(self.args.guidance_scale):
+        if self.family.guidance(self.args.guidance_scale) == "cfg":
             self.data_collator.extra_prompts = ("",)  # most pipelines' negative: cached with the prompts
         super()._precompute_caches()
 

@@ -126,7 +126,7 @@ def _model_dtype(prev: torch.Tensor, dtype: torch.dtype, extras: dict) -> tuple[
 def guidance_conditioning(family, conditioning: dict, encode: Callable, guidance_scale: float) -> dict | None:
     """The unconditional conditioning the family's pipeline guides with at `guidance_scale` (one row per row of
     `conditioning`), or None where it runs no unconditional branch."""
-    if not family.classifier_free_guidance(guidance_scale):
+    if family.guidance(guidance_scale) != "cfg":
         return None
     return family.unconditional_conditioning(conditioning, encode)
 

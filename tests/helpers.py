@@ -198,18 +198,23 @@ class DenoiserRecorder:
 
 
 def assert_grpo_training_repeats_rollout(recorder, sampling_steps: int, trained_steps: list[int]) -> None:
-    """A GRPO run's recorded denoiser calls (one rollout of `sampling_steps` calls, then per trained step the policy's
-    and the reference's): every training call's tensor inputs are those of the rollout's call at that step."""
-    rollout_calls, training_calls = recorder.calls[:sampling_steps], recorder.calls[sampling_steps:]
-    assert len(training_calls) == 2 * len(trained_steps)  # policy, then reference (adapter off), per trained step
+    """A GRPO run's recorded denoiser calls (one rollout of `sampling_steps` steps, then per trained step the policy's
+    and the reference's): every training call's tensor inputs are those of the rollout's call at that step. A step
+    is one call, or two where the pipeline runs guidance's unconditional branch as a second forward (Wan, FLUX.2
+    [klein]): then training makes the same two calls, in the same order."""
+    per_step, rest = divmod(len(recorder.calls), sampling_steps + 2 * len(trained_steps))
+    assert per_step in (1, 2) and rest == 0, len(recorder.calls)  # policy, then reference (adapter off), per step
+    rollout_calls, training_calls = recorder.calls[: sampling_steps * per_step], recorder.calls[sampling_steps * per_step:]
     for k, j in enumerate(trained_steps):
-        for call in training_calls[2 * k : 2 * k + 2]:
-            assert call.keys() == rollout_calls[j].keys()
-            for key, value in call.items():
-                expected = rollout_calls[j][key]
-                if expected.ndim == 0:  # SD's pipeline passes one timestep for the batch
-                    expected = expected.expand(value.shape)
-                assert torch.equal(value.float(), expected.float()), (j, key)
+        for model in range(2):
+            for i in range(per_step):
+                call, rollout_call = training_calls[(2 * k + model) * per_step + i], rollout_calls[j * per_step + i]
+                assert call.keys() == rollout_call.keys()
+                for key, value in call.items():
+                    expected = rollout_call[key]
+                    if expected.ndim == 0:  # SD's pipeline passes one timestep for the batch
+                        expected = expected.expand(value.shape)
+                    assert torch.equal(value.float(), expected.float()), (j, key)
 
 
 def write_jsonl_pairs(directory, pairs):

@@ -176,16 +176,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd
         np.testing.assert_allclose(ranks[0]["default"][key], value, rtol=1e-4, atol=5e-6, err_msg=key)
 
 
-def test_bad_input_is_refused_by_name(sd_path, sdxl_path, flux_path, tmp_path):
+def test_bad_input_is_refused_by_name(sd_path, flux_path, tmp_path):
     with pytest.raises(ValueError, match="num_generations=1"):
         grpo_args(tmp_path, num_generations=1)
     with pytest.raises(ValueError, match="sde_window_size=4 .* larger than the num_inference_steps=3"):
         grpo_args(tmp_path, sde_window_size=4)
-    # Guidance the training forward cannot reproduce yet, or that the pipeline ignores (test_grpo_families.py has each
-    # family's case).
-    with pytest.raises(ValueError, match="does not support StableDiffusionXLPipeline with guidance_scale=2.0 yet: "
-                                         "SDXL's pipeline guides with zeroed prompt and pooled embeddings"):
-        grpo_trainer(sdxl_path, tmp_path)
+    # Guidance the pipeline ignores (test_grpo_families.py has each family's case).
     with pytest.raises(ValueError, match="guidance_scale=2.0 does nothing in FluxPipeline's sampling"):
         grpo_trainer(flux_path, tmp_path)
     with pytest.raises(ValueError, match="dynamics='flow_sde' does not fit StableDiffusionPipeline"):

@@ -44,8 +44,19 @@ def pipeline_latents(family, **kwargs):
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
 def test_the_familys_conditioning_samples_the_pipelines_own_images(family, guidance_scale):
+    """... and `family.guidance` says what the pipeline does: its denoiser sees an unconditional row per image at each
+    step (in the batch or in a second forward) exactly where the hook answers "cfg" (Z-Image at 1.0 too)."""
     kwargs = call_kwargs(family, guidance_scale)
-    result = rollout(family, PROMPTS, SEEDS, 32, decode=False, **kwargs)
+    rows = []
+    handle = family.denoiser.register_forward_pre_hook(
+        lambda module, args, kw: rows.append(len(kw["hidden_states"] if "hidden_states" in kw else args[0])),
+        with_kwargs=True)
+    try:
+        result = rollout(family, PROMPTS, SEEDS, 32, decode=False, **kwargs)
+    finally:
+        handle.remove()
+    branches = 2 if family.guidance(guidance_scale) == "cfg" else 1
+    assert sum(rows) == len(family.pipeline.scheduler.timesteps) * len(PROMPTS) * branches
     assert torch.equal(result.latents, pipeline_latents(family, **kwargs))
 
 

@@ -269,21 +269,10 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
         return (latents - shift) * self.vae_config.scaling_factor
 
     # ----- what a pipeline call samples (on-policy trainers train on it) ------------------------------------------
-    #: Why GRPO's training forward, one call on [unconditional; conditional] rows with the unconditional branch
-    #: encoded from "" (grpo_trainer `_guided_output`), does not reproduce this pipeline's classifier-free guidance;
-    #: None where it does. The importance ratio needs the rollout's exact model output.
-    cfg_mismatch: ClassVar[str | None] = None
-
     def sampling_kwargs(self) -> dict:
         """Pipeline-call arguments a rollout passes so the pipeline samples what training expects (the configured
         size and clip length); none for most families."""
         return {}
-
-    def guidance(self, guidance_scale: float) -> str | None:
-        """What the pipeline's `guidance_scale` does when sampling: "cfg" (classifier-free guidance, an unconditional
-        branch per step), "embedded" (the input of a guidance-distilled model, which `predict` passes as well) or None
-        (nothing)."""
-        return "cfg" if guidance_scale > 1 else None
 
     def sampled_latents(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
         """Latents of a pipeline's denoising loop (the final ones, as `callback_on_step_end` sees them, or a recorded
@@ -308,9 +297,39 @@ class DiffusionFamily(metaclass=_FamilyMeta, abstract=True):
     #: `encode_prompt`'s keys -> the pipeline call's keyword arguments; a negative's are "negative_" + those.
     pipeline_prompt_names: ClassVar[dict[str, str]] = {"encoder_hidden_states": "prompt_embeds"}
 
-    def classifier_free_guidance(self, guidance_scale: float) -> bool:
-        """Whether the pipeline runs an unconditional branch at `guidance_scale` (most pipelines: above 1)."""
-        return guidance_scale > 1
+    def guidance(self, guidance_scale: float) -> str | None:
+        """What the pipeline's `guidance_scale` does when sampling: "cfg" (classifier-free guidance: an unconditional
+        branch per step, on `unconditional_conditioning`; most pipelines above 1), "embedded" (the input of a
+        guidance-distilled model, which `predict` passes as well) or None (nothing). The one answer the rollout, the
+        text cache and GRPO's training forward all follow."""
+        return "cfg" if guidance_scale > 1 else None
+
+    #: How the pipeline runs classifier-free guidance's two branches: one forward on [negative; prompt] rows (SD,
+    #: SDXL, SD3, Sana), or, False, the prompt's forward and then the negative's (Wan, FLUX.2 [klein]).
+    guidance_batched: ClassVar[bool] = True
+    #: The dtype the pipeline combines the two branches in (Sana: float32); None: the denoiser output's own.
+    guidance_dtype: ClassVar[torch.dtype | None] = None
+
+    def guided_prediction(self, denoiser, latents, timesteps, conditioning: dict, negative: dict | None,
+                          guidance_scale: float) -> torch.Tensor:
+        """The model output the pipeline steps with at `guidance_scale`, recomputed for training (GRPO's ratio needs
+        it bit for bit): `predict` alone without a `negative`; with one, the pipeline's classifier-free guidance,
+        uncond + s (cond - uncond), its branches run as the pipeline runs them (`guidance_batched`, `guidance_dtype`)
+        and the unconditional one detached (flow_grpo trains through the conditional branch). Override where the
+        pipeline's guidance has another form (Z-Image)."""
+        if negative is None:
+            return self.predict(denoiser, latents, timesteps, conditioning)
+        if self.guidance_batched:
+            rows = {key: torch.cat([negative[key], value]) for key, value in conditioning.items()}
+            output = self.predict(denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), rows)
+            unconditional, conditional = output.chunk(2)
+        else:
+            conditional = self.predict(denoiser, latents, timesteps, conditioning)
+            with torch.no_grad():
+                unconditional = self.predict(denoiser, latents, timesteps, negative)
+        dtype = self.guidance_dtype or conditional.dtype
+        unconditional, conditional = unconditional.detach().to(dtype), conditional.to(dtype)
+        return unconditional + guidance_scale * (conditional - unconditional)
 
     def unconditional_conditioning(self, conditioning: dict, encode: Callable) -> dict[str, torch.Tensor]:
         """What the pipeline uses as its unconditional branch when no negative prompt is given, one row per row of

@@ -22,17 +22,12 @@ class FluxFamily(FlowMatchingFamily):
         # Guidance-distilled checkpoints (FLUX.1-dev) take the guidance scale as an input; FLUX.1-schnell does not.
         self.guidance_scale = self.args.guidance_scale if self.denoiser.config.guidance_embeds else None
 
-    def classifier_free_guidance(self, guidance_scale):
-        """FLUX.1's `guidance_scale` is the guidance-distilled model's input, not classifier-free guidance (that is
-        `true_cfg_scale` with a negative prompt, which training does not use)."""
-        return False
-
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
     def guidance(self, guidance_scale):
-        # `guidance_scale` is FLUX.1-dev's guidance embedding; the pipeline's CFG is `true_cfg_scale` with a negative
-        # prompt, which no trainer passes.
+        """FLUX.1's `guidance_scale` is the guidance-distilled model's input (FLUX.1-dev), never classifier-free
+        guidance: that is `true_cfg_scale` with a negative prompt, which no trainer passes."""
         return "embedded" if self.guidance_scale is not None else None
 
     def sampled_latents(self, latents, resolution):

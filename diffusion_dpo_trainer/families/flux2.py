@@ -42,24 +42,20 @@ class Flux2Family(FlowMatchingFamily):
         # [dev] is guidance-distilled and takes the guidance scale as an input; [klein] has no guidance embedding.
         self.guidance_scale = self.args.guidance_scale if self.denoiser.config.guidance_embeds else None
 
-    def classifier_free_guidance(self, guidance_scale):
-        """[dev]'s `guidance_scale` is the guidance embedding's input; [klein] guides classifier-free above 1 unless
-        its config says it is distilled (`is_distilled`)."""
-        return guidance_scale > 1 and self.pipeline.config.get("is_distilled") is False
-
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
-    #: [klein] (not distilled) runs classifier-free guidance; [dev] only embeds `guidance_scale`.
-    cfg_mismatch = ("FLUX.2 [klein]'s pipeline runs the unconditional branch as a second forward (with the negative "
-                    "prompt's own text ids), which the training forward's one batched call does not reproduce bit for "
-                    "bit; use guidance_scale=1.0")
+    #: [klein] runs the prompt's branch, then the negative's as a second forward (with the negative's own text ids,
+    #: which `predict` makes from the negative's embeddings as the pipeline does); [dev] only embeds the scale.
+    guidance_batched = False
 
     def guidance(self, guidance_scale):
+        """[dev]'s `guidance_scale` is the guidance embedding's input; [klein] guides classifier-free above 1 unless
+        its config says it is step-distilled (`is_distilled`, where the pipeline ignores the scale). Flux2Pipeline's
+        config has no `is_distilled`: it has no classifier-free guidance at all."""
         if self.guidance_scale is not None:
             return "embedded"
-        klein_cfg = hasattr(type(self.pipeline), "do_classifier_free_guidance")  # Flux2Pipeline has no CFG at all
-        return "cfg" if klein_cfg and guidance_scale > 1 and not self.pipeline.config.is_distilled else None
+        return "cfg" if guidance_scale > 1 and self.pipeline.config.get("is_distilled") is False else None
 
     def sampled_latents(self, latents, resolution):
         """The pipeline denoises the patch latents as tokens in row-major order: back to (B, C, H, W) patches."""

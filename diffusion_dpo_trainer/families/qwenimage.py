@@ -22,11 +22,6 @@ class QwenImageFamily(FlowMatchingFamily):
         "encoder_hidden_states_mask": "prompt_embeds_mask",
     }
 
-    def classifier_free_guidance(self, guidance_scale):
-        """The pipeline's `guidance_scale` is the input of guidance-distilled checkpoints; classifier-free guidance is
-        `true_cfg_scale` with a negative prompt, which training does not use."""
-        return False
-
     def pipeline_prompt_kwargs(self, conditioning, negative=None):
         """Without the padding every prompt shares: the pipeline's own encoding pads only to the batch's longest."""
         length = int(conditioning["encoder_hidden_states_mask"].sum(dim=1).max())
@@ -35,9 +30,9 @@ class QwenImageFamily(FlowMatchingFamily):
     def native_resolution(self):
         return self.pipeline.default_sample_size * self.vae_scale_factor
 
-    def guidance(self, guidance_scale):
-        # The pipeline's CFG is `true_cfg_scale` with a negative prompt; `guidance_scale` feeds only guidance-distilled
-        # checkpoints, which this family does not train.
+    def guidance(self, guidance_scale) -> str | None:
+        """The pipeline's `guidance_scale` feeds only guidance-distilled checkpoints, which this family does not train;
+        its classifier-free guidance is `true_cfg_scale` with a negative prompt, which no trainer passes."""
         return None
 
     def sampled_latents(self, latents, resolution):

@@ -45,6 +45,9 @@ class SanaFamily(FlowMatchingFamily):
         )
         return {"encoder_hidden_states": embeds.to(device), "encoder_attention_mask": mask.to(device)}
 
+    #: SanaPipeline casts the transformer's output to float32 before combining the guidance branches.
+    guidance_dtype = torch.float32
+
     def pipeline_prompt_kwargs(self, conditioning, negative=None):
         # The pipeline's `negative_prompt` defaults to "", which it refuses next to negative embeddings.
         kwargs = super().pipeline_prompt_kwargs(conditioning, negative)
@@ -59,10 +62,6 @@ class SanaFamily(FlowMatchingFamily):
                 num_train_timesteps=config.num_train_timesteps, shift=config.flow_shift
             )
         return super().training_scheduler()
-
-    cfg_mismatch = ("Sana's pipeline encodes its negative prompt without the complex human instruction the prompts "
-                    "get, so its unconditional branch is not the encoding of \"\" that the training forward uses; use "
-                    "guidance_scale=1.0")
 
     def sampling_kwargs(self):
         # Binning would sample at the nearest trained aspect-ratio size and resize the images: not `resolution`.

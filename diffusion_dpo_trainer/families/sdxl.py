@@ -18,10 +18,6 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
-    cfg_mismatch = ("SDXL's pipeline guides with zeroed prompt and pooled embeddings for an empty negative prompt "
-                    "(force_zeros_for_empty_prompt), not the encoding of \"\" that the training forward uses; use "
-                    "guidance_scale=1.0")
-
     pipeline_prompt_names: ClassVar[dict[str, str]] = {
         "encoder_hidden_states": "prompt_embeds",
         "text_embeds": "pooled_prompt_embeds",

@@ -55,8 +55,8 @@ class WanFamily(FlowMatchingFamily):
         if has_second or config.get("boundary_ratio") is not None:
             raise ValueError(TWO_EXPERT_MESSAGE)
 
-    cfg_mismatch = ("Wan's pipeline runs the unconditional branch as a second forward, which the training forward's "
-                    "one batched call does not reproduce bit for bit; use guidance_scale=1.0")
+    #: WanPipeline runs the prompt's branch, then the negative's as a second forward.
+    guidance_batched = False
 
     def sampling_kwargs(self):
         return {"num_frames": self.default_num_frames if self.args.num_frames is None else self.args.num_frames}

@@ -19,10 +19,6 @@ class ZImageFamily(FlowMatchingFamily):
     #: The pipeline's own `max_sequence_length` default.
     default_max_prompt_length = 512
 
-    def classifier_free_guidance(self, guidance_scale):
-        """Z-Image guides classifier-free at any scale above 0 (Z-Image-Turbo samples at 0)."""
-        return guidance_scale > 0
-
     def pipeline_prompt_kwargs(self, conditioning, negative=None):
         """The pipeline takes one (tokens, width) tensor per prompt: the padded cache rows without their padding."""
         def tokens(entry):
@@ -34,13 +30,21 @@ class ZImageFamily(FlowMatchingFamily):
     def native_resolution(self):
         return 1024  # ZImagePipeline's default height and width
 
-    cfg_mismatch = ("Z-Image's pipeline guides with the prompt's branch first, pred = pos + s (pos - neg) for any "
-                    "guidance_scale s > 0 (so 1.0 is guidance too), optionally renormalised or truncated, which the "
-                    "training forward's [unconditional; conditional] combination does not reproduce; use "
-                    "guidance_scale=0 for none")
-
     def guidance(self, guidance_scale):
+        """Z-Image guides classifier-free at any scale above 0 (Z-Image-Turbo samples at 0)."""
         return "cfg" if guidance_scale > 0 else None
+
+    def guided_prediction(self, denoiser, latents, timesteps, conditioning, negative, guidance_scale):
+        """ZImagePipeline batches the prompt's rows FIRST and combines in float32 as pos + s (pos - neg), so 1.0
+        guides too. `predict` returns the negated output, which changes no bit of that arithmetic. The pipeline's
+        `cfg_normalization` and `cfg_truncation` are off by default, and no rollout passes them."""
+        if negative is None:
+            return self.predict(denoiser, latents, timesteps, conditioning)
+        rows = {key: torch.cat([value, negative[key]]) for key, value in conditioning.items()}
+        output = self.predict(denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), rows)
+        conditional, unconditional = output.float().chunk(2)
+        unconditional = unconditional.detach()
+        return conditional + guidance_scale * (conditional - unconditional)
 
     @torch.no_grad()
     def encode_prompt(self, prompts, device):
