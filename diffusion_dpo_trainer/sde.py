@@ -46,21 +46,23 @@ def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log Normal(sample; mean, std) per element, averaged over every dimension but the batch.
+    """log Normal(sample; mean, std) per element, averaged over every dimension but the batch, for a std that is one
+    per sample (a scalar or of shape (B, 1, ..., 1), as the steps give it).
 
     The average (not the sum) is the published convention (ddim_with_logprob.py:189, sd3_sde_with_logprob.py:67): it
-    is why the published clip range is ~1e-4. A deterministic step (std 0) has no density: its entries are NaN, so
-    training on a step that was never stochastic fails loudly instead of silently.
+    is why the published clip range is ~1e-4. With std constant over a sample it is -mean((sample - mean)^2) / (2 std^2)
+    - log std - log(2 pi) / 2, so only the squared gap is computed per element. The gap is averaged in the sample's
+    logical order (`flatten`), whatever its memory layout: FLUX.2's pipeline steps on a permuted view of its latents
+    and training on contiguous ones, and a sum in memory order rounds differently, so the importance ratio on fresh
+    samples would not be exactly 1. A deterministic step (std 0) has no density: its entries are NaN, so training on a
+    step that was never stochastic fails loudly instead of silently.
     """
-    # std is expanded to every element, in the rollout (one std for the batch) and in training (one per sample) alike:
-    # computed per sample and broadcast, its last bits came out differently in the two on FLUX.2's token layout, and the
-    # importance ratio was no longer exactly 1.
-    std = std.expand_as(mean)
+    gap = (sample - mean).square().flatten(1).mean(1)
+    std = std.reshape(-1)
     stochastic = std > 0
     safe = torch.where(stochastic, std, torch.ones_like(std))
-    log_prob = -((sample - mean) ** 2) / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
-    log_prob = torch.where(stochastic, log_prob, torch.full_like(log_prob, float("nan")))
-    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    log_prob = -gap / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
+    return torch.where(stochastic, log_prob, float("nan"))
 
 
 def _gaussian_step(mean, std, prev_sample, generator) -> SDEStep:
@@ -141,8 +143,8 @@ def cps_step(sample, model_output, sigma, sigma_next, noise_level: float = 0.8, 
     mean = x0_hat * (1 - sigma_next) + eps_hat * torch.sqrt(sigma_next**2 - std**2)
     step = _gaussian_step(mean, std, prev_sample, generator)
     if unnormalized_log_prob:
-        gap = (step.prev_sample.detach() - mean) ** 2
-        step = step._replace(log_prob=-gap.mean(dim=tuple(range(1, gap.ndim))))
+        gap = (step.prev_sample.detach() - mean).square().flatten(1).mean(1)  # in logical order, as gaussian_log_prob
+        step = step._replace(log_prob=-gap)
     return step
 
 
