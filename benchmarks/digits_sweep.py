@@ -116,6 +116,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--base", choices=("epsilon", "flow"), default="epsilon",
                         help="the demo's base model (its --base): settings start from its full offline settings")
     parser.add_argument("--work-dir", default=None, help="keeps the base pipelines (base-S) for later sweeps")
+    parser.add_argument("--log-dir", default=None,
+                        help="writes each run's trainer.state.log_history and row as JSON there (training curves)")
     parser.add_argument("--reference-points", type=int, default=0, metavar="N",
                         help="also judge best-of-k (k = 1, 2, 4, ... N) base samples picked by the reward model, and "
                              "real scans, against base samples (the yardsticks of docs/online-dpo.md)")
@@ -161,9 +163,9 @@ def main(argv=None) -> list[dict]:
                 else:
                     trainer = demo.dpo_trainer(base_path, pairs[key], settings, seed + dpo_seed, output_dir,
                                                disable_tqdm=True, **online_config)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 trainer.train()
-                train_s = time.perf_counter() - start
+                train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
                 result = evaluate_win_rate(trainer.pipeline, None, demo.PROMPTS, judge, seeds, return_images=True,
                                            batch_size=settings.batch_size, **demo.sampling_kwargs(settings))
                 prompts = [c["prompt"] for c in result["comparisons"]]
@@ -177,9 +179,15 @@ def main(argv=None) -> list[dict]:
                        "diversity": [base["diversity"], dpo["diversity"]], "reward_model_win_rate": reward_win_rate,
                        "pair_judge_agreement": agreement.get(key) if not online else None,
                        "images_sampled": demo.images_sampled(settings, online), "train_s": round(train_s, 1),
+                       "train_cpu_s": round(train_cpu_s, 1),
                        **demo.winner_error_change(trainer.state.log_history)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                if args.log_dir:
+                    os.makedirs(args.log_dir, exist_ok=True)
+                    name = f"{text.replace('=', '-').replace(',', '_')}_split{seed}_dpo{dpo_seed}.json"
+                    with open(os.path.join(args.log_dir, name), "w", encoding="utf-8") as f:
+                        json.dump({**row, "log_history": trainer.state.log_history}, f, indent=1)
     if not args.settings:
         return rows
     print("\n| setting | judged win rates (validation) | mean | min | judge accuracy base -> DPO | diversity "
