@@ -77,9 +77,11 @@ class Settings:
     nft_learning_rate: float = 5e-4
     nft_scale_rewards: str = "batch"
     # --grpo: groups of `images_per_group` sampled with DDIM eta 1 for `dpo_batch_size` prompts every
-    # `online_iterations` steps, as --online; only a window of `grpo_window` steps is stochastic and trained, sliding
-    # by one step every `grpo_window_shift_every` optimizer steps (MixGRPO), KL weight `grpo_beta`.
+    # `online_iterations` steps, as --online; only a window of `grpo_window` steps is stochastic and trained, from the
+    # first step ("fixed") or sliding by one step every `grpo_window_shift_every` optimizer steps ("sliding",
+    # MixGRPO), KL weight `grpo_beta`.
     grpo_window: int = 4
+    grpo_window_mode: str = "sliding"
     grpo_window_shift_every: int = 10
     grpo_beta: float = 0.0
     # The base model: "epsilon" (SD UNet, epsilon prediction, DDIM) or "flow" (SD3 transformer, rectified flow,
@@ -98,9 +100,12 @@ FULL_ONLINE = replace(FULL, beta=1000.0, online_iterations=5, online_pair_strate
 # default; the paper's whole-batch std leaves little signal in a group of already correct digits). Chosen with
 # digits_sweep.py on splits 3 and 4 (docs/nft.md): the untuned 5e-4 over-optimised (diversity 0.73 x real).
 FULL_NFT = replace(FULL, online_iterations=5, nft_learning_rate=2e-4, nft_scale_rewards="group")
-# --grpo: not yet chosen on the validation splits (docs/grpo.md): the published MixGRPO-style window, the DPO learning
-# rate, and as many sampled images as --online.
-FULL_GRPO = replace(FULL, online_iterations=5)
+# --grpo: chosen with digits_sweep.py on split 3 (8 runs) and checked on split 4 (docs/grpo.md): fresh samples every
+# step (num_iterations 1, Flow-GRPO's), 60 steps so that it samples --online's 3840 images, the window of 4 stochastic
+# (trained) steps fixed at the first, high-noise steps, learning rate 1e-3 and KL 0.01 (Flow-GRPO's PickScore beta).
+# Sample reuse with a sliding window and lr 5e-4 left the reward flat; without the KL, diversity fell further.
+FULL_GRPO = replace(FULL, online_iterations=1, dpo_steps=60, dpo_learning_rate=1e-3, grpo_window_mode="fixed",
+                    grpo_beta=0.01)
 QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_group=4, dpo_steps=4, eval_seeds=4,
                  inference_steps=4, batch_size=32, dpo_batch_size=4, online_iterations=2, grpo_window=2,
                  grpo_window_shift_every=1)
@@ -108,7 +113,7 @@ QUICK = Settings(vae_steps=20, unet_steps=40, groups_per_digit=2, images_per_gro
 # logit-normal draw at shift 1), since a velocity error is an epsilon error over 1 - s; carried over, not tuned.
 FLOW = replace(FULL, base="flow", beta=750.0)
 FLOW_ONLINE = replace(FULL_ONLINE, base="flow", beta=300.0)
-FLOW_GRPO = replace(FULL_GRPO, base="flow")
+FLOW_GRPO = replace(FULL_GRPO, base="flow")  # Flow-SDE (noise level 0.7) with the epsilon base's settings: untuned
 FLOW_NFT = replace(FULL_NFT, base="flow")  # NFT has no DPO beta to convert; its KL weight is the published 1e-4
 FLOW_QUICK = replace(QUICK, base="flow")
 
@@ -392,8 +397,9 @@ def grpo_trainer(base_path, reward, settings: Settings, seed: int, output_dir: s
     values = {**training_config(settings, seed, output_dir), "beta": settings.grpo_beta,
               "num_generations": settings.images_per_group, "num_iterations": settings.online_iterations,
               "num_inference_steps": settings.inference_steps, "eval_num_inference_steps": settings.inference_steps,
-              "guidance_scale": 1.0, "sde_window_size": settings.grpo_window, "sde_window_mode": "sliding",
-              "sde_window_shift_every": settings.grpo_window_shift_every, **config}
+              "guidance_scale": 1.0, "sde_window_size": settings.grpo_window,
+              "sde_window_mode": settings.grpo_window_mode, "sde_window_shift_every": settings.grpo_window_shift_every,
+              **config}
     prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
     return DiffusionGRPOTrainer(model=base_path, reward_funcs=reward, args=DiffusionGRPOConfig(**values),
                                 train_dataset=prompts, peft_config=lora_config(settings))
