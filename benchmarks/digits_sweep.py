@@ -116,6 +116,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--base", choices=("epsilon", "flow"), default="epsilon",
                         help="the demo's base model (its --base): settings start from its full offline settings")
     parser.add_argument("--work-dir", default=None, help="keeps the base pipelines (base-S) for later sweeps")
+    parser.add_argument("--base-cache", default=None, metavar="DIR",
+                        help="the demo's --base-cache: pretrained bases shared with demo runs and other sweeps")
     parser.add_argument("--reference-points", type=int, default=0, metavar="N",
                         help="also judge best-of-k (k = 1, 2, 4, ... N) base samples picked by the reward model, and "
                              "real scans, against base samples (the yardsticks of docs/online-dpo.md)")
@@ -128,7 +130,8 @@ def main(argv=None) -> list[dict]:
         (pixels_a, labels_a), (pixels_b, labels_b) = demo.load_halves(seed)
         base_path = os.path.join(work_dir, f"base-{seed}" if args.base == "epsilon" else f"{args.base}-base-{seed}")
         if not os.path.exists(os.path.join(base_path, "model_index.json")):
-            demo.build_base_pipeline(base_path, pixels_a, labels_a, defaults, seed, lambda *_: None)
+            demo.build_base_pipeline(base_path, pixels_a, labels_a, defaults, seed, lambda *_: None,
+                                     cache_dir=args.base_cache)
         judge = demo.digit_classifier(pixels_b, labels_b)
         rewards = {
             "svm": demo.digit_classifier(pixels_a, labels_a),

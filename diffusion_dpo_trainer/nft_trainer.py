@@ -17,10 +17,10 @@ import time
 
 import datasets
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from . import losses
+from .adapter_copy import adapter_pairs, add_adapter_copy, load_tensors, save_tensors
 from .advantages import compute_advantages, nft_optimality
 from .collators import PromptCollator
 from .nft_config import DiffusionNFTConfig
@@ -88,14 +88,7 @@ class DiffusionNFTTrainer(OnPolicyTrainer):
                          callbacks=callbacks, optimizers=optimizers, peft_config=peft_config)
         if args.nft_timesteps == "schedule":
             self.family.schedule_timesteps(torch.zeros(1))  # a family that cannot map them is refused now, by name
-        denoiser = self.family.denoiser
-        denoiser.add_adapter(denoiser.peft_config["default"], adapter_name=OLD_ADAPTER)
-        denoiser.set_adapter("default")  # trainable again; the old policy's adapter is frozen, in float32
-        for name, parameter in denoiser.named_parameters():
-            if f".{OLD_ADAPTER}." in name:
-                parameter.requires_grad_(False)
-                parameter.data = parameter.data.float()
-        ema_update_(*zip(*self.old_policy_pairs()), decay=0.0)  # the old policy starts as the policy
+        add_adapter_copy(self.family.denoiser, OLD_ADAPTER, torch.float32)  # the old policy starts as the policy
         self.add_callback(_OldPolicyUpdate(self))
         for encoder in self.family.text_encoders:  # the pipeline encodes the prompts when it samples
             encoder.to(self.accelerator.device)
@@ -103,9 +96,7 @@ class DiffusionNFTTrainer(OnPolicyTrainer):
 
     def old_policy_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(old policy parameter, policy parameter) for every LoRA parameter of the policy's adapter."""
-        named = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-        return [(named[name.replace(".default.", f".{OLD_ADAPTER}.")], p) for name, p in named.items()
-                if ".default." in name]
+        return adapter_pairs(self.accelerator.unwrap_model(self.model), OLD_ADAPTER)
 
     def _resolve_loss(self, args):
         return [], False, None  # NFT's loss is its own (losses.nft_loss); `beta` is the regulariser's weight, 0 allowed
@@ -231,22 +222,11 @@ class DiffusionNFTTrainer(OnPolicyTrainer):
     def _save_method_state(self, folder: str) -> None:
         """The old policy (the samples still to be reused are `OnPolicyTrainer`'s part of the checkpoint)."""
         if self.args.should_save:
-            save_file({str(i): old.detach().contiguous() for i, (old, _) in enumerate(self.old_policy_pairs())},
-                      os.path.join(folder, OLD_POLICY_WEIGHTS))
+            save_tensors([old for old, _ in self.old_policy_pairs()], os.path.join(folder, OLD_POLICY_WEIGHTS))
 
-    @torch.no_grad()
     def _load_method_state(self, folder: str) -> None:
-        path = os.path.join(folder, OLD_POLICY_WEIGHTS)
-        if not os.path.isfile(path):
-            raise ValueError(f"Cannot resume: {path} does not exist (a DiffusionNFT checkpoint holds its old policy).")
-        saved = load_file(path)
-        pairs = self.old_policy_pairs()
-        if len(saved) != len(pairs):
-            raise ValueError(f"Cannot resume: {path} holds {len(saved)} tensors, the old policy has {len(pairs)} (another "
-                             "LoRA configuration?).")
-        for i, (old, _) in enumerate(pairs):
-            old.copy_(saved[str(i)])
-
+        load_tensors([old for old, _ in self.old_policy_pairs()], os.path.join(folder, OLD_POLICY_WEIGHTS),
+                     "a DiffusionNFT checkpoint holds its old policy")
 
 def _store_mean_std(store, name: str, values: torch.Tensor, sep: str = "_") -> None:
     """Mean and standard deviation of the scored (non-NaN) values, as TRL names them (`reward`, `reward_std`,

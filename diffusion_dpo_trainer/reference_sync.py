@@ -9,8 +9,9 @@ trainer's frozen copy. The family's `reference()` switches to it (`family.refere
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
+
+from .adapter_copy import adapter_pairs, add_adapter_copy, load_tensors, save_tensors
 
 REFERENCE_ADAPTER = "ref"
 REFERENCE_WEIGHTS = "reference.safetensors"
@@ -23,23 +24,15 @@ class SyncedReference(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
         if trainer.is_lora:
-            denoiser = trainer.family.denoiser
-            denoiser.add_adapter(denoiser.peft_config["default"], adapter_name=REFERENCE_ADAPTER)
-            denoiser.set_adapter("default")  # trainable again; the reference adapter is frozen
-            for name, parameter in denoiser.named_parameters():
-                if f".{REFERENCE_ADAPTER}." in name:
-                    parameter.requires_grad_(False)
+            add_adapter_copy(trainer.family.denoiser, REFERENCE_ADAPTER)
             trainer.family.reference_adapter = REFERENCE_ADAPTER
-            self.sync(alpha=1.0)
 
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(reference parameter, policy parameter) for every parameter a sync moves."""
         trainer = self.trainer
         policy = trainer.accelerator.unwrap_model(trainer.model)
         if trainer.is_lora:
-            named = dict(policy.named_parameters())
-            return [(named[name.replace(".default.", f".{REFERENCE_ADAPTER}.")], p)
-                    for name, p in named.items() if ".default." in name]
+            return adapter_pairs(policy, REFERENCE_ADAPTER)
         return list(zip(trainer.ref_model.parameters(), policy.parameters(), strict=True))
 
     @torch.no_grad()
@@ -52,14 +45,8 @@ class SyncedReference(TrainerCallback):
             self.sync(args.ref_model_mixup_alpha)
 
     def save(self, folder: str) -> None:
-        save_file({str(i): ref.detach().contiguous() for i, (ref, _) in enumerate(self.pairs())},
-                  os.path.join(folder, REFERENCE_WEIGHTS))
+        save_tensors([reference for reference, _ in self.pairs()], os.path.join(folder, REFERENCE_WEIGHTS))
 
-    @torch.no_grad()
     def load(self, folder: str) -> None:
-        path = os.path.join(folder, REFERENCE_WEIGHTS)
-        if not os.path.isfile(path):
-            raise ValueError(f"Cannot resume: {path} does not exist (a sync_ref_model run saves its reference).")
-        saved = load_file(path)
-        for i, (reference, _) in enumerate(self.pairs()):
-            reference.copy_(saved[str(i)])
+        load_tensors([reference for reference, _ in self.pairs()], os.path.join(folder, REFERENCE_WEIGHTS),
+                     "a sync_ref_model run saves its reference")

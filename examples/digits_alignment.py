@@ -184,6 +184,9 @@ def parse_args(argv):
     parser.add_argument("--base", choices=("epsilon", "flow"), default="epsilon",
                         help="The base model: a Stable Diffusion UNet with epsilon prediction (default) or a Stable "
                              "Diffusion 3 transformer trained with rectified flow.")
+    parser.add_argument("--base-cache", default=None, metavar="DIR",
+                        help="Keep pretrained base models here and reuse them: runs of several methods on one seed "
+                             "pretrain once (pretraining is deterministic, so results are unchanged).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice).")
     parser.add_argument("--dpo-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a DiffusionDPOConfig field for offline DPO, e.g. winner_preserving_mu=0.9, "
@@ -228,7 +231,8 @@ def main(argv=None) -> dict:
 
     # (a) data and base model
     (pixels_a, labels_a), (pixels_b, labels_b) = load_halves(args.seed)
-    pretrain_losses = build_base_pipeline(base_path, pixels_a, labels_a, settings, args.seed, log)
+    pretrain_losses = build_base_pipeline(base_path, pixels_a, labels_a, settings, args.seed, log,
+                                          cache_dir=args.base_cache)
     lap("pretrain_base_model")
 
     # (b) reward model on half A, judge on half B
@@ -307,6 +311,7 @@ def main(argv=None) -> dict:
            else {"num_pairs": len(pairs), "mean_pair_reward_gap": float(gaps.mean()) if len(gaps) else 0.0}),
         "images_sampled": images_sampled(settings, args.online or args.grpo or args.nft),
         "dpo_options": args.dpo_options,
+        "base_cache": args.base_cache,  # set: the base was copied from (or added to) this cache, not pretrained here
         **winner_error_change(trainer.state.log_history),
         "mode": "online" if args.online else "grpo" if args.grpo else "nft" if args.nft else "offline",
         "seed": args.seed,

@@ -5,6 +5,11 @@ A module beside the demo, not part of the library: the demo imports it as a sibl
 on its path.
 """
 
+import hashlib
+import inspect
+import json
+import os
+import shutil
 import tempfile
 import dataclasses
 from dataclasses import dataclass, replace
@@ -236,7 +241,45 @@ def train_unet(vae, text_encoder, prompt_ids, pixels, labels, scheduler, steps, 
     return unet.eval(), losses
 
 
-def build_base_pipeline(path, pixels, labels, settings: Settings, seed: int, log, on_step=None):
+def build_base_pipeline(path, pixels, labels, settings: Settings, seed: int, log, on_step=None,
+                        cache_dir: str | None = None) -> dict:
+    """Pretrain the base model on `pixels` and save it at `path`; returns the pretraining losses.
+
+    `cache_dir` keeps pretrained bases keyed by all that determines them (the data, the seed, the pretraining settings
+    and the source of the pretraining functions): a hit is copied to `path` instead of pretraining again. Pretraining
+    is deterministic (the same seed gives the same weights, bit for bit), so a run with a hit reports what a run
+    without one does, only faster; runs that compare methods on one seed then pretrain once."""
+    if cache_dir is None or on_step is not None:
+        return _pretrain_base_pipeline(path, pixels, labels, settings, seed, log, on_step)
+    entry = os.path.join(cache_dir, base_cache_key(pixels, labels, settings, seed))
+    if not os.path.isfile(os.path.join(entry, "losses.json")):
+        building = f"{entry}.building-{os.getpid()}"
+        losses = _pretrain_base_pipeline(os.path.join(building, "base-pipeline"), pixels, labels, settings, seed, log,
+                                         None)
+        with open(os.path.join(building, "losses.json"), "w") as f:
+            json.dump(losses, f)
+        try:
+            os.rename(building, entry)  # atomic: a concurrent run that finished first keeps its (identical) entry
+        except OSError:
+            shutil.rmtree(building)
+    print(f"base model: {entry} (cached pretraining)", flush=True)
+    shutil.copytree(os.path.join(entry, "base-pipeline"), path, dirs_exist_ok=True)
+    with open(os.path.join(entry, "losses.json")) as f:
+        return json.load(f)
+
+
+def base_cache_key(pixels, labels, settings: Settings, seed: int) -> str:
+    import digits_flow  # a sibling module that imports this one
+
+    code = [train_vae, train_unet, make_text_encoder, _pretrain_base_pipeline, digits_flow]
+    digest = hashlib.sha256()
+    for part in (pixels.numpy().tobytes(), np.asarray(labels).tobytes(), *(inspect.getsource(c) for c in code),
+                 repr((settings.base, settings.vae_steps, settings.unet_steps, settings.batch_size, seed))):
+        digest.update(part if isinstance(part, bytes) else part.encode())
+    return f"{settings.base}-seed{seed}-{digest.hexdigest()[:16]}"
+
+
+def _pretrain_base_pipeline(path, pixels, labels, settings: Settings, seed: int, log, on_step=None) -> dict:
     if settings.base == "flow":
         from digits_flow import build_flow_pipeline  # a sibling module that imports this one
 

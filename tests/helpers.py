@@ -4,6 +4,9 @@ recorder of denoiser calls and noise draws. Test modules import from here, never
 import contextlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ from peft import LoraConfig
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, cli
 
+TESTS = Path(__file__).resolve().parent
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LN2 = math.log(2.0)  # the first DPO loss, while the policy still equals the reference
@@ -85,6 +89,49 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def run_two_processes(worker: str, *argv, timeout: float = 300, hang: str = "") -> None:
+    """tests/<worker> on 2 processes (torch.distributed.run, gloo, one thread each, this checkout first on the path).
+    A run that hangs is stopped with SIGTERM, which torch.distributed.run passes on to its ranks (SIGKILL would orphan
+    them), and fails the test with `hang` as the reason."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(TESTS / worker), *map(str, argv)]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher.terminate()
+        launcher.communicate(timeout=60)
+        pytest.fail(f"The 2-process run of {worker} hung{': ' + hang if hang else '.'}")
+    assert launcher.returncode == 0, stderr[-3000:]
+
+
+def on_policy_reports(tmp_path, method: str, pipeline_path: str) -> tuple[list[dict], dict]:
+    """onpolicy_ddp_worker.py's `method` on 2 processes and on one with the same global batch: (the two ranks'
+    reports, the single process's), each with `logged`, its log entries of the optimizer steps. Checked here: where the
+    trainer samples through `_sample`, each rollout's prompts and seeds are split between the ranks exactly as one
+    process draws them (2 rollouts in 3 steps: new samples at steps 0 and 2, reused at step 1)."""
+    import onpolicy_ddp_worker as worker
+
+    run_two_processes("onpolicy_ddp_worker.py", method, pipeline_path, tmp_path / "ddp", tmp_path)
+    with one_thread():  # as the workers (OMP_NUM_THREADS=1): the same reduction order in every matmul
+        worker.run(method, pipeline_path, str(tmp_path / "single"), str(tmp_path), single=True)
+    ranks = [json.loads((tmp_path / f"{method}-rank{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((tmp_path / f"{method}-rank0-single.json").read_text())
+    assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
+    if single["sampled"]:
+        assert len(single["sampled"]) == len(ranks[0]["sampled"]) == 2
+        for generation, expected in enumerate(single["sampled"]):
+            for field in ("prompts", "seeds"):
+                assert ranks[0]["sampled"][generation][field] + ranks[1]["sampled"][generation][field] \
+                    == expected[field]
+    for report in (*ranks, single):
+        report["logged"] = [h for h in report["log_history"] if "loss" in h]
+        assert len(report["logged"]) == 3
+    return ranks, single
 
 
 def losses_of(trainer):

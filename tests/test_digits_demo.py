@@ -25,6 +25,25 @@ def is_fraction(value):
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
+def quick_on_policy_run(tmp_path, mode: str):
+    """`--quick --<mode> --seed 1`: (report, stdout), after the checks every on-policy mode shares: 4 steps with new
+    samples every 2, i.e. 2 rollouts of dpo_batch_size prompts x images_per_group images; the reward model's score
+    logged at steps 1 and 3; the time split; the LoRA loads into the saved base pipeline."""
+    out = tmp_path / f"digits-{mode}"
+    done = subprocess.run([sys.executable, str(DEMO), "--quick", f"--{mode}", "--output-dir", str(out), "--seed", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    settings = report["settings"]
+    assert report["mode"] == mode and is_fraction(report["win_rate"])
+    assert report["images_sampled"] == 2 * settings["dpo_batch_size"] * settings["images_per_group"]
+    assert [step for step, _ in report["reward_model_score_while_training"]] == [1, 3]
+    assert 0 < report["sampling_s"] < report["timings_s"]["dpo_training"]
+    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
+    pipe.load_lora_weights(out / "dpo-lora")
+    return report, done.stdout
+
+
 def test_quick_run_writes_a_well_formed_report(tmp_path):
     out = tmp_path / "digits-dpo"
     # The example's own command line, as a user runs it (examples are scripts, not library modules).
@@ -84,38 +103,15 @@ def test_an_unknown_dpo_option_is_refused():
 
 
 def test_quick_online_run_reports_its_sampling_budget(tmp_path):
-    out = tmp_path / "digits-online"
-    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--online", "--output-dir", str(out), "--seed", "1"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((out / "report.json").read_text())
-    settings = report["settings"]
-    assert report["mode"] == "online" and is_fraction(report["win_rate"])
-    # 4 steps, new samples every 2: 2 generations of dpo_batch_size prompts x images_per_group images.
-    assert report["images_sampled"] == 2 * settings["dpo_batch_size"] * settings["images_per_group"]
+    report, _ = quick_on_policy_run(tmp_path, "online")
     assert is_fraction(report["no_pair_fraction"]) and report["mean_pair_reward_gap"] > 0
-    assert [step for step, _ in report["reward_model_score_while_training"]] == [1, 3]
-    assert 0 < report["sampling_s"] < report["timings_s"]["dpo_training"]
-    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
-    pipe.load_lora_weights(out / "dpo-lora")
 
 
 def test_quick_grpo_run_reports_its_sampling_budget_and_time_split(tmp_path):
-    out = tmp_path / "digits-grpo"
-    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--grpo", "--output-dir", str(out), "--seed", "1"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((out / "report.json").read_text())
-    settings = report["settings"]
-    assert report["mode"] == "grpo" and is_fraction(report["win_rate"]) and "GRPO; images sampled" in done.stdout
-    # 4 steps, new groups every 2: 2 rollouts of dpo_batch_size prompts x images_per_group images.
-    assert report["images_sampled"] == 2 * settings["dpo_batch_size"] * settings["images_per_group"]
-    assert [step for step, _ in report["reward_model_score_while_training"]] == [1, 3]
+    report, stdout = quick_on_policy_run(tmp_path, "grpo")
+    assert "GRPO; images sampled" in stdout
     assert is_fraction(report["frac_reward_zero_std"])
-    assert 0 < report["sampling_s"] < report["timings_s"]["dpo_training"]
     assert 0 < report["training_s"] < report["timings_s"]["dpo_training"]
-    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
-    pipe.load_lora_weights(out / "dpo-lora")
 
 
 def test_online_and_grpo_are_refused_together():
@@ -125,21 +121,9 @@ def test_online_and_grpo_are_refused_together():
 
 
 def test_quick_nft_run_reports_its_sampling_budget_and_time_split(tmp_path):
-    out = tmp_path / "digits-nft"
-    done = subprocess.run([sys.executable, str(DEMO), "--quick", "--nft", "--output-dir", str(out), "--seed", "1"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((out / "report.json").read_text())
-    settings = report["settings"]
-    assert report["mode"] == "nft" and is_fraction(report["win_rate"])
-    # 4 steps, new samples every 2: 2 rollouts of dpo_batch_size prompts x images_per_group images.
-    assert report["images_sampled"] == 2 * settings["dpo_batch_size"] * settings["images_per_group"]
-    assert [step for step, _ in report["reward_model_score_while_training"]] == [1, 3]
+    report, _ = quick_on_policy_run(tmp_path, "nft")
     assert all(is_fraction(score) for _, score in report["reward_model_score_while_training"])
-    assert 0 < report["sampling_s"] < report["timings_s"]["dpo_training"]
     assert 0 < report["training_s"] < report["timings_s"]["dpo_training"] and report["rewards_s"] > 0
-    pipe = StableDiffusionPipeline.from_pretrained(out / "base-pipeline")
-    pipe.load_lora_weights(out / "dpo-lora")
 
 
 def test_grpo_and_nft_are_refused_together():

@@ -3,36 +3,29 @@ global batch."""
 
 import json
 import os
-import subprocess
-import sys
-
-import numpy as np
-import pytest
 
 import ddp_worker
+import numpy as np
+import pytest
+from helpers import run_two_processes
+
 from diffusion_dpo_trainer.testing import make_preference_dataset
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 METRICS = ("mse/chosen", "ref_mse/rejected", "rewards/chosen", "rewards/margins")
 
 
-def run_two_processes(tmp_path, sd_path, *flags):
+def two_process_run(tmp_path, sd_path, *flags):
     """8 pairs on disk; ddp_worker.py on 2 processes; returns (data_dir, reports dir)."""
     reports = tmp_path / "reports"
     data_dir = str(tmp_path / "pairs")
     make_preference_dataset(n=8, size=32).save_to_disk(data_dir)
     reports.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(HERE, "ddp_worker.py"), sd_path, data_dir, str(tmp_path / "ddp"), str(reports), *flags]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_processes("ddp_worker.py", sd_path, data_dir, tmp_path / "ddp", reports, *flags, timeout=240)
     return data_dir, reports
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd_path):
-    data_dir, reports = run_two_processes(tmp_path, sd_path)
+    data_dir, reports = two_process_run(tmp_path, sd_path)
     ddp_worker.run(sd_path, data_dir, str(tmp_path / "single"), str(reports), single=True)
 
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -75,7 +68,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd
 def test_a_streamed_dataset_is_shared_between_processes(tmp_path, sd_path):
     """Each rank reads the stream and keeps its own share of every global batch, so 2 processes see what one
     process sees with the same global batch, and log the same losses."""
-    data_dir, reports = run_two_processes(tmp_path, sd_path, "--streamed")
+    data_dir, reports = two_process_run(tmp_path, sd_path, "--streamed")
     ddp_worker.run(sd_path, data_dir, str(tmp_path / "single"), str(reports), single=True, streamed=True)
     ranks = [json.loads((reports / f"rank{r}-streamed.json").read_text()) for r in (0, 1)]
     single = json.loads((reports / "rank0-single-streamed.json").read_text())

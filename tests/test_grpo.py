@@ -1,16 +1,12 @@
 """DiffusionGRPOTrainer on the tiny SD3 (Flow-SDE) and SD1.x (DDIM with eta) pipelines: the rollout is the pipeline's
 sampler, training recomputes exactly what the rollout saw, the wiring of the loss, resume, two processes, errors."""
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import DenoiserRecorder, lora, one_thread
+from helpers import DenoiserRecorder, lora, on_policy_reports
 
 import diffusion_dpo_trainer.grpo_trainer as grpo_module
 from diffusion_dpo_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer
@@ -158,22 +154,8 @@ def test_resume_inside_a_reuse_window_continues_exactly(sd_path, tmp_path):
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd_path):
     """Each process samples its own groups with the seeds one process would use, the advantages come from the
     gathered rewards (batch std), and the run logs and ends like a single process with the same global batch."""
-    import grpo_ddp_worker as worker
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(here, "grpo_ddp_worker.py"), sd_path, str(tmp_path / "ddp"), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with one_thread():
-        worker.run(sd_path, str(tmp_path / "single"), str(tmp_path), single=True)
-    ranks = [json.loads((tmp_path / f"grpo-rank{r}.json").read_text()) for r in (0, 1)]
-    single = json.loads((tmp_path / "grpo-rank0-single.json").read_text())
-    assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
-    ours, theirs = ([h for h in r["log_history"] if "loss" in h] for r in (ranks[0], single))
-    assert len(ours) == len(theirs) == 3
+    ranks, single = on_policy_reports(tmp_path, "grpo", sd_path)
+    ours, theirs = ranks[0]["logged"], single["logged"]
     for a, b in zip(ours, theirs, strict=True):
         assert a.keys() == b.keys()
         for name in ("reward", "reward_std", "frac_reward_zero_std", "importance_ratio/mean"):
@@ -186,8 +168,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd
     assert "reward" in ours[0] and "reward" not in ours[1]
     # Adam divides by the root of the squared gradient: where a gradient is near 0 the float order of the split batch
     # (2 images per forward instead of 4) shows; an update is lr = 1e-3 per step, so 5e-6 is 0.2% of one.
-    for key, value in single["lora"].items():
-        np.testing.assert_allclose(ranks[0]["lora"][key], value, rtol=1e-4, atol=5e-6, err_msg=key)
+    for key, value in single["default"].items():
+        np.testing.assert_allclose(ranks[0]["default"][key], value, rtol=1e-4, atol=5e-6, err_msg=key)
 
 
 def test_bad_input_is_refused_by_name(sd_path, sdxl_path, flux_path, tmp_path):

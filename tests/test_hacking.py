@@ -4,13 +4,10 @@ sequences, and `RewardHackingCallback` in a real (tiny) training run."""
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import lora, losses_of, make_args
+from helpers import lora, losses_of, make_args, run_two_processes
 from PIL import Image
 from transformers import TrainerControl, TrainerState
 
@@ -217,18 +214,7 @@ def test_evaluate_reports_diversity_and_image_statistics(tmp_path, sd_path):
 
 def test_every_process_stops_at_the_alarm(tmp_path, sd_path):
     """Only the main process evaluates; without the broadcast the other rank trains on and hangs in all-reduce."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(here, "hacking_ddp_worker.py"), sd_path, str(tmp_path / "ddp"), str(tmp_path)]
-    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, stderr = launcher.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        launcher.terminate()  # torch.distributed.run passes SIGTERM on to its ranks (SIGKILL would orphan them)
-        launcher.communicate(timeout=60)
-        pytest.fail("The 2-process run hung: a rank kept training after the main process stopped.")
-    assert launcher.returncode == 0, stderr[-3000:]
+    run_two_processes("hacking_ddp_worker.py", sd_path, tmp_path / "ddp", tmp_path,
+                      hang="a rank kept training after the main process stopped.")
     ranks = [json.loads((tmp_path / f"hacking-rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks == [{"world": 2, "step": 2}, {"world": 2, "step": 2}]

@@ -2,16 +2,13 @@
 trainer's wiring, the old policy's EMA, the training inputs, resume, and named errors. The loss formulas themselves
 are tested in test_onpolicy_losses.py."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import lora, one_thread
+from helpers import lora, on_policy_reports
 from transformers import TrainerCallback
 
 from diffusion_dpo_trainer import DiffusionNFTConfig, DiffusionNFTTrainer
@@ -182,25 +179,8 @@ def test_resume_continues_exactly(tmp_path, sd3_path):
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd3_path):
     """Each process samples its own prompts with the seeds one process would use, the advantages come from the gathered
     rewards, and the run logs and ends with what one process with the same global batch does."""
-    import nft_ddp_worker as worker
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(here, "nft_ddp_worker.py"), sd3_path, str(tmp_path / "ddp"), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with one_thread():
-        worker.run(sd3_path, str(tmp_path / "single"), str(tmp_path), single=True)
-    ranks = [json.loads((tmp_path / f"nft-rank{r}.json").read_text()) for r in (0, 1)]
-    single = json.loads((tmp_path / "nft-rank0-single.json").read_text())
-    assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
-    for generation, expected in enumerate(single["sampled"]):
-        assert ranks[0]["sampled"][generation] + ranks[1]["sampled"][generation] == expected
-    logged = [h for h in ranks[0]["log_history"] if "loss" in h]
-    single_logged = [h for h in single["log_history"] if "loss" in h]
-    assert len(logged) == len(single_logged) == 3
+    ranks, single = on_policy_reports(tmp_path, "nft", sd3_path)
+    logged, single_logged = ranks[0]["logged"], single["logged"]
     assert "reward" in logged[0] and "nft/ema_decay" in logged[1]
     for ours, theirs in zip(logged, single_logged, strict=True):
         assert set(ours) == set(theirs)

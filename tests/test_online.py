@@ -1,20 +1,18 @@
 """DiffusionOnlineDPOTrainer on the tiny SD1.x pipeline: on-policy samples, the offline loss path, rewards and judges,
 reference sync, resume, and bad input."""
 
-import json
 import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import LN2, lora, one_thread
+from helpers import LN2, lora, on_policy_reports, one_thread
 from helpers import make_args as offline_args
+from onpolicy_ddp_worker import BETA as ONLINE_BETA
 from transformers import TrainerCallback, TrainerState
 
 from diffusion_dpo_trainer import DiffusionDPOTrainer, DiffusionOnlineDPOConfig, DiffusionOnlineDPOTrainer
@@ -443,30 +441,8 @@ def test_none_rewards_leave_images_unscored(tmp_path, sd_path):
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd_path):
     """Each process samples its own prompts with the seeds one process would use for them, trains on its own pairs,
     and the run logs what a single process with the same global batch logs, and ends with the same weights."""
-    import online_ddp_worker as worker
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(here, "online_ddp_worker.py"), sd_path, str(tmp_path / "ddp"), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with one_thread():  # as the workers (OMP_NUM_THREADS=1): the same reduction order in every matmul
-        worker.run(sd_path, str(tmp_path / "single"), str(tmp_path), single=True)
-    ranks = [json.loads((tmp_path / f"online-rank{r}.json").read_text()) for r in (0, 1)]
-    single = json.loads((tmp_path / "online-rank0-single.json").read_text())
-    assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
-
-    # Samples drawn at steps 0 and 2 (reused at step 1): each rank draws its half of the single process's images.
-    assert len(single["sampled"]) == len(ranks[0]["sampled"]) == 2
-    for generation, expected in enumerate(single["sampled"]):
-        for field in ("prompts", "seeds"):
-            assert ranks[0]["sampled"][generation][field] + ranks[1]["sampled"][generation][field] == expected[field]
-
-    logged = [h for h in ranks[0]["log_history"] if "loss" in h]
-    single_logged = [h for h in single["log_history"] if "loss" in h]
-    assert len(logged) == len(single_logged) == 3
+    ranks, single = on_policy_reports(tmp_path, "online", sd_path)
+    logged, single_logged = ranks[0]["logged"], single["logged"]
     # Step 0 samples from identical weights: its scores are the same to the last bit. Step 2 samples from weights
     # after two optimizer steps, which DDP's all-reduced gradients leave equal only to float rounding (the LoRA check
     # below): there one 8-bit pixel may round the other way, 1/8192 of the brightness mean (1 / 1024 pixels / 8
@@ -481,9 +457,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, sd
         for name in ("mse/chosen", "ref_mse/rejected"):
             assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
         for name in ("loss", "rewards/margins"):
-            assert ours[name] == pytest.approx(theirs[name], abs=worker.BETA / 2 * 1e-6), name
-    for key, value in single["lora"].items():
-        np.testing.assert_allclose(ranks[0]["lora"][key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+            assert ours[name] == pytest.approx(theirs[name], abs=ONLINE_BETA / 2 * 1e-6), name
+    for key, value in single["default"].items():
+        np.testing.assert_allclose(ranks[0]["default"][key], value, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_cached_prompt_embeddings_and_small_generation_batches_train_the_same(tmp_path, sd_path):
