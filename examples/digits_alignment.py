@@ -190,7 +190,8 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice).")
     parser.add_argument("--dpo-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a DiffusionDPOConfig field for offline DPO, e.g. winner_preserving_mu=0.9, "
-                             "soft_labels=smpo or curriculum_stages=3 (docs/losses.md, Stabilisers); repeatable")
+                             "soft_labels=smpo, curriculum_stages=3 (docs/losses.md, Stabilisers) or beta=25000; "
+                             "repeatable")
     args = parser.parse_args(argv)
     try:
         args.dpo_options = dict(dpo_option(text) for text in args.dpo_option)
@@ -211,6 +212,9 @@ def main(argv=None) -> dict:
     settings = settings_for(args.base, args.quick, args.online, args.grpo, args.nft)
     if args.groups_per_digit:
         settings = replace(settings, groups_per_digit=args.groups_per_digit)
+    dpo_options = dict(args.dpo_options)
+    if "beta" in dpo_options:  # DPO's strength is a Settings field, passed to the config with the others
+        settings = replace(settings, beta=dpo_options.pop("beta"))
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -252,7 +256,7 @@ def main(argv=None) -> dict:
         gaps = np.array(pairs["chosen_score"]) - np.array(pairs["rejected_score"])
         lap("build_pairs")
         # (d) Diffusion-DPO with LoRA
-        trainer = dpo_trainer(base_path, pairs, settings, args.seed, lora_path, **args.dpo_options)
+        trainer = dpo_trainer(base_path, pairs, settings, args.seed, lora_path, **dpo_options)
     monitor = RewardEvaluationCallback(
         trainer, PROMPTS, reward, seeds=[EVAL_SEED_OFFSET - 1 - s for s in range(4)],
         eval_steps=max(settings.dpo_steps // 5, 2), batch_size=settings.batch_size, **sampling,

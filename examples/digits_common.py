@@ -348,10 +348,10 @@ def lora_config(settings: Settings) -> LoraConfig:
 
 def dpo_option(text: str) -> tuple[str, object]:
     """`KEY=VALUE` for one of DiffusionDPOConfig's own scalar fields (e.g. `winner_preserving_mu=0.9`,
-    `soft_labels=smpo`, `curriculum_stages=3`), the value converted to the field's type; ValueError otherwise."""
+    `soft_labels=smpo`, `curriculum_stages=3`, `beta=25000`), the value converted to the field's type; ValueError
+    otherwise. The demo routes `beta` to its Settings (the sweep reads it as a Settings field first)."""
     key, _, value = text.partition("=")
-    own = {f.name for f in dataclasses.fields(DiffusionDPOConfig)} - {
-        f.name for f in dataclasses.fields(TrainingArguments)} - {"beta"}  # beta: a Settings field
+    own = {f.name for f in dataclasses.fields(DiffusionDPOConfig)} - {f.name for f in dataclasses.fields(TrainingArguments)}
     defaults = {f.name: f.default for f in dataclasses.fields(DiffusionDPOConfig) if f.name in own}
     default = defaults.get(key, dataclasses.MISSING)
     if not value or (default is not None and not isinstance(default, (bool, int, float, str))):

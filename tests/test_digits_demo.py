@@ -48,12 +48,15 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
     out = tmp_path / "digits-dpo"
     # The example's own command line, as a user runs it (examples are scripts, not library modules).
     done = subprocess.run([sys.executable, str(DEMO), "--quick", "--output-dir", str(out), "--seed", "1",
-                           "--groups-per-digit", "3"], capture_output=True, text=True, timeout=600)
+                           "--groups-per-digit", "3", "--dpo-option", "beta=4000"],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
     report = json.loads((out / "report.json").read_text())
     # --groups-per-digit sets the offline sampling budget (QUICK has 2 groups): 3 groups x 10 digits, one pair each.
     assert report["settings"]["groups_per_digit"] == 3
+    # --dpo-option beta=... sets DPO's strength (a Settings field, as in digits_sweep.py) rather than clashing with it.
+    assert report["settings"]["beta"] == 4000.0 and report["dpo_options"] == {"beta": 4000.0}
     assert report["images_sampled"] == 3 * 10 * report["settings"]["images_per_group"]
     assert 0 < report["num_pairs"] <= 30
     assert f"judged win rate of DPO over base: {report['win_rate']:.1%}" in done.stdout  # the summary is the report's
