@@ -110,7 +110,7 @@ def parse_setting(text: str, defaults: demo.Settings = demo.FULL) -> tuple[str, 
         elif key in ("online", "grpo", "nft"):
             continue
         elif key in fields:
-            overrides[key] = {int: int, "int": int, str: str, "str": str}.get(fields[key], float)(value)
+            overrides.update([demo.setting_option(item)])
         elif key in online_fields and isinstance(online_fields[key], (bool, int, float, str)):
             kind = type(online_fields[key])
             config[key] = value in ("1", "true", "True") if kind is bool else kind(value)

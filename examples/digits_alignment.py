@@ -77,6 +77,7 @@ from digits_common import (
     winner_error_change,
     reward_win_rate,
     sampling_kwargs,
+    setting_option,
     settings_for,
     wanted_digits,
 )
@@ -188,6 +189,10 @@ def parse_args(argv):
                         help="Keep pretrained base models here and reuse them: runs of several methods on one seed "
                              "pretrain once (pretraining is deterministic, so results are unchanged).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice).")
+    parser.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one of the demo's settings (digits_common.Settings; digits_sweep.py's names), "
+                             "e.g. online_iterations=10 (--online/--nft: 1920 images), dpo_steps=30 (--grpo: 1920 "
+                             "images); repeatable")
     parser.add_argument("--dpo-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a DiffusionDPOConfig field for offline DPO, e.g. winner_preserving_mu=0.9, "
                              "soft_labels=smpo, curriculum_stages=3 (docs/losses.md, Stabilisers) or beta=25000; "
@@ -195,8 +200,11 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     try:
         args.dpo_options = dict(dpo_option(text) for text in args.dpo_option)
+        args.settings = dict(setting_option(text) for text in args.setting)
     except ValueError as exc:
         parser.error(str(exc))
+    if "base" in args.settings:
+        parser.error("--setting base=...: choose the base model with --base.")
     if args.dpo_options and (args.online or args.grpo or args.nft):
         parser.error("--dpo-option applies to offline DPO only (not with --online, --grpo or --nft).")
     if args.online + args.grpo + args.nft > 1:
@@ -212,6 +220,7 @@ def main(argv=None) -> dict:
     settings = settings_for(args.base, args.quick, args.online, args.grpo, args.nft)
     if args.groups_per_digit:
         settings = replace(settings, groups_per_digit=args.groups_per_digit)
+    settings = replace(settings, **args.settings)
     dpo_options = dict(args.dpo_options)
     if "beta" in dpo_options:  # DPO's strength is a Settings field, passed to the config with the others
         settings = replace(settings, beta=dpo_options.pop("beta"))

@@ -361,6 +361,20 @@ def dpo_option(text: str) -> tuple[str, object]:
     return key, value in ("1", "true", "True") if kind is bool else kind(value)
 
 
+def setting_option(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` for one of the demo's `Settings` fields (e.g. `online_iterations=10`, `dpo_steps=30`,
+    `nft_kl_weight=1`), the value converted to the field's type; ValueError otherwise."""
+    key, _, value = text.partition("=")
+    kinds = {f.name: f.type for f in dataclasses.fields(Settings)}
+    if key not in kinds or not value:
+        raise ValueError(f"{text!r}: expected KEY=VALUE with KEY one of the demo's settings {sorted(kinds)}.")
+    kind = {int: int, "int": int, str: str, "str": str}.get(kinds[key], float)
+    try:
+        return key, kind(value)
+    except ValueError:
+        raise ValueError(f"{text!r}: {key} takes {kind.__name__} values.") from None
+
+
 def winner_error_change(log_history: list) -> dict:
     """The policy's error minus the reference's on the training pairs' winners and losers, averaged over the last
     third of the logs: > 0 for the winners is the failure Diffusion-SDPO targets (the preferred images' likelihood

@@ -1,6 +1,7 @@
 """The digits demo's --quick mode runs end to end, on the epsilon and on the flow base, and writes a well-formed report
 (its win rate needs the full run)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import (
     DiffusionPipeline,
@@ -48,7 +50,7 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
     out = tmp_path / "digits-dpo"
     # The example's own command line, as a user runs it (examples are scripts, not library modules).
     done = subprocess.run([sys.executable, str(DEMO), "--quick", "--output-dir", str(out), "--seed", "1",
-                           "--groups-per-digit", "3", "--dpo-option", "beta=4000"],
+                           "--groups-per-digit", "3", "--dpo-option", "beta=4000", "--setting", "eval_seeds=3"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -57,6 +59,7 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
     assert report["settings"]["groups_per_digit"] == 3
     # --dpo-option beta=... sets DPO's strength (a Settings field, as in digits_sweep.py) rather than clashing with it.
     assert report["settings"]["beta"] == 4000.0 and report["dpo_options"] == {"beta": 4000.0}
+    assert report["settings"]["eval_seeds"] == 3  # --setting overrides the demo's settings (QUICK has 4)
     assert report["images_sampled"] == 3 * 10 * report["settings"]["images_per_group"]
     assert 0 < report["num_pairs"] <= 30
     assert f"judged win rate of DPO over base: {report['win_rate']:.1%}" in done.stdout  # the summary is the report's
@@ -100,6 +103,18 @@ def test_an_unknown_dpo_option_is_refused():
     done = subprocess.run([sys.executable, str(DEMO), "--quick", "--dpo-option", "winner_preserving=0.9"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "winner_preserving_mu" in done.stderr
+
+
+def test_a_bad_setting_is_refused(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(DEMO.parent))
+    spec = importlib.util.spec_from_file_location("digits_alignment", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    for setting, expected in (("eval_seed=3", "eval_seeds"), ("dpo_steps=1.5", "dpo_steps takes int values"),
+                              ("base=flow", "--base")):
+        with pytest.raises(SystemExit) as exit_:
+            demo.parse_args(["--quick", "--setting", setting])
+        assert exit_.value.code == 2 and expected in capsys.readouterr().err, setting
 
 
 def test_quick_online_run_reports_its_sampling_budget(tmp_path):
