@@ -296,10 +296,10 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         first = self.accelerator.process_index * len(inputs["prompt"])
         seeds = rollout_seeds(args.seed, (1, self._eval_batches), first, len(inputs["prompt"]), n)
         self._eval_batches += 1
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), torch.no_grad():
             result = rollout(self.family, prompts, seeds, self.resolution, args.generation_batch_size,
-                             encode=self._prompt_conditioning, num_inference_steps=args.eval_num_inference_steps,
-                             guidance_scale=args.guidance_scale)
+                             conditioning=self._conditioning(list(inputs["prompt"])),
+                             num_inference_steps=args.eval_num_inference_steps, guidance_scale=args.guidance_scale)
         per_function, _ = self._score(inputs, result.images, prompts)
         advantages = compute_advantages(per_function, n, reward_weights=self.reward_weights,
                                         scale_rewards=args.scale_rewards,

@@ -258,12 +258,11 @@ def rollout(
         if len(prompts) % rows:
             raise ValueError(f"`conditioning` has {rows} rows for {len(prompts)} prompts: expected one row per "
                              "equal run of consecutive prompts (a group).")
-        per_row, sampled = len(prompts) // rows, []
+        per_row, done = len(prompts) // rows, [0]
 
         def prompt_kwargs(batch_prompts):  # called once per pipeline call, in order
-            first = sum(sampled)
-            sampled.append(len(batch_prompts))
-            index = torch.arange(first, first + len(batch_prompts)) // per_row
+            index = torch.arange(done[0], done[0] + len(batch_prompts)) // per_row
+            done[0] += len(batch_prompts)
             return family.pipeline_prompt_kwargs(*({key: value[index.to(value.device)] for key, value in entry.items()}
                                                    if entry is not None else None for entry in conditioning))
 
@@ -272,15 +271,16 @@ def rollout(
         prompt_kwargs=prompt_kwargs, output_type="pil" if decode else "latent", height=resolution, width=resolution,
         **{**family.sampling_kwargs(), **pipeline_kwargs})
     images, latents, trajectory = [], [], []
+    noise_of = None  # image seed -> initial-noise seed: the pipeline's generators are known by their seeds
     if noise_seeds is not None:
         if len(noise_seeds) != len(seeds):
             raise ValueError(f"Got {len(noise_seeds)} noise_seeds for {len(seeds)} seeds; expected one per image.")
-        pairs, noise_seeds = zip(map(int, seeds), map(int, noise_seeds)), {}
-        for image_seed, noise_seed in pairs:  # the pipeline's generators are known by their seeds
-            if noise_seeds.setdefault(image_seed, noise_seed) != noise_seed:
+        noise_of = {}
+        for image_seed, noise_seed in zip(map(int, seeds), map(int, noise_seeds)):
+            if noise_of.setdefault(image_seed, noise_seed) != noise_seed:
                 raise ValueError(f"Seed {image_seed} is given two initial-noise seeds in `noise_seeds`.")
-    plain = type(step) is SchedulerStep and not record and noise_seeds is None  # the pipeline untouched
-    with nullcontext() if plain else _stepping(pipeline, step, records, noise_seeds):
+    plain = type(step) is SchedulerStep and not record and noise_of is None  # the pipeline untouched
+    with nullcontext() if plain else _stepping(pipeline, step, records, noise_of):
         for batch_images, batch_latents in batches:
             images += batch_images or []
             latents.append(family.sampled_latents(batch_latents, resolution).float())

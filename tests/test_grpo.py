@@ -251,8 +251,16 @@ def test_bad_input_is_refused_by_name(sd_path, flux_path, tmp_path):
         grpo_args(tmp_path, init_same_noise=True, noise_level=0.0)
     with pytest.raises(ValueError, match="dynamics='flow_sde' does not fit StableDiffusionPipeline"):
         grpo_trainer(sd_path, tmp_path, dynamics="flow_sde")
+    trainer = grpo_trainer(sd_path, tmp_path, reward_funcs=short)
     with pytest.raises(ValueError, match="'short' returned 1 values for 4 images"):
-        grpo_trainer(sd_path, tmp_path, reward_funcs=short).train()
+        trainer.train()
+    # The rollout's precomputed conditioning and initial-noise seeds.
+    with pytest.raises(ValueError, match="`conditioning` has 3 rows for 4 prompts"):
+        rollout(trainer.family, PROMPTS, [1, 2, 3, 4], 32, conditioning=({"encoder_hidden_states": torch.zeros(3)}, None))
+    with pytest.raises(ValueError, match="Got 1 noise_seeds for 2 seeds"):
+        rollout(trainer.family, PROMPTS[:2], [1, 2], 32, noise_seeds=[5])
+    with pytest.raises(ValueError, match="Seed 1 is given two initial-noise seeds"):
+        rollout(trainer.family, PROMPTS[:2], [1, 1], 32, noise_seeds=[5, 6])
     with pytest.raises(ValueError, match="'nan_reward' returned nan for image 1"):
         grpo_trainer(sd_path, tmp_path, reward_funcs=nan_reward).train()
 
