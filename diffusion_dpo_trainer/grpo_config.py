@@ -143,6 +143,16 @@ class DiffusionGRPOConfig(SyncedReferenceConfig):
     sde_window_stride: int = field(default=1, metadata={"help": "Steps a sliding window moves (MixGRPO: 1)."})
     sde_window_shift_every: int = field(
         default=25, metadata={"help": "Optimizer steps between two moves of a sliding window (MixGRPO: 25)."})
+    init_same_noise: bool = field(
+        default=False,
+        metadata={
+            "help": "All `num_generations` images of a prompt start from the same initial noise (one seed per group, "
+            "from the group's place in the global batch), so a group's reward spread comes from the stochastic, "
+            "trained steps only. DanceGRPO and MixGRPO's `--init_same_noise` (off by default, on in their FLUX "
+            "scripts); Flow-GRPO draws each image's own noise (our default). Needs noise_level > 0."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.num_generations < 2:
@@ -175,5 +185,9 @@ class DiffusionGRPOConfig(SyncedReferenceConfig):
         if self.sde_window_size and self.sde_window_start + self.sde_window_size > self.num_inference_steps:
             raise ValueError(f"sde_window_size={self.sde_window_size} from sde_window_start={self.sde_window_start} "
                              f"is larger than the num_inference_steps={self.num_inference_steps} sampling steps.")
+        if self.init_same_noise and self.noise_level == 0:
+            raise ValueError("init_same_noise=True with noise_level=0: every step would be deterministic, so the "
+                             "images of a group, started from one noise, would be identical (no reward spread, "
+                             "nothing to train). Set noise_level > 0 (or None: the dynamics' published value).")
         if self.sync_ref_model and self.beta == 0:
             raise ValueError("sync_ref_model=True with beta=0: there is no reference to sync (set beta > 0).")

@@ -27,10 +27,12 @@ from .reference_sync import SyncedReference
 from .on_policy_trainer import OnPolicyTrainer
 from .reuse import RolloutBuffer
 from .rewards.scoring import score_images
-from .rollout import DDIMStep, FunctionStep, guidance_conditioning, rollout, rollout_seeds
+from .rollout import DDIMStep, FunctionStep, group_noise_seeds, guidance_conditioning, rollout, rollout_seeds
 from .sde import cps_step, dance_sde_step, ddim_step, flow_sde_noise_scale, flow_sde_step
 
 FLOW_STEPS = {"flow_sde": flow_sde_step, "dance": dance_sde_step, "cps": cps_step}
+#: A batch's keys of the rollout's conditioning and of guidance's negative: prefix + the family's conditioning key.
+CONDITIONING = ("conditioning/", "negative/")
 
 
 def _support(family, guidance_scale: float) -> str:
@@ -161,15 +163,19 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
             store[f"rewards/{name}/std"].append(nanstd(per_function[:, k]).float())
 
     def _generate(self, inputs: dict[str, list], key: tuple[int, ...], step: int) -> dict:
-        """Sample the prompts' groups with the stochastic step, score them, and keep what training recomputes."""
+        """Sample the prompts' groups with the stochastic step, score them, and keep what training recomputes: the
+        trajectory's trained steps, the advantages, and the conditioning the rollout sampled with (one row per prompt,
+        so training and the steps that reuse the rollout encode nothing)."""
         args, n, prompts = self.args, self.args.num_generations, inputs["prompt"]
         store, start = self._metrics["train"], time.perf_counter()
         flat_prompts = [p for p in prompts for _ in range(n)]
         first = self.accelerator.process_index * len(prompts)  # this process's place in the global batch
-        with self.accelerator.autocast():
+        noise_seeds = group_noise_seeds(args.seed, key, first, len(prompts), n) if args.init_same_noise else None
+        with self.accelerator.autocast(), torch.no_grad():
+            conditioning = self._conditioning(list(prompts))
             result = rollout(self.family, flat_prompts, rollout_seeds(args.seed, key, first, len(prompts), n),
                              self.resolution, args.generation_batch_size, step=self._sampler_step(self.sde_window(step)),
-                             record=True, encode=self._prompt_conditioning,
+                             record=True, conditioning=conditioning, noise_seeds=noise_seeds,
                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
         sampled = time.perf_counter()
         per_function, own = self._score(inputs, result.images, flat_prompts)
@@ -182,6 +188,8 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         trajectory = result.trajectory
         batch = {"prompt": flat_prompts, "steps": trained, "advantages": advantages.advantages[own],
                  **self.family.generated_conditioning(len(flat_prompts), self.resolution)}  # e.g. SDXL's time ids
+        for prefix, entry in zip(CONDITIONING, conditioning):  # flat names: the buffer saves them with a checkpoint
+            batch.update({f"{prefix}{name}": value for name, value in (entry or {}).items()})
         for name in ("latents", "next_latents", "timesteps", "log_prob", "prev_sample", "sigma", "sigma_next",
                      "alpha", "alpha_prev"):
             if name in trajectory:
@@ -193,11 +201,20 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
     # ----- the step -----------------------------------------------------------------------------------------------
     def _conditioning(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """The prompts' conditioning and, with classifier-free guidance, the pipeline's own unconditional one (else
-        None): the tensors the rollout sampled with (text cache or encoder, the family's negative), once per
-        micro-step."""
+        None), one row per prompt (text cache or encoder, the family's negative): encoded once per rollout."""
         conditioning = self._prompt_conditioning(prompts)
         return conditioning, guidance_conditioning(self.family, conditioning, self._prompt_conditioning,
                                                    self.args.guidance_scale)
+
+    def _training_conditioning(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The rollout's conditioning kept in `batch`, one row per image (each prompt's row repeated for its group),
+        with the family's per-image conditioning (SDXL's time ids, for both guidance branches, as its pipeline
+        repeats them): built once per micro-step, for every trained step."""
+        n, device = self.args.num_generations, self.accelerator.device
+        extra = self.family.time_conditioning(batch, self.resolution, device)
+        entries = ({name[len(prefix):]: value.to(device).repeat_interleave(n, dim=0)
+                    for name, value in batch.items() if name.startswith(prefix)} for prefix in CONDITIONING)
+        return tuple({**entry, **extra} if entry else None for entry in entries)
 
     def _guided_output(self, denoiser, latents, timesteps, conditioning, negative):
         """The model output the rollout's step saw: the family's `guided_prediction` (its pipeline's guidance, the
@@ -207,12 +224,10 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
 
     def _model_output(self, denoiser, batch: dict, j: int, conditioning: tuple) -> torch.Tensor:
         """The model output of trained step j as the rollout's step saw it, in the pipeline's latent layout: the
-        recorded latents go to `predict` in the family's training layout (FLUX's packed tokens unpacked) with the
-        family's per-image conditioning (SDXL's time ids, for both guidance branches, as its pipeline repeats them),
-        and the output comes back packed."""
+        recorded latents go to `predict` in the family's training layout (FLUX's packed tokens unpacked) with
+        `_training_conditioning`, and the output comes back packed."""
         family = self.family
-        extra = family.time_conditioning(batch, self.resolution, self.accelerator.device)
-        conditioning, negative = ({**entry, **extra} if entry is not None else None for entry in conditioning)
+        conditioning, negative = conditioning
         latents = family.sampled_latents(batch["latents"][:, j], self.resolution)
         output = self._guided_output(denoiser, latents, batch["timesteps"][:, j], conditioning, negative)
         return family.pipeline_latents(output)
@@ -245,7 +260,7 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         if list(inputs["prompt"]) != batch["prompt"][:: self.args.num_generations]:
             raise RuntimeError("Internal error: the reused samples belong to other prompts than this step's.")
         start = time.perf_counter()
-        conditioning = self._conditioning(batch["prompt"])
+        conditioning = self._training_conditioning(batch)
         loss = 0.0
         for j in range(len(batch["steps"])):  # one backward per trained step: the gradient accumulates
             loss = loss + super().training_step(model, {"batch": batch, "j": j, "conditioning": conditioning},
@@ -281,10 +296,10 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         first = self.accelerator.process_index * len(inputs["prompt"])
         seeds = rollout_seeds(args.seed, (1, self._eval_batches), first, len(inputs["prompt"]), n)
         self._eval_batches += 1
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), torch.no_grad():
             result = rollout(self.family, prompts, seeds, self.resolution, args.generation_batch_size,
-                             encode=self._prompt_conditioning, num_inference_steps=args.eval_num_inference_steps,
-                             guidance_scale=args.guidance_scale)
+                             conditioning=self._conditioning(list(inputs["prompt"])),
+                             num_inference_steps=args.eval_num_inference_steps, guidance_scale=args.guidance_scale)
         per_function, _ = self._score(inputs, result.images, prompts)
         advantages = compute_advantages(per_function, n, reward_weights=self.reward_weights,
                                         scale_rewards=args.scale_rewards,

@@ -23,9 +23,14 @@ Conditioning: the pipeline is called with the family's own prompt embeddings (`e
 guidance the family's `unconditional_conditioning` as the negative, never with prompt strings: a trainer conditions
 its training forward on exactly the tensors the rollout sampled with (`guidance_conditioning`).
 
+A trainer that conditions its training forward on the same tensors may encode them once and hand them over
+(`conditioning`: one row per prompt, not per image), so nothing is encoded twice.
+
 Seeds: image j of prompt g (its initial noise and a stochastic step's noise) is drawn with `derived_seed(seed, *key,
 first + g, j)`, where `key` says which rollout it is (e.g. training step and micro-step) and `first` is the prompt's
 place in the global batch, so a run is reproducible, resumes exactly, and N processes sample what one process would.
+`noise_seeds` gives the initial noise a seed of its own: `group_noise_seeds` makes it one per group (DanceGRPO's and
+MixGRPO's `init_same_noise`), a function of the global group index only, like the image seeds.
 """
 
 import functools
@@ -46,6 +51,17 @@ from .sde import ddim_alphas, ddim_step
 def rollout_seeds(seed: int, key: Sequence[int], first: int, num_prompts: int, n: int) -> list[int]:
     """One seed per image, prompt-major: image j of prompt g (global index `first + g`) of rollout `key`."""
     return [derived_seed(seed, *key, first + g, j) for g in range(num_prompts) for j in range(n)]
+
+
+#: The last entry of a group's initial-noise key: no image index, so the group's stream is none of its images' (which
+#: a key without it would be: SeedSequence ignores a trailing 0, the key of image 0).
+_GROUP_NOISE = 2**32 - 1
+
+
+def group_noise_seeds(seed: int, key: Sequence[int], first: int, num_prompts: int, n: int) -> list[int]:
+    """One initial-noise seed per image, prompt-major, the same for the `n` images of prompt g (global index
+    `first + g`) of rollout `key`: the group starts from one noise and differs only by its stochastic steps."""
+    return [derived_seed(seed, *key, first + g, _GROUP_NOISE) for g in range(num_prompts) for _ in range(n)]
 
 
 class SchedulerStep:
@@ -145,18 +161,23 @@ class Rollout:
 
 
 @contextmanager
-def _stepping(pipeline, step: SchedulerStep, records: list[dict] | None):
+def _stepping(pipeline, step: SchedulerStep, records: list[dict] | None, noise_seeds: dict[int, int] | None = None):
     """The pipeline's scheduler's `step` routed through `step` (and recorded) for the duration, on this instance only.
 
-    A step whose signature takes `generator` gets the per-image generators the pipeline call drew its initial noise
-    from (caught at `prepare_latents`), as diffusers' SD pipelines pass them and its flow pipelines do not: a stochastic
-    step's noise then comes from each image's own seed, not from the global RNG (which `sampling_mode` restores after
-    every call, so each rollout would draw the same noise, and N processes other noise than one).
+    A step whose signature takes `generator` gets the per-image generators of the pipeline call (caught at
+    `prepare_latents`), as diffusers' SD pipelines pass them and its flow pipelines do not: a stochastic step's noise
+    then comes from each image's own seed, not from the global RNG (which `sampling_mode` restores after every call,
+    so each rollout would draw the same noise, and N processes other noise than one). `noise_seeds` (an image's seed
+    -> its initial noise's seed) makes `prepare_latents` draw from generators of those seeds instead, in the
+    pipeline's own layout; the steps keep the images' generators.
     """
     scheduler = pipeline.scheduler
     scheduler_step = scheduler.step
     takes_generator = "generator" in inspect.signature(scheduler_step).parameters
     prepare_latents = getattr(pipeline, "prepare_latents", None)
+    if noise_seeds is not None and prepare_latents is None:
+        raise ValueError(f"{type(pipeline).__name__} has no `prepare_latents`: its initial noise cannot be drawn "
+                         "from other seeds (`noise_seeds`).")
     drawn = {}
 
     if prepare_latents is not None:
@@ -164,8 +185,12 @@ def _stepping(pipeline, step: SchedulerStep, records: list[dict] | None):
 
         @functools.wraps(prepare_latents)
         def preparing(*args, **kwargs):
-            drawn["generator"] = binding.bind(*args, **kwargs).arguments.get("generator")
-            return prepare_latents(*args, **kwargs)
+            bound = binding.bind(*args, **kwargs)
+            drawn["generator"] = bound.arguments.get("generator")
+            if noise_seeds is not None:
+                bound.arguments["generator"] = [torch.Generator(g.device).manual_seed(noise_seeds[g.initial_seed()])
+                                                for g in drawn["generator"]]
+            return prepare_latents(*bound.args, **bound.kwargs)
 
         pipeline.prepare_latents = preparing
 
@@ -199,6 +224,8 @@ def rollout(
     step: SchedulerStep | None = None,
     record: bool = False,
     encode: Callable[[list[str]], dict] | None = None,
+    conditioning: tuple[dict, dict | None] | None = None,
+    noise_seeds: Sequence[int] | None = None,
     **pipeline_kwargs,
 ) -> Rollout:
     """Sample one image per (prompt, seed) from `family.pipeline` as it is now (the policy: adapter on), in eval mode
@@ -206,8 +233,11 @@ def rollout(
 
     `decode=False` skips the VAE decode (no images); `step` replaces the scheduler's step; `record` keeps the
     trajectory; `encode(prompts)` gives the prompts' conditioning as `family.encode_prompt` returns it (None: that
-    method, on the pipeline's device). `pipeline_kwargs` go to the pipeline call (`num_inference_steps`,
-    `guidance_scale`, ...), after the family's `sampling_kwargs` (Wan's clip length, Sana without resolution binning).
+    method, on the pipeline's device). `conditioning`, in place of `encode`: the conditioning and guidance's negative
+    (`guidance_conditioning`) already encoded, one row per `len(prompts) // rows` consecutive prompts (a group's
+    images share their prompt's row), expanded per pipeline call. `noise_seeds`: per image, the seed of its initial
+    noise (None: its own seed). `pipeline_kwargs` go to the pipeline call (`num_inference_steps`, `guidance_scale`,
+    ...), after the family's `sampling_kwargs` (Wan's clip length, Sana without resolution binning).
     """
     step = SchedulerStep() if step is None else step
     records: list[dict] | None = [] if record else None
@@ -218,18 +248,39 @@ def rollout(
     guidance_scale = pipeline_kwargs.get(
         "guidance_scale", inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default)
 
-    def prompt_kwargs(batch_prompts):  # per pipeline call, as the pipeline encodes its own prompts
-        conditioning = encode(batch_prompts)
-        return family.pipeline_prompt_kwargs(
-            conditioning, guidance_conditioning(family, conditioning, encode, guidance_scale))
+    if conditioning is None:
+        def prompt_kwargs(batch_prompts):  # per pipeline call, as the pipeline encodes its own prompts
+            encoded = encode(batch_prompts)
+            return family.pipeline_prompt_kwargs(
+                encoded, guidance_conditioning(family, encoded, encode, guidance_scale))
+    else:
+        rows = len(next(iter(conditioning[0].values())))
+        if len(prompts) % rows:
+            raise ValueError(f"`conditioning` has {rows} rows for {len(prompts)} prompts: expected one row per "
+                             "equal run of consecutive prompts (a group).")
+        per_row, done = len(prompts) // rows, [0]
+
+        def prompt_kwargs(batch_prompts):  # called once per pipeline call, in order
+            index = torch.arange(done[0], done[0] + len(batch_prompts)) // per_row
+            done[0] += len(batch_prompts)
+            return family.pipeline_prompt_kwargs(*({key: value[index.to(value.device)] for key, value in entry.items()}
+                                                   if entry is not None else None for entry in conditioning))
 
     batches = iter_sample_batches(
         pipeline, prompts, seeds, batch_size or len(prompts), progress=False, return_latents=True,
         prompt_kwargs=prompt_kwargs, output_type="pil" if decode else "latent", height=resolution, width=resolution,
         **{**family.sampling_kwargs(), **pipeline_kwargs})
     images, latents, trajectory = [], [], []
-    plain = type(step) is SchedulerStep and not record  # nothing to see: the pipeline untouched
-    with nullcontext() if plain else _stepping(pipeline, step, records):
+    noise_of = None  # image seed -> initial-noise seed: the pipeline's generators are known by their seeds
+    if noise_seeds is not None:
+        if len(noise_seeds) != len(seeds):
+            raise ValueError(f"Got {len(noise_seeds)} noise_seeds for {len(seeds)} seeds; expected one per image.")
+        noise_of = {}
+        for image_seed, noise_seed in zip(map(int, seeds), map(int, noise_seeds)):
+            if noise_of.setdefault(image_seed, noise_seed) != noise_seed:
+                raise ValueError(f"Seed {image_seed} is given two initial-noise seeds in `noise_seeds`.")
+    plain = type(step) is SchedulerStep and not record and noise_of is None  # the pipeline untouched
+    with nullcontext() if plain else _stepping(pipeline, step, records, noise_of):
         for batch_images, batch_latents in batches:
             images += batch_images or []
             latents.append(family.sampled_latents(batch_latents, resolution).float())

@@ -10,7 +10,7 @@ from helpers import DenoiserRecorder, assert_grpo_training_repeats_rollout, lora
 
 import diffusion_dpo_trainer.grpo_trainer as grpo_module
 from diffusion_dpo_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer
-from diffusion_dpo_trainer.rollout import rollout
+from diffusion_dpo_trainer.rollout import group_noise_seeds, rollout, rollout_seeds
 
 PROMPTS = ["a red square", "a blue circle", "a green tree", "a yellow sun"]
 
@@ -141,6 +141,69 @@ def test_sliding_window_and_trained_steps(sd3_path, tmp_path):
     assert no_window.trained_steps(0) == list(range(9))  # flow_grpo: 9 of 10, never the sharp last step
 
 
+def test_a_rollout_encodes_its_prompts_once_for_sampling_and_every_step_that_trains_on_it(sd_path, tmp_path):
+    """Without a text cache, the text encoder runs in the rollout only (the prompts, then guidance's ""): the trained
+    steps and the optimizer step that reuses the rollout read its conditioning from the batch, which keeps one row
+    per prompt, not per image; the family's per-image conditioning is built once per micro-step, not per forward."""
+    trainer = grpo_trainer(sd_path, tmp_path, max_steps=2, num_iterations=2)
+    encoded, timed = [], []
+    (encoder,) = trainer.family.text_encoders
+    hook = encoder.register_forward_pre_hook(lambda module, args: encoded.append(trainer.state.global_step))
+    time_conditioning = trainer.family.time_conditioning
+
+    def counted(*args, **kwargs):
+        timed.append(trainer.state.global_step)
+        return time_conditioning(*args, **kwargs)
+
+    trainer.family.time_conditioning = counted
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+        del trainer.family.time_conditioning
+    assert encoded == [0, 0]  # step 0's rollout: the prompts and the negative; step 1 reuses it
+    assert timed == [0, 1]  # once per micro-step, for the 2 trained steps' policy and reference forwards
+    batch = trainer._buffer.batches[0]
+    assert len(batch["prompt"]) == 4 and len(batch["conditioning/encoder_hidden_states"]) == 2
+    assert len(batch["negative/encoder_hidden_states"]) == 2
+    assert logged(trainer)[0]["importance_ratio/mean"] == 1.0
+
+
+def test_group_noise_seeds_depend_on_the_global_group_only():
+    """One initial-noise seed per group, shared by its images, from the group's place in the global batch: two
+    processes (each its half of the groups) draw what one process draws, and no group's stream is one of its images'
+    own (their step noise)."""
+    key = (0, 3, 1)
+    seeds = group_noise_seeds(7, key, 0, 4, 3)
+    assert seeds == group_noise_seeds(7, key, 0, 2, 3) + group_noise_seeds(7, key, 2, 2, 3)
+    groups = [seeds[g * 3 : g * 3 + 3] for g in range(4)]
+    assert all(len(set(group)) == 1 for group in groups) and len({group[0] for group in groups}) == 4
+    assert not set(seeds) & set(rollout_seeds(7, key, 0, 4, 3))
+    assert group_noise_seeds(7, (0, 4, 1), 0, 4, 3) != seeds
+
+
+@pytest.mark.parametrize(("name", "same"), [("sd3", True), ("sd", True), ("sd3", False)])
+def test_init_same_noise_starts_a_group_from_one_noise(name, same, sd3_path, sd_path, tmp_path, monkeypatch):
+    """With `init_same_noise` the images of a group start from the same initial latents (in the pipeline's layout)
+    and differ at the end through their stochastic steps (Flow-SDE; DDIM with eta); other groups start elsewhere.
+    Without it every image starts from its own noise. Training still recomputes the rollout exactly (ratio 1)."""
+    trainer = grpo_trainer(sd3_path if name == "sd3" else sd_path, tmp_path, init_same_noise=same)
+    results = []
+
+    def kept(*args, **kwargs):
+        results.append(rollout(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(grpo_module, "rollout", kept)
+    trainer.train()
+    (result,) = results
+    initial, final = result.trajectory["latents"][:, 0], result.latents
+    assert torch.equal(initial[0], initial[1]) == same and torch.equal(initial[2], initial[3]) == same
+    assert not torch.equal(initial[0], initial[2])
+    assert (final[0] - final[1]).abs().max() > 1e-3 and (final[2] - final[3]).abs().max() > 1e-3
+    assert logged(trainer)[0]["importance_ratio/mean"] == 1.0
+
+
 def test_resume_inside_a_reuse_window_continues_exactly(sd_path, tmp_path):
     """A checkpoint between two steps that share a rollout keeps the rollout; resuming from it ends with the weights
     of the uninterrupted run."""
@@ -184,10 +247,20 @@ def test_bad_input_is_refused_by_name(sd_path, flux_path, tmp_path):
     # Guidance the pipeline ignores (test_grpo_families.py has each family's case).
     with pytest.raises(ValueError, match="guidance_scale=2.0 does nothing in FluxPipeline's sampling"):
         grpo_trainer(flux_path, tmp_path)
+    with pytest.raises(ValueError, match="init_same_noise=True with noise_level=0: every step would be determ"):
+        grpo_args(tmp_path, init_same_noise=True, noise_level=0.0)
     with pytest.raises(ValueError, match="dynamics='flow_sde' does not fit StableDiffusionPipeline"):
         grpo_trainer(sd_path, tmp_path, dynamics="flow_sde")
+    trainer = grpo_trainer(sd_path, tmp_path, reward_funcs=short)
     with pytest.raises(ValueError, match="'short' returned 1 values for 4 images"):
-        grpo_trainer(sd_path, tmp_path, reward_funcs=short).train()
+        trainer.train()
+    # The rollout's precomputed conditioning and initial-noise seeds.
+    with pytest.raises(ValueError, match="`conditioning` has 3 rows for 4 prompts"):
+        rollout(trainer.family, PROMPTS, [1, 2, 3, 4], 32, conditioning=({"encoder_hidden_states": torch.zeros(3)}, None))
+    with pytest.raises(ValueError, match="Got 1 noise_seeds for 2 seeds"):
+        rollout(trainer.family, PROMPTS[:2], [1, 2], 32, noise_seeds=[5])
+    with pytest.raises(ValueError, match="Seed 1 is given two initial-noise seeds"):
+        rollout(trainer.family, PROMPTS[:2], [1, 1], 32, noise_seeds=[5, 6])
     with pytest.raises(ValueError, match="'nan_reward' returned nan for image 1"):
         grpo_trainer(sd_path, tmp_path, reward_funcs=nan_reward).train()
 
@@ -224,7 +297,7 @@ def test_a_trained_step_equals_a_hand_computation(sd3_path, tmp_path):
     trainer = grpo_trainer(sd3_path, tmp_path, learning_rate=3e-2, beta=beta, epsilon=epsilon)
     trainer.train()  # one update: the policy now differs from the rollout's and from the base
     batch, j = trainer._buffer.batches[0], 1
-    inputs = {"batch": batch, "j": j, "conditioning": trainer._conditioning(batch["prompt"])}
+    inputs = {"batch": batch, "j": j, "conditioning": trainer._training_conditioning(batch)}
     loss, metrics = trainer.compute_loss(trainer.model, inputs, return_outputs=True)
 
     pipe = trainer.pipeline

@@ -21,7 +21,8 @@ BEFORE = {
         "epsilon_high": None, "scale_rewards": "group", "multi_objective_aggregation": "sum_then_normalize",
         "advantage_clip": 5.0, "dynamics": None, "noise_level": None, "num_inference_steps": 10,
         "eval_num_inference_steps": 40, "timestep_fraction": 0.99, "sde_window_size": 0, "sde_window_mode": "fixed",
-        "sde_window_start": 0, "sde_window_stride": 1, "sde_window_shift_every": 25},
+        "sde_window_start": 0, "sde_window_stride": 1, "sde_window_shift_every": 25,
+        "init_same_noise": False},  # added after the base (DanceGRPO's option), off: today's sampling
     DiffusionNFTConfig: {
         **SHARED, "beta": 0.0001, "guidance_scale": 1.0, "nft_beta": 1.0, "num_generations": 4,
         "num_inference_steps": 10, "scale_rewards": "batch", "multi_objective_aggregation": "sum_then_normalize",
