@@ -8,9 +8,10 @@ each advantage an optimality weight r in [0, 1] (`advantages.py`). Training re-n
 `config.num_train_timesteps` of the rollout's timesteps (a random subset per image and use), with fresh
 forward-process noise per image and timestep that the policy, the old policy and the base model (adapter off) all see,
 all three conditioned on the prompts' conditioning the rollout sampled with (encoded once per rollout and kept in its
-batch, one row per prompt; without guidance's negative: training does not guide), and minimises `losses.nft_loss` on the three predictions' clean-sample estimates plus `beta * losses.prediction_kl` to
-the base. The old policy is a second LoRA adapter ("old"), moved towards the policy by the EMA schedule of
-`old_policy.py` once per rollout, after its last optimizer step; it never touches the base weights.
+batch, one row per prompt; without guidance's negative: training does not guide), and minimises `losses.nft_loss` on
+the three predictions' clean-sample estimates plus `beta * losses.prediction_kl` to the base. The old policy is a
+second LoRA adapter ("old"), moved towards the policy by the EMA schedule of `old_policy.py` once per rollout, after
+its last optimizer step; it never touches the base weights.
 """
 
 import os
@@ -193,7 +194,8 @@ class DiffusionNFTTrainer(OnPolicyTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The NFT loss at one timestep per image: fresh noise, shared by policy, old policy and base, all three on
         the micro-step's `conditioning` (`_training_conditioning`)."""
-        family, x0, timesteps, conditioning = self.family, inputs["latents"], inputs["timesteps"], inputs["conditioning"]
+        family, x0, timesteps = self.family, inputs["latents"], inputs["timesteps"]
+        conditioning = inputs["conditioning"]
         world = self.accelerator.num_processes
         noise = self._own_share(torch.randn((world * x0.shape[0], *x0.shape[1:]), device=x0.device, dtype=x0.dtype))
         noisy, _ = family.noisy_latents_and_target(x0, noise, timesteps)

@@ -141,8 +141,8 @@ class DiffusionOnlineDPOTrainer(OnPolicyTrainer):
         batch = {"prompt": [prompts[g] for g in slots.group], "chosen_latents": latents[slots.chosen],
                  "rejected_latents": latents[slots.rejected], "valid": slots.valid,
                  **keep_conditioning(conditioning[0])}  # no negative: the DPO step does not guide
-        conditioning = self.family.generated_conditioning(count, self.resolution)  # e.g. SDXL's time ids
-        batch.update({f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in conditioning.items()})
+        generated = self.family.generated_conditioning(count, self.resolution)  # e.g. SDXL's time ids
+        batch.update({f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in generated.items()})
         # Global statistics (every process computes the same), so they average like the trainer's other metrics.
         gather, store = self.accelerator.gather, self._metrics[mode]
         all_valid = gather(slots.valid.double().to(self.accelerator.device)).cpu() > 0
