@@ -24,15 +24,13 @@ from .families.flow import FlowMatchingFamily
 from .families.sd import StableDiffusionFamily
 from .grpo_config import DYNAMICS, DiffusionGRPOConfig
 from .reference_sync import SyncedReference
-from .on_policy_trainer import OnPolicyTrainer
+from .on_policy_trainer import OnPolicyTrainer, keep_conditioning
 from .reuse import RolloutBuffer
 from .rewards.scoring import score_images
-from .rollout import DDIMStep, FunctionStep, group_noise_seeds, guidance_conditioning, rollout, rollout_seeds
+from .rollout import DDIMStep, FunctionStep, group_noise_seeds, rollout, rollout_seeds
 from .sde import cps_step, dance_sde_step, ddim_step, flow_sde_noise_scale, flow_sde_step
 
 FLOW_STEPS = {"flow_sde": flow_sde_step, "dance": dance_sde_step, "cps": cps_step}
-#: A batch's keys of the rollout's conditioning and of guidance's negative: prefix + the family's conditioning key.
-CONDITIONING = ("conditioning/", "negative/")
 
 
 def _support(family, guidance_scale: float) -> str:
@@ -188,8 +186,7 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         trajectory = result.trajectory
         batch = {"prompt": flat_prompts, "steps": trained, "advantages": advantages.advantages[own],
                  **self.family.generated_conditioning(len(flat_prompts), self.resolution)}  # e.g. SDXL's time ids
-        for prefix, entry in zip(CONDITIONING, conditioning):  # flat names: the buffer saves them with a checkpoint
-            batch.update({f"{prefix}{name}": value for name, value in (entry or {}).items()})
+        batch.update(keep_conditioning(*conditioning))  # both branches: training guides as the rollout did
         for name in ("latents", "next_latents", "timesteps", "log_prob", "prev_sample", "sigma", "sigma_next",
                      "alpha", "alpha_prev"):
             if name in trajectory:
@@ -199,23 +196,6 @@ class DiffusionGRPOTrainer(OnPolicyTrainer):
         return batch
 
     # ----- the step -----------------------------------------------------------------------------------------------
-    def _conditioning(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """The prompts' conditioning and, with classifier-free guidance, the pipeline's own unconditional one (else
-        None), one row per prompt (text cache or encoder, the family's negative): encoded once per rollout."""
-        conditioning = self._prompt_conditioning(prompts)
-        return conditioning, guidance_conditioning(self.family, conditioning, self._prompt_conditioning,
-                                                   self.args.guidance_scale)
-
-    def _training_conditioning(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """The rollout's conditioning kept in `batch`, one row per image (each prompt's row repeated for its group),
-        with the family's per-image conditioning (SDXL's time ids, for both guidance branches, as its pipeline
-        repeats them): built once per micro-step, for every trained step."""
-        n, device = self.args.num_generations, self.accelerator.device
-        extra = self.family.time_conditioning(batch, self.resolution, device)
-        entries = ({name[len(prefix):]: value.to(device).repeat_interleave(n, dim=0)
-                    for name, value in batch.items() if name.startswith(prefix)} for prefix in CONDITIONING)
-        return tuple({**entry, **extra} if entry else None for entry in entries)
-
     def _guided_output(self, denoiser, latents, timesteps, conditioning, negative):
         """The model output the rollout's step saw: the family's `guided_prediction` (its pipeline's guidance, the
         unconditional branch detached as flow_grpo does) at the configured scale."""

@@ -7,9 +7,11 @@ train_nft_sd3.py:640), the rewards score them (`rewards/scoring.py`), the gather
 each advantage an optimality weight r in [0, 1] (`advantages.py`). Training re-noises each x0 at
 `config.num_train_timesteps` of the rollout's timesteps (a random subset per image and use), with fresh
 forward-process noise per image and timestep that the policy, the old policy and the base model (adapter off) all see,
-and minimises `losses.nft_loss` on the three predictions' clean-sample estimates plus `beta * losses.prediction_kl` to
-the base. The old policy is a second LoRA adapter ("old"), moved towards the policy by the EMA schedule of
-`old_policy.py` once per rollout, after its last optimizer step; it never touches the base weights.
+all three conditioned on the prompts' conditioning the rollout sampled with (encoded once per rollout and kept in its
+batch, one row per prompt; without guidance's negative: training does not guide), and minimises `losses.nft_loss` on
+the three predictions' clean-sample estimates plus `beta * losses.prediction_kl` to the base. The old policy is a
+second LoRA adapter ("old"), moved towards the policy by the EMA schedule of `old_policy.py` once per rollout, after
+its last optimizer step; it never touches the base weights.
 """
 
 import os
@@ -25,7 +27,7 @@ from .advantages import compute_advantages, nft_optimality
 from .collators import PromptCollator
 from .nft_config import DiffusionNFTConfig
 from .old_policy import ema_update_, nft_ema_decay
-from .on_policy_trainer import OnPolicyTrainer
+from .on_policy_trainer import OnPolicyTrainer, keep_conditioning
 from .reuse import RolloutBuffer
 from .rewards.scoring import score_images
 from .rollout import rollout, rollout_seeds
@@ -112,12 +114,13 @@ class DiffusionNFTTrainer(OnPolicyTrainer):
                 "ema_uphold": uphold}
 
     # ----- rollout -> score -> advantages -------------------------------------------------------------------------
-    def _sample(self, prompts: list[str], seeds: list[int]):
-        """The old policy's images and clean latents, one per (prompt, seed), and the scheduler's timesteps."""
+    def _sample(self, prompts: list[str], seeds: list[int], conditioning: tuple):
+        """The old policy's images and clean latents, one per (prompt, seed), sampled with `conditioning` (one row per
+        group, `_conditioning`), and the scheduler's timesteps."""
         args = self.args
         with self.accelerator.autocast(), self.family.adapter_active(OLD_ADAPTER):
             result = rollout(self.family, prompts, seeds, self.resolution, args.generation_batch_size,
-                             encode=self._prompt_conditioning, num_inference_steps=args.num_inference_steps,
+                             conditioning=conditioning, num_inference_steps=args.num_inference_steps,
                              guidance_scale=args.guidance_scale)
         return result.images, result.latents, self.family.pipeline.scheduler.timesteps.float().cpu()
 
@@ -127,7 +130,9 @@ class DiffusionNFTTrainer(OnPolicyTrainer):
         n, prompts, start = args.num_generations, inputs["prompt"], time.perf_counter()
         flat_prompts = [p for p in prompts for _ in range(n)]
         first = self.accelerator.process_index * len(prompts)  # this process's place in the global batch
-        images, latents, schedule = self._sample(flat_prompts, rollout_seeds(args.seed, key, first, len(prompts), n))
+        conditioning = self._conditioning(list(prompts))
+        images, latents, schedule = self._sample(flat_prompts, rollout_seeds(args.seed, key, first, len(prompts), n),
+                                                 conditioning)
         sampled = time.perf_counter()
         columns = {k: [v for v in values for _ in range(n)] for k, values in inputs.items() if k != "prompt"}
         scores = score_images(self.reward_funcs, images, flat_prompts, self.reward_func_names, self.reward_weights,
@@ -147,7 +152,8 @@ class DiffusionNFTTrainer(OnPolicyTrainer):
         store["frac_reward_zero_std"].append(result.frac_reward_zero_std)
         batch = {"prompt": flat_prompts, "latents": latents, "advantages": advantages,
                  "optimality": nft_optimality(advantages, args.advantage_clip),
-                 "schedule": schedule.expand(len(images), -1).contiguous()}
+                 "schedule": schedule.expand(len(images), -1).contiguous(),
+                 **keep_conditioning(conditioning[0])}  # no negative: training does not guide
         batch.update(self.family.generated_conditioning(len(images), self.resolution))  # e.g. SDXL's time ids
         return batch
 
@@ -176,25 +182,23 @@ class DiffusionNFTTrainer(OnPolicyTrainer):
         if list(inputs["prompt"]) != batch["prompt"][::n]:
             raise RuntimeError("Internal error: the reused samples belong to other prompts than this step's.")
         start = time.perf_counter()
-        cache = self.data_collator.prompt_embeddings
-        if cache is not None:
-            batch = {**batch, "prompt_embeds": cache(batch["prompt"])}
         timesteps = self._training_timesteps(batch)
+        conditioning, _ = self._training_conditioning(batch)
         # One backward per trained timestep (the official gradient accumulation over timesteps): memory of one.
-        loss = sum(super(DiffusionNFTTrainer, self).training_step(model, {**batch, "timesteps": timesteps[:, k]},
-                                                                  num_items_in_batch)
+        loss = sum(super(DiffusionNFTTrainer, self).training_step(
+                       model, {**batch, "timesteps": timesteps[:, k], "conditioning": conditioning}, num_items_in_batch)
                    for k in range(timesteps.shape[1]))
         self._metrics["train"]["time/training"].append(torch.tensor(time.perf_counter() - start))
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The NFT loss at one timestep per image: fresh noise, shared by policy, old policy and base."""
+        """The NFT loss at one timestep per image: fresh noise, shared by policy, old policy and base, all three on
+        the micro-step's `conditioning` (`_training_conditioning`)."""
         family, x0, timesteps = self.family, inputs["latents"], inputs["timesteps"]
+        conditioning = inputs["conditioning"]
         world = self.accelerator.num_processes
         noise = self._own_share(torch.randn((world * x0.shape[0], *x0.shape[1:]), device=x0.device, dtype=x0.dtype))
         noisy, _ = family.noisy_latents_and_target(x0, noise, timesteps)
-        conditioning = dict(self._prompt_embeddings(inputs))
-        conditioning.update(family.time_conditioning(inputs, self.resolution, self.accelerator.device))
         with self.accelerator.autocast():
             with torch.no_grad(), family.adapter_active(OLD_ADAPTER) as old:
                 old_prediction = family.predict(old, noisy, timesteps, conditioning)

@@ -4,6 +4,10 @@ Each of them takes reward functions with weights, reads a prompt dataset in wind
 reuse a rollout, keeps those rollouts in a `RolloutBuffer`, and may keep a synced reference; their checkpoints hold
 that state, written BEFORE the Trainer's own files (its `trainer_state.json` marks a checkpoint complete, and only then
 are older checkpoints rotated away). A method adds its ending (pairs, advantages, a forward-process loss) on top.
+
+Each rollout's prompts are encoded once (`_conditioning`, one row per prompt): the rollout samples with those tensors
+and its batch keeps them (`keep_conditioning`), so the training forwards, and the optimizer steps that reuse the
+rollout, read them back (`_kept_conditioning`) instead of running the text encoders again.
 """
 
 import os
@@ -14,7 +18,18 @@ from .collators import prepare_prompt_dataset
 from .reuse import RepeatedWindowSampler, saved_step
 from .rewards import load_reward
 from .rewards.scoring import reward_name, unique_names
+from .rollout import guidance_conditioning
 from .trainer import DiffusionDPOTrainer
+
+#: A batch's keys of the rollout's conditioning and of guidance's negative: prefix + the family's conditioning key.
+CONDITIONING = ("conditioning/", "negative/")
+
+
+def keep_conditioning(conditioning: dict, negative: dict | None = None) -> dict[str, torch.Tensor]:
+    """The rollout's conditioning (and guidance's negative, for a method that guides in training) as a batch's flat
+    keys, one row per prompt: flat, so the reuse buffer saves them with a checkpoint."""
+    return {f"{prefix}{name}": value for prefix, entry in zip(CONDITIONING, (conditioning, negative))
+            for name, value in (entry or {}).items()}
 
 
 class OnPolicyTrainer(DiffusionDPOTrainer):
@@ -48,6 +63,39 @@ class OnPolicyTrainer(DiffusionDPOTrainer):
             inputs["prompt_embeds"] = cache(prompts)
         with torch.no_grad():
             return self._prompt_embeddings(inputs)
+
+    def _conditioning(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The prompts' conditioning and, with classifier-free guidance, the pipeline's own unconditional one (else
+        None), one row per prompt (text cache or encoder, the family's negative): encoded once per rollout, as the
+        rollout would (autocast), and passed to it as `rollout(conditioning=...)`."""
+        with self.accelerator.autocast():
+            conditioning = self._prompt_conditioning(prompts)
+            return conditioning, guidance_conditioning(self.family, conditioning, self._prompt_conditioning,
+                                                       self.args.guidance_scale)
+
+    def _kept_conditioning(self, batch: dict) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+        """The conditioning and negative `keep_conditioning` put in `batch` (None where it kept none), one row per
+        image on the device: each prompt's row repeated for its `len(batch["prompt"]) // rows` consecutive images
+        (a group, or a prompt's pair slots)."""
+        device, entries = self.accelerator.device, []
+        for prefix in CONDITIONING:
+            kept = {name[len(prefix):]: value for name, value in batch.items() if name.startswith(prefix)}
+            repeats = len(batch["prompt"]) // len(next(iter(kept.values()))) if kept else 0
+            entries.append({name: value.to(device).repeat_interleave(repeats, dim=0) for name, value in kept.items()}
+                           or None)
+        return tuple(entries)
+
+    def _training_conditioning(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """`_kept_conditioning` with the family's per-image conditioning (SDXL's time ids, for both guidance branches,
+        as its pipeline repeats them): built once per micro-step, for every forward of it."""
+        extra = self.family.time_conditioning(batch, self.resolution, self.accelerator.device)
+        return tuple({**entry, **extra} if entry else None for entry in self._kept_conditioning(batch))
+
+    def _prompt_embeddings(self, inputs) -> dict[str, torch.Tensor]:
+        """A batch that keeps its rollout's conditioning is conditioned on it (online DPO's offline step); any other
+        input is encoded (or read from the text cache) as offline."""
+        kept, _ = self._kept_conditioning(inputs)
+        return super()._prompt_embeddings(inputs) if kept is None else kept
 
     # ----- data ---------------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, name):

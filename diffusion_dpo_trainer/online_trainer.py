@@ -5,7 +5,8 @@ images each from the CURRENT policy (`rollout.py`, with seeds derived from the r
 place in the global batch), the rewards score them (`rewards/scoring.py`) or a pairwise judge compares them, the
 pairs are chosen (`pairing.py`), and the offline trainer's step runs on the sampled latents (no VAE round trip): one
 noise and timestep per pair shared by winner, loser, policy and reference. A rollout is reused for `num_iterations`
-optimizer steps (`reuse.py`).
+optimizer steps (`reuse.py`). The prompts are encoded once per rollout: the batch keeps their conditioning, one row per
+prompt (a pair's two images share its prompt), and the offline step reads it instead of encoding again.
 
 Every prompt has a fixed number of pair slots (1 for best_vs_worst), so every process forwards the same shapes and
 draws its noise in lockstep; a slot whose images tie (or miss the gap) is forwarded but left out of the loss. Each
@@ -23,7 +24,7 @@ from transformers import TrainerCallback
 
 from . import losses
 from .collators import PromptCollator
-from .on_policy_trainer import OnPolicyTrainer
+from .on_policy_trainer import OnPolicyTrainer, keep_conditioning
 from .online_config import DiffusionOnlineDPOConfig
 from .pairing import judge_slots, pair_slots
 from .reference_sync import SyncedReference
@@ -111,12 +112,13 @@ class DiffusionOnlineDPOTrainer(OnPolicyTrainer):
         self.synced_reference.sync(self.args.ref_model_mixup_alpha if alpha is None else alpha)
 
     # ----- rollout -> score -> pair -------------------------------------------------------------------------------
-    def _sample(self, prompts: list[str], seeds: list[int]) -> tuple[list, torch.Tensor]:
-        """The current policy's images and final latents, one per (prompt, seed)."""
+    def _sample(self, prompts: list[str], seeds: list[int], conditioning: tuple) -> tuple[list, torch.Tensor]:
+        """The current policy's images and final latents, one per (prompt, seed), sampled with `conditioning` (one row
+        per group of consecutive prompts, `_conditioning`)."""
         args = self.args
         with self.accelerator.autocast():
             result = rollout(self.family, prompts, seeds, self.resolution, args.generation_batch_size,
-                             encode=self._prompt_conditioning, num_inference_steps=args.num_inference_steps,
+                             conditioning=conditioning, num_inference_steps=args.num_inference_steps,
                              guidance_scale=args.guidance_scale)
         return result.images, result.latents
 
@@ -125,7 +127,9 @@ class DiffusionOnlineDPOTrainer(OnPolicyTrainer):
         n, prompts, start = self.args.num_images_per_prompt, inputs["prompt"], time.perf_counter()
         flat_prompts = [p for p in prompts for _ in range(n)]
         first = self.accelerator.process_index * len(prompts)  # this process's place in the global batch
-        images, latents = self._sample(flat_prompts, rollout_seeds(self.args.seed, key, first, len(prompts), n))
+        conditioning = self._conditioning(list(prompts))
+        images, latents = self._sample(flat_prompts, rollout_seeds(self.args.seed, key, first, len(prompts), n),
+                                       conditioning)
         if self.judge is not None:
             scores, slots = None, judge_slots(self.judge, prompts, images, n)
         else:
@@ -135,9 +139,10 @@ class DiffusionOnlineDPOTrainer(OnPolicyTrainer):
             slots = pair_slots(scores.total, n, self.args.pair_strategy, self.args.min_score_gap)
         count = len(slots.group)
         batch = {"prompt": [prompts[g] for g in slots.group], "chosen_latents": latents[slots.chosen],
-                 "rejected_latents": latents[slots.rejected], "valid": slots.valid}
-        conditioning = self.family.generated_conditioning(count, self.resolution)  # e.g. SDXL's time ids
-        batch.update({f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in conditioning.items()})
+                 "rejected_latents": latents[slots.rejected], "valid": slots.valid,
+                 **keep_conditioning(conditioning[0])}  # no negative: the DPO step does not guide
+        generated = self.family.generated_conditioning(count, self.resolution)  # e.g. SDXL's time ids
+        batch.update({f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in generated.items()})
         # Global statistics (every process computes the same), so they average like the trainer's other metrics.
         gather, store = self.accelerator.gather, self._metrics[mode]
         all_valid = gather(slots.valid.double().to(self.accelerator.device)).cpu() > 0
@@ -156,10 +161,6 @@ class DiffusionOnlineDPOTrainer(OnPolicyTrainer):
         store["time/generation"].append(torch.tensor(time.perf_counter() - start))
         return batch
 
-    def _attach_embeddings(self, batch: dict) -> dict:
-        cache = self.data_collator.prompt_embeddings
-        return {**batch, "prompt_embeds": cache(batch["prompt"])} if cache is not None else batch
-
     # ----- the step -----------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()  # as Trainer.training_step does, also for a step that has no pair to train on
@@ -174,7 +175,7 @@ class DiffusionOnlineDPOTrainer(OnPolicyTrainer):
         if batch["num_pairs"] == 0:  # no pair on any process: no forward, no backward, no update
             loss = torch.zeros((), device=self.args.device)
         else:
-            loss = super().training_step(model, self._attach_embeddings(batch), num_items_in_batch)
+            loss = super().training_step(model, batch, num_items_in_batch)
         self._metrics["train"]["time/training"].append(torch.tensor(time.perf_counter() - start))
         return loss
 
@@ -203,7 +204,7 @@ class DiffusionOnlineDPOTrainer(OnPolicyTrainer):
         self._eval_batches += 1
         if batch["num_pairs"] == 0:
             return torch.tensor(math.nan, device=self.args.device), None, None
-        return super().prediction_step(model, self._attach_embeddings(batch), prediction_loss_only, ignore_keys)
+        return super().prediction_step(model, batch, prediction_loss_only, ignore_keys)
 
 
 def _store_spread(store, name: str, values: torch.Tensor) -> None:

@@ -55,9 +55,9 @@ def run(method: str, pipeline_path: str, output_dir: str, report_dir: str, singl
     if hasattr(trainer, "_sample"):
         sample = trainer._sample
 
-        def recording(prompts, seeds):
+        def recording(prompts, seeds, conditioning):
             sampled.append({"prompts": list(prompts), "seeds": list(seeds)})
-            return sample(prompts, seeds)
+            return sample(prompts, seeds, conditioning)
 
         trainer._sample = recording
     trainer.train()

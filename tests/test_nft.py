@@ -45,7 +45,8 @@ def policy_gradients(trainer, optimality):
     batch["optimality"] = torch.full_like(batch["optimality"], optimality)
     timesteps = trainer._training_timesteps(batch)[:, 0]
     trainer.model.zero_grad()
-    trainer.compute_loss(trainer.model, {**batch, "timesteps": timesteps}).backward()
+    conditioning, _ = trainer._training_conditioning(batch)
+    trainer.compute_loss(trainer.model, {**batch, "timesteps": timesteps, "conditioning": conditioning}).backward()
     return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.requires_grad])
 
 
@@ -100,8 +101,8 @@ def test_training_noises_the_rollouts_clean_latents_with_fresh_noise_shared_by_t
     family, sampled, noised, calls = trainer.family, [], [], []
     sample, noisy_latents_and_target, predict = trainer._sample, family.noisy_latents_and_target, family.predict
 
-    def recording_sample(prompts, seeds):
-        result = sample(prompts, seeds)
+    def recording_sample(prompts, seeds, conditioning):
+        result = sample(prompts, seeds, conditioning)
         sampled.append((result[1].clone(), result[2].clone()))
         return result
 
@@ -138,6 +139,37 @@ def test_training_noises_the_rollouts_clean_latents_with_fresh_noise_shared_by_t
             assert len(set(row.tolist())) == steps
 
 
+def test_a_rollout_encodes_its_prompts_once_and_every_forward_trains_on_their_own_conditioning(tmp_path, sd_path):
+    """Without a text cache the text encoder runs in the rollout only (the prompts, then guidance's ""): the trained
+    timesteps and the optimizer step that reuses the rollout read the prompts' conditioning from the batch, which keeps
+    one row per prompt and no negative. The policy, old policy and base forwards see each image's prompt conditioning,
+    unguided, as a fresh encoding of the images' prompts gives it."""
+    trainer = trainer_for(sd_path, tmp_path, max_steps=2, num_iterations=2, guidance_scale=2.0, beta=1e-2)
+    family, encoded, seen = trainer.family, [], []
+    (encoder,) = family.text_encoders
+    hook = encoder.register_forward_pre_hook(lambda module, args: encoded.append(trainer.state.global_step))
+    predict = family.predict
+
+    def recording_predict(denoiser, noisy, timesteps, conditioning):
+        seen.append(conditioning["encoder_hidden_states"])
+        return predict(denoiser, noisy, timesteps, conditioning)
+
+    family.predict = recording_predict
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    assert encoded == [0, 0]  # step 0's rollout: the prompts and the negative; step 1 reuses it
+    batch = trainer._buffer.batches[0]
+    assert len(batch["prompt"]) == 4 and len(batch["conditioning/encoder_hidden_states"]) == 2
+    assert not any(key.startswith("negative/") for key in batch)
+    assert len(seen) == 2 * trainer.args.num_train_timesteps * 3  # per step and timestep: old policy, base, policy
+    with torch.no_grad():
+        expected = family.encode_prompt(batch["prompt"], torch.device("cpu"))["encoder_hidden_states"]
+    for states in seen:
+        torch.testing.assert_close(states, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_resume_continues_exactly(tmp_path, sd3_path):
     """A run stopped inside a num_iterations window and resumed ends with the policy, the old policy and the losses of
     the uninterrupted run (the reused rollout, the optimizer and the old policy come from the checkpoint)."""
@@ -159,7 +191,7 @@ def test_resume_continues_exactly(tmp_path, sd3_path):
                           save_strategy="steps", save_steps=1)
     sampled = []
     sample = resumed._sample
-    resumed._sample = lambda prompts, seeds: sampled.append(seeds) or sample(prompts, seeds)
+    resumed._sample = lambda prompts, seeds, conditioning: sampled.append(seeds) or sample(prompts, seeds, conditioning)
     resumed.train(resume_from_checkpoint=checkpoint)
     assert len(sampled) == 1  # step 1 reuses the checkpoint's rollout; step 2 samples
     for adapter in ("default", "old"):

@@ -77,8 +77,8 @@ def test_samples_come_from_the_policy_being_trained(tmp_path, sd_path):
     trainer = trainer_for(sd_path, tmp_path, max_steps=3)
     sample, checks = trainer._sample, []
 
-    def checked(prompts, seeds):
-        images, latents = sample(prompts, seeds)
+    def checked(prompts, seeds, conditioning):
+        images, latents = sample(prompts, seeds, conditioning)
         kwargs = {"num_inference_steps": 2, "guidance_scale": 1.0, "height": 32, "width": 32, "progress": False,
                   "batch_size": len(prompts)}
         (again, _), = iter_sample_batches(trainer.pipeline, prompts, seeds, return_latents=True, **kwargs)
@@ -99,7 +99,7 @@ def test_samples_come_from_the_policy_being_trained(tmp_path, sd_path):
 def test_training_batch_holds_the_sampled_latents_of_the_best_and_worst_image(tmp_path, sd_path):
     trainer = trainer_for(sd_path, tmp_path, max_steps=1, num_images_per_prompt=3)
     sample, sampled = trainer._sample, []
-    trainer._sample = lambda prompts, seeds: sampled.append(sample(prompts, seeds)) or sampled[-1]
+    trainer._sample = lambda *args: sampled.append(sample(*args)) or sampled[-1]
     seen = record_batches(trainer)
     trainer.train()
     (images, latents), = sampled
@@ -206,7 +206,7 @@ def test_reward_weights_combine_as_documented(tmp_path, sd_path):
     # The combination itself (NaN: not scored) is tested in test_scoring.py.
     # End to end: 0.5 b - 2 b = -1.5 b, so the darker image of each group is chosen.
     sample, sampled = trainer._sample, []
-    trainer._sample = lambda prompts, seeds: sampled.append(sample(prompts, seeds)) or sampled[-1]
+    trainer._sample = lambda *args: sampled.append(sample(*args)) or sampled[-1]
     seen = record_batches(trainer)
     trainer.train()
     (images, latents), = sampled
@@ -237,7 +237,7 @@ def test_a_judge_picks_the_pairs(tmp_path, sd_path):
     trainer = DiffusionOnlineDPOTrainer(model=sd_path, judge=judge, args=online_args(tmp_path, max_steps=1,
                                         num_images_per_prompt=4), train_dataset=prompts_dataset(), peft_config=lora())
     sample, sampled = trainer._sample, []
-    trainer._sample = lambda prompts, seeds: sampled.append(sample(prompts, seeds)) or sampled[-1]
+    trainer._sample = lambda *args: sampled.append(sample(*args)) or sampled[-1]
     seen = record_batches(trainer)
     trainer.train()
     (images, latents), = sampled
@@ -379,6 +379,38 @@ def test_resume_continues_with_the_same_samples_reference_and_weights(tmp_path, 
             torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-7, msg=key)
 
 
+def test_a_rollout_encodes_its_prompts_once_for_sampling_and_every_step_that_trains_on_it(tmp_path, sd_path):
+    """Without a text cache the text encoder runs in the rollout only (the prompts, then guidance's ""): the DPO step
+    and the optimizer step that reuses the rollout read the prompts' conditioning from the batch, which keeps one row
+    per prompt (shared by its pair slots, here 6) and no negative (the DPO step does not guide). The policy and
+    reference forwards see each pair's prompt conditioning, as a fresh encoding of the pairs' prompts gives it."""
+    trainer = trainer_for(sd_path, tmp_path, max_steps=2, num_iterations=2, guidance_scale=2.0,
+                          num_images_per_prompt=4, pair_strategy="all_pairs")
+    family, encoded, seen = trainer.family, [], []
+    (encoder,) = family.text_encoders
+    hook = encoder.register_forward_pre_hook(lambda module, args: encoded.append(trainer.state.global_step))
+    predict = family.predict
+
+    def recording_predict(denoiser, noisy, timesteps, conditioning):
+        seen.append(conditioning["encoder_hidden_states"])
+        return predict(denoiser, noisy, timesteps, conditioning)
+
+    family.predict = recording_predict
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    assert encoded == [0, 0]  # step 0's rollout: the prompts and the negative; step 1 reuses it
+    batch = trainer._buffer.batches[0]
+    assert len(batch["prompt"]) == 12 and len(batch["conditioning/encoder_hidden_states"]) == 2
+    assert not any(key.startswith("negative/") for key in batch)
+    assert len(seen) == 2 * 2  # per step: reference, policy
+    with torch.no_grad():
+        expected = family.encode_prompt(batch["prompt"] * 2, torch.device("cpu"))["encoder_hidden_states"]
+    for states in seen:  # winners then losers
+        torch.testing.assert_close(states, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_evaluation_samples_and_scores_the_eval_prompts(tmp_path, sd_path):
     trainer = DiffusionOnlineDPOTrainer(model=sd_path, reward_funcs=brightness, args=online_args(tmp_path),
                                         train_dataset=prompts_dataset(), eval_dataset=prompts_dataset(),
@@ -473,7 +505,10 @@ def test_cached_prompt_embeddings_and_small_generation_batches_train_the_same(tm
         assert len(cached.data_collator.prompt_embeddings) == len(PROMPTS)
         seen = record_batches(cached)
         cached.train()
-    assert all("prompt_embeds" in step["inputs"] for step in seen)
+    cache = cached.data_collator.prompt_embeddings
+    for step in seen:  # the step reads the rollout's conditioning: the cache's rows, one per prompt (one pair each)
+        kept = step["inputs"]["conditioning/encoder_hidden_states"].cpu()
+        assert torch.equal(kept, cache(step["inputs"]["prompt"])["encoder_hidden_states"])
     assert losses_of(cached) == pytest.approx(losses_of(plain), abs=1e-5)
 
 
