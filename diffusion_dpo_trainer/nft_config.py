@@ -28,7 +28,8 @@ class DiffusionNFTConfig(OnPolicyConfig):
 
     Cost of one micro-step: `per_device_train_batch_size * num_generations` images of `num_inference_steps` denoiser
     calls (no guidance by default) every `num_iterations` optimizer steps, plus, per image and trained timestep, three
-    denoiser forwards (policy, old policy, base) and one backward.
+    denoiser forwards (policy, old policy, base) and one backward. The text encoders run once per rollout, for its
+    prompts; training and the steps that reuse the rollout read that conditioning from the batch.
     """
 
     method_name: ClassVar[str] = "DiffusionNFT"
