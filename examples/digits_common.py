@@ -84,6 +84,7 @@ class Settings:
     grpo_window_mode: str = "sliding"
     grpo_window_shift_every: int = 10
     grpo_beta: float = 0.0
+    grpo_init_same_noise: bool = False  # DiffusionGRPOConfig's init_same_noise: one initial noise per group
     # The base model: "epsilon" (SD UNet, epsilon prediction, DDIM) or "flow" (SD3 transformer, rectified flow,
     # Euler: digits_flow.py); unet_steps are the denoiser's pretraining steps either way.
     base: str = "epsilon"
@@ -371,7 +372,11 @@ def setting_option(text: str) -> tuple[str, object]:
     kinds = {f.name: f.type for f in dataclasses.fields(Settings)}
     if key not in kinds or not value:
         raise ValueError(f"{text!r}: expected KEY=VALUE with KEY one of the demo's settings {sorted(kinds)}.")
-    kind = {int: int, "int": int, str: str, "str": str}.get(kinds[key], float)
+    kind = {int: int, "int": int, str: str, "str": str, bool: bool, "bool": bool}.get(kinds[key], float)
+    if kind is bool:
+        if value not in ("0", "1", "true", "false", "True", "False"):
+            raise ValueError(f"{text!r}: {key} takes 0/1 or true/false.")
+        return key, value in ("1", "true", "True")
     try:
         return key, kind(value)
     except ValueError:
@@ -416,7 +421,7 @@ def grpo_trainer(base_path, reward, settings: Settings, seed: int, output_dir: s
               "num_inference_steps": settings.inference_steps, "eval_num_inference_steps": settings.inference_steps,
               "guidance_scale": 1.0, "sde_window_size": settings.grpo_window,
               "sde_window_mode": settings.grpo_window_mode, "sde_window_shift_every": settings.grpo_window_shift_every,
-              **config}
+              "init_same_noise": settings.grpo_init_same_noise, **config}
     prompts = datasets.Dataset.from_dict({"prompt": PROMPTS})
     return DiffusionGRPOTrainer(model=base_path, reward_funcs=reward, args=DiffusionGRPOConfig(**values),
                                 train_dataset=prompts, peft_config=lora_config(settings))

@@ -111,7 +111,7 @@ def test_a_bad_setting_is_refused(capsys, monkeypatch):
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     for setting, expected in (("eval_seed=3", "eval_seeds"), ("dpo_steps=1.5", "dpo_steps takes int values"),
-                              ("base=flow", "--base")):
+                              ("base=flow", "--base"), ("grpo_init_same_noise=yes", "0/1 or true/false")):
         with pytest.raises(SystemExit) as exit_:
             demo.parse_args(["--quick", "--setting", setting])
         assert exit_.value.code == 2 and expected in capsys.readouterr().err, setting
