@@ -217,6 +217,27 @@ def assert_grpo_training_repeats_rollout(recorder, sampling_steps: int, trained_
                     assert torch.equal(value.float(), expected.float()), (j, key)
 
 
+@contextlib.contextmanager
+def recording_text_encoding(trainer):
+    """While training: (the optimizer step of each text-encoder forward, the `encoder_hidden_states` every denoiser
+    forward through `family.predict` conditions on). The hook and the wrapper are removed on exit."""
+    family, encoded, seen = trainer.family, [], []
+    (encoder,) = family.text_encoders
+    hook = encoder.register_forward_pre_hook(lambda module, args: encoded.append(trainer.state.global_step))
+    predict = family.predict
+
+    def recording_predict(denoiser, noisy, timesteps, conditioning):
+        seen.append(conditioning["encoder_hidden_states"])
+        return predict(denoiser, noisy, timesteps, conditioning)
+
+    family.predict = recording_predict
+    try:
+        yield encoded, seen
+    finally:
+        hook.remove()
+        del family.predict
+
+
 def write_jsonl_pairs(directory, pairs):
     """`pairs` as a .jsonl file of prompts and image file paths (the images written next to it); returns its path."""
     rows = []

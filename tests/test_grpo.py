@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import DenoiserRecorder, assert_grpo_training_repeats_rollout, lora, on_policy_reports
+from helpers import (
+    DenoiserRecorder,
+    assert_grpo_training_repeats_rollout,
+    lora,
+    on_policy_reports,
+    recording_text_encoding,
+)
 
 import diffusion_dpo_trainer.grpo_trainer as grpo_module
 from diffusion_dpo_trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer
@@ -146,9 +152,7 @@ def test_a_rollout_encodes_its_prompts_once_for_sampling_and_every_step_that_tra
     steps and the optimizer step that reuses the rollout read its conditioning from the batch, which keeps one row
     per prompt, not per image; the family's per-image conditioning is built once per micro-step, not per forward."""
     trainer = grpo_trainer(sd_path, tmp_path, max_steps=2, num_iterations=2)
-    encoded, timed = [], []
-    (encoder,) = trainer.family.text_encoders
-    hook = encoder.register_forward_pre_hook(lambda module, args: encoded.append(trainer.state.global_step))
+    timed = []
     time_conditioning = trainer.family.time_conditioning
 
     def counted(*args, **kwargs):
@@ -157,9 +161,9 @@ def test_a_rollout_encodes_its_prompts_once_for_sampling_and_every_step_that_tra
 
     trainer.family.time_conditioning = counted
     try:
-        trainer.train()
+        with recording_text_encoding(trainer) as (encoded, _):
+            trainer.train()
     finally:
-        hook.remove()
         del trainer.family.time_conditioning
     assert encoded == [0, 0]  # step 0's rollout: the prompts and the negative; step 1 reuses it
     assert timed == [0, 1]  # once per micro-step, for the 2 trained steps' policy and reference forwards

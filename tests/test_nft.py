@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import lora, on_policy_reports
+from helpers import lora, on_policy_reports, recording_text_encoding
 from transformers import TrainerCallback
 
 from diffusion_dpo_trainer import DiffusionNFTConfig, DiffusionNFTTrainer
@@ -145,27 +145,15 @@ def test_a_rollout_encodes_its_prompts_once_and_every_forward_trains_on_their_ow
     one row per prompt and no negative. The policy, old policy and base forwards see each image's prompt conditioning,
     unguided, as a fresh encoding of the images' prompts gives it."""
     trainer = trainer_for(sd_path, tmp_path, max_steps=2, num_iterations=2, guidance_scale=2.0, beta=1e-2)
-    family, encoded, seen = trainer.family, [], []
-    (encoder,) = family.text_encoders
-    hook = encoder.register_forward_pre_hook(lambda module, args: encoded.append(trainer.state.global_step))
-    predict = family.predict
-
-    def recording_predict(denoiser, noisy, timesteps, conditioning):
-        seen.append(conditioning["encoder_hidden_states"])
-        return predict(denoiser, noisy, timesteps, conditioning)
-
-    family.predict = recording_predict
-    try:
+    with recording_text_encoding(trainer) as (encoded, seen):
         trainer.train()
-    finally:
-        hook.remove()
     assert encoded == [0, 0]  # step 0's rollout: the prompts and the negative; step 1 reuses it
     batch = trainer._buffer.batches[0]
     assert len(batch["prompt"]) == 4 and len(batch["conditioning/encoder_hidden_states"]) == 2
     assert not any(key.startswith("negative/") for key in batch)
     assert len(seen) == 2 * trainer.args.num_train_timesteps * 3  # per step and timestep: old policy, base, policy
     with torch.no_grad():
-        expected = family.encode_prompt(batch["prompt"], torch.device("cpu"))["encoder_hidden_states"]
+        expected = trainer.family.encode_prompt(batch["prompt"], torch.device("cpu"))["encoder_hidden_states"]
     for states in seen:
         torch.testing.assert_close(states, expected, rtol=1e-5, atol=1e-6)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import LN2, lora, on_policy_reports, one_thread
+from helpers import LN2, lora, on_policy_reports, one_thread, recording_text_encoding
 from helpers import make_args as offline_args
 from onpolicy_ddp_worker import BETA as ONLINE_BETA
 from transformers import TrainerCallback, TrainerState
@@ -386,27 +386,15 @@ def test_a_rollout_encodes_its_prompts_once_for_sampling_and_every_step_that_tra
     reference forwards see each pair's prompt conditioning, as a fresh encoding of the pairs' prompts gives it."""
     trainer = trainer_for(sd_path, tmp_path, max_steps=2, num_iterations=2, guidance_scale=2.0,
                           num_images_per_prompt=4, pair_strategy="all_pairs")
-    family, encoded, seen = trainer.family, [], []
-    (encoder,) = family.text_encoders
-    hook = encoder.register_forward_pre_hook(lambda module, args: encoded.append(trainer.state.global_step))
-    predict = family.predict
-
-    def recording_predict(denoiser, noisy, timesteps, conditioning):
-        seen.append(conditioning["encoder_hidden_states"])
-        return predict(denoiser, noisy, timesteps, conditioning)
-
-    family.predict = recording_predict
-    try:
+    with recording_text_encoding(trainer) as (encoded, seen):
         trainer.train()
-    finally:
-        hook.remove()
     assert encoded == [0, 0]  # step 0's rollout: the prompts and the negative; step 1 reuses it
     batch = trainer._buffer.batches[0]
     assert len(batch["prompt"]) == 12 and len(batch["conditioning/encoder_hidden_states"]) == 2
     assert not any(key.startswith("negative/") for key in batch)
     assert len(seen) == 2 * 2  # per step: reference, policy
     with torch.no_grad():
-        expected = family.encode_prompt(batch["prompt"] * 2, torch.device("cpu"))["encoder_hidden_states"]
+        expected = trainer.family.encode_prompt(batch["prompt"] * 2, torch.device("cpu"))["encoder_hidden_states"]
     for states in seen:  # winners then losers
         torch.testing.assert_close(states, expected, rtol=1e-5, atol=1e-6)
 
