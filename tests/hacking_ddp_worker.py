@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import torch
 from peft import LoraConfig
 
 from diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer, RewardHackingCallback
@@ -30,6 +31,9 @@ def run(pipeline_path: str, output_dir: str, report_dir: str) -> None:
     rank = trainer.accelerator.process_index
     with open(os.path.join(report_dir, f"hacking-rank{rank}.json"), "w") as f:
         json.dump({"world": trainer.accelerator.num_processes, "step": trainer.state.global_step}, f)
+    # Leave the group before the interpreter exits: gloo's threads torn down at exit can abort a rank (SIGABRT,
+    # "terminate called without an active exception"), seen once in CI after the early stop.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
